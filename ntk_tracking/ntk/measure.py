@@ -1,0 +1,69 @@
+"""The measurement protocol (paper §4): K fixed subsets of m points, mean and std over them."""
+
+from __future__ import annotations
+
+from typing import Iterator
+
+import jax
+import numpy as np
+
+from ntk_tracking.ntk.kernel import NTK, num_points
+from ntk_tracking.ntk.stats import collective_variables, spectrum
+
+
+def draw_subsets(num_available: int, num_subsets: int, subset_size: int, seed: int) -> np.ndarray:
+    """Indices of K subsets of m distinct points, shape (K, m); disjoint when the split allows.
+
+    Draw once per run and reuse for every checkpoint: the same seed gives the same subsets.
+    """
+    if subset_size < 2:
+        raise ValueError(f"subset_size (m) must be ≥ 2 for an entropy, got {subset_size}")
+    if num_subsets < 1:
+        raise ValueError(f"num_subsets (K) must be ≥ 1, got {num_subsets}")
+    if subset_size > num_available:
+        raise ValueError(
+            f"subset_size {subset_size} exceeds the {num_available} points available in the split"
+        )
+    rng = np.random.default_rng(seed)
+    if num_subsets * subset_size <= num_available:
+        chosen = rng.permutation(num_available)[: num_subsets * subset_size]
+        return chosen.reshape(num_subsets, subset_size)
+    return np.stack([rng.choice(num_available, subset_size, replace=False) for _ in range(num_subsets)])
+
+
+def take(x, indices):
+    """Points `indices` of an array or pytree whose leaves lead with the point axis."""
+    return jax.tree_util.tree_map(lambda a: np.asarray(a)[indices], x)
+
+
+class Measurement:
+    """Collective variables of one network on fixed subsets of one data split.
+
+    ``run(params)`` yields ``(name, value)`` pairs with the design's metric names
+    (``entropy``, ``entropy_std``, …) and keeps the per-subset spectra in ``last_spectra``.
+    """
+
+    def __init__(self, ntk: NTK, x, subsets: np.ndarray, output_mask=None):
+        self.ntk = ntk
+        self.subsets = np.asarray(subsets)
+        n = num_points(x)
+        if self.subsets.size and self.subsets.max() >= n:
+            raise ValueError(f"subset indices reach {self.subsets.max()}, but the split holds {n} points")
+        self.inputs = [take(x, idx) for idx in self.subsets]
+        self.masks = [None if output_mask is None else take(output_mask, idx) for idx in self.subsets]
+        self.last_spectra: np.ndarray | None = None
+
+    def run(self, params) -> Iterator[tuple[str, float]]:
+        values: dict[str, list[float]] = {}
+        spectra = []
+        for xs, ms in zip(self.inputs, self.masks):
+            kernel = np.asarray(self.ntk(params, xs, output_mask=ms), dtype=np.float64)
+            spectra.append(spectrum(kernel))
+            for name, value in collective_variables(kernel).items():
+                values.setdefault(name, []).append(value)
+        self.last_spectra = np.stack(spectra)
+        for name, vals in values.items():
+            vals = np.asarray(vals)
+            yield name, float(np.mean(vals))
+            if name in ("entropy", "trace"):
+                yield f"{name}_std", float(np.std(vals))
