@@ -1,0 +1,284 @@
+"""Orbax checkpoints of one MLflow run, kept in the run's artifact store (the only Orbax user).
+
+Layout under the run's artifacts: `checkpoints/<epoch>/` holds model variables (CV checkpoints,
+kept forever); `checkpoints/resume/<epoch>/` holds the latest full training state plus a JSON
+metadata dict. A local store is written in place; a remote (proxied) store is written to a local
+staging directory and each finished step is uploaded by a background thread.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import queue
+import shutil
+import tempfile
+import threading
+from pathlib import Path
+from urllib.parse import urlparse
+
+import jax
+import mlflow
+import orbax.checkpoint as ocp
+from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
+from mlflow.utils.file_utils import local_file_uri_to_path
+from orbax.checkpoint import checkpoint_managers
+
+log = logging.getLogger(__name__)
+
+COMMIT_MARKER = "commit_success.txt"  # written by Orbax into a step just before its atomic rename
+TMP_SUFFIX = ".orbax-checkpoint-tmp"
+_ARTIFACT_DIRS = {"cv": "checkpoints", "resume": "checkpoints/resume"}
+_ITEMS = {"cv": ("variables",), "resume": ("state", "meta")}
+
+
+class CheckpointError(Exception):
+    """A checkpoint step is missing, incomplete or unreadable, or could not be uploaded."""
+
+
+class _DropOrbaxInfo(logging.Filter):
+    """Drops Orbax's INFO chatter from the shared absl logger; warnings and errors pass."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.WARNING or f"{os.sep}orbax{os.sep}" not in record.pathname
+
+
+_QUIET = _DropOrbaxInfo()
+
+
+def _on_default_device(abstract):
+    """Gives every sharding-less abstract leaf the default device, whatever device saved it."""
+    sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+
+    def place(leaf):
+        if isinstance(leaf, jax.ShapeDtypeStruct) and leaf.sharding is None:
+            return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding,
+                                        weak_type=leaf.weak_type)
+        return leaf
+
+    return jax.tree.map(place, abstract)
+
+
+class CheckpointStore:
+    """Orbax checkpoints of one MLflow run, in its artifact store."""
+
+    def __init__(self, run_id: str, client: mlflow.MlflowClient | None = None):
+        self.run_id = run_id
+        self._client = client or mlflow.MlflowClient()
+        self._artifact_uri = self._client.get_run(run_id).info.artifact_uri
+        self.remote = urlparse(self._artifact_uri).scheme not in ("", "file")
+        self._root = None if self.remote else Path(local_file_uri_to_path(self._artifact_uri))
+        self._managers: dict[str, ocp.CheckpointManager] = {}
+        # A manager is not thread-safe: its lock serialises save() with the uploader's waits.
+        self._locks = {kind: threading.Lock() for kind in _ARTIFACT_DIRS}
+        self._taken: dict[str, set[int]] = {}
+        self._uploads: queue.Queue = queue.Queue()
+        self._uploader: threading.Thread | None = None
+        self._upload_error: Exception | None = None
+        logging.getLogger("absl").addFilter(_QUIET)
+
+    def __enter__(self) -> CheckpointStore:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # Writing (training side).
+
+    def save_cv(self, epoch: int, variables) -> None:
+        """Starts saving model variables as the CV checkpoint of `epoch`; skips an existing one."""
+        self._save("cv", epoch, ocp.args.Composite(variables=ocp.args.StandardSave(variables)))
+
+    def save_resume(self, epoch: int, state, meta: dict) -> None:
+        """Starts saving the full training state and its metadata; older resume steps go."""
+        self._save("resume", epoch, ocp.args.Composite(
+            state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)))
+
+    def latest_resume(self, abstract_state) -> tuple[object, dict] | None:
+        """Restores the newest complete resume checkpoint as (state, meta), or None if none."""
+        steps = self._complete_steps("resume")
+        if not steps:
+            return None
+        restored = self._restore("resume", steps[-1], ocp.args.Composite(
+            state=ocp.args.StandardRestore(_on_default_device(abstract_state)),
+            meta=ocp.args.JsonRestore()))
+        return restored["state"], restored["meta"]
+
+    def wait(self) -> None:
+        """Blocks until every save is committed and, on a remote store, uploaded."""
+        for kind, manager in list(self._managers.items()):
+            with self._locks[kind]:
+                manager.wait_until_finished()
+        self._uploads.join()
+        if self._upload_error is not None:
+            error, self._upload_error = self._upload_error, None
+            raise CheckpointError(f"uploading checkpoints of run {self.run_id} failed: {error}"
+                                  ) from error
+
+    def close(self) -> None:
+        """Waits for pending saves, then releases Orbax and the staging directory."""
+        try:
+            self.wait()
+        finally:
+            if self._uploader is not None:
+                self._uploads.put(None)
+                self._uploader.join()
+                self._uploader = None
+            for manager in self._managers.values():
+                manager.close()
+            self._managers.clear()
+        if self.remote and self._root is not None:
+            shutil.rmtree(self._root, ignore_errors=True)
+            self._root = None
+
+    # Reading (analyzer side).
+
+    def cv_epochs(self) -> list[int]:
+        """Sorted epochs of complete CV checkpoints."""
+        return self._complete_steps("cv")
+
+    def restore_cv(self, epoch: int, abstract_variables):
+        """Restores the CV checkpoint of `epoch` into the structure of `abstract_variables`."""
+        restored = self._restore("cv", epoch, ocp.args.Composite(
+            variables=ocp.args.StandardRestore(_on_default_device(abstract_variables))))
+        return restored["variables"]
+
+    # Internals.
+
+    def _dir(self, kind: str) -> Path:
+        """The local directory of `kind`: in the artifact store, or in staging when remote."""
+        if self._root is None:
+            self._root = Path(tempfile.mkdtemp(prefix="ntk-checkpoints-"))
+        return self._root.absolute() / _ARTIFACT_DIRS[kind]
+
+    def _manager(self, kind: str) -> ocp.CheckpointManager:
+        """The writing manager of `kind`, created on first use."""
+        if kind not in self._managers:
+            # Locally Orbax prunes old resume steps; on a remote store the uploader removes
+            # each staged step itself, so Orbax must not delete one that is being uploaded.
+            keep_latest = kind == "resume" and not self.remote
+            options = ocp.CheckpointManagerOptions(
+                preservation_policy=checkpoint_managers.LatestN(1) if keep_latest else None)
+            self._managers[kind] = ocp.CheckpointManager(
+                self._dir(kind), options=options, item_names=_ITEMS[kind])
+        return self._managers[kind]
+
+    def _save(self, kind: str, epoch: int, args) -> None:
+        """Starts an asynchronous save of `epoch`, unless that step exists already."""
+        if kind not in self._taken:
+            self._taken[kind] = set(self._complete_steps(kind))
+        step_dir = self._dir(kind) / str(epoch)
+        if epoch in self._taken[kind] or (not self.remote and step_dir.exists()):
+            log.info("%s checkpoint of epoch %d exists; not saving it again", kind, epoch)
+            return
+        # An interrupted save leaves a tmp dir that can make Orbax's save fail (openpi#566).
+        for stale in self._dir(kind).glob(f"{epoch}{TMP_SUFFIX}*"):
+            shutil.rmtree(stale)
+        with self._locks[kind]:
+            self._manager(kind).save(epoch, args=args, force=True)
+        self._taken[kind].add(epoch)
+        if self.remote:
+            self._start_uploader()
+            self._uploads.put((kind, epoch))
+
+    def _start_uploader(self) -> None:
+        if self._uploader is None:
+            self._uploader = threading.Thread(
+                target=self._upload_loop, name="checkpoint-upload", daemon=True)
+            self._uploader.start()
+
+    def _upload_loop(self) -> None:
+        """Uploads each queued step once Orbax has committed it."""
+        while (job := self._uploads.get()) is not None:
+            kind, epoch = job
+            try:
+                with self._locks[kind]:
+                    self._managers[kind].wait_until_finished()
+                self._upload(kind, epoch)
+            except Exception as error:  # noqa: BLE001 - re-raised by wait()
+                log.exception("uploading %s checkpoint of epoch %d failed", kind, epoch)
+                self._upload_error = self._upload_error or error
+            finally:
+                self._uploads.task_done()
+        self._uploads.task_done()
+
+    def _upload(self, kind: str, epoch: int) -> None:
+        """Uploads one committed step, its commit marker last, then drops the staged copy."""
+        step_dir = self._dir(kind) / str(epoch)
+        dest = f"{_ARTIFACT_DIRS[kind]}/{epoch}"
+        # The marker goes last so that a half-uploaded step never looks complete to readers.
+        for entry in sorted(step_dir.iterdir()):
+            if entry.is_dir():
+                self._client.log_artifacts(self.run_id, str(entry), f"{dest}/{entry.name}")
+            elif entry.name != COMMIT_MARKER:
+                self._client.log_artifact(self.run_id, str(entry), dest)
+        self._client.log_artifact(self.run_id, str(step_dir / COMMIT_MARKER), dest)
+        shutil.rmtree(step_dir)
+        if kind == "resume":
+            self._prune_remote_resume(keep=epoch)
+
+    def _prune_remote_resume(self, keep: int) -> None:
+        """Deletes older remote resume steps where the store allows it; readers take the newest."""
+        repo = get_artifact_repository(self._artifact_uri, tracking_uri=self._client.tracking_uri)
+        for step in self._listed_steps("resume"):
+            if step < keep:
+                try:
+                    repo.delete_artifacts(f"{_ARTIFACT_DIRS['resume']}/{step}")
+                except Exception as error:  # noqa: BLE001 - stale steps are harmless
+                    log.warning("could not delete old resume checkpoint %d: %s", step, error)
+
+    def _listed_steps(self, kind: str) -> list[int]:
+        """Sorted epochs with a step directory, complete or not."""
+        if self.remote:
+            names = [Path(f.path).name for f in self._client.list_artifacts(
+                self.run_id, _ARTIFACT_DIRS[kind]) if f.is_dir]
+        else:
+            directory = self._dir(kind)
+            names = [p.name for p in directory.iterdir() if p.is_dir()] if directory.is_dir() else []
+        return sorted(int(name) for name in names if name.isdigit())
+
+    def _complete_steps(self, kind: str) -> list[int]:
+        """Sorted epochs whose step holds Orbax's commit marker."""
+        return [step for step in self._listed_steps(kind) if self._is_complete(kind, step)]
+
+    def _is_complete(self, kind: str, epoch: int) -> bool:
+        if not self.remote:
+            return (self._dir(kind) / str(epoch) / COMMIT_MARKER).is_file()
+        files = self._client.list_artifacts(self.run_id, f"{_ARTIFACT_DIRS[kind]}/{epoch}")
+        return any(Path(f.path).name == COMMIT_MARKER for f in files)
+
+    def _location(self, kind: str, epoch: int) -> str:
+        if self.remote:
+            return f"{self._artifact_uri}/{_ARTIFACT_DIRS[kind]}/{epoch}"
+        return str(self._dir(kind) / str(epoch))
+
+    @contextlib.contextmanager
+    def _readable(self, kind: str, epoch: int):
+        """Yields a local directory holding step `epoch` of `kind` (downloaded if remote)."""
+        if not self.remote:
+            yield self._dir(kind)
+            return
+        with tempfile.TemporaryDirectory(prefix="ntk-restore-") as tmp:
+            try:
+                step_dir = self._client.download_artifacts(
+                    self.run_id, f"{_ARTIFACT_DIRS[kind]}/{epoch}", dst_path=tmp)
+            except Exception as error:
+                raise CheckpointError(f"cannot download {kind} checkpoint of epoch {epoch} "
+                                      f"from {self._location(kind, epoch)}: {error}") from error
+            yield Path(step_dir).parent
+
+    def _restore(self, kind: str, epoch: int, args):
+        """Restores step `epoch` of `kind`; raises CheckpointError naming the epoch and path."""
+        where = self._location(kind, epoch)
+        with self._readable(kind, epoch) as directory:
+            if not (directory / str(epoch) / COMMIT_MARKER).is_file():
+                raise CheckpointError(f"no complete {kind} checkpoint of epoch {epoch} at {where}")
+            options = ocp.CheckpointManagerOptions(create=False)
+            try:
+                with ocp.CheckpointManager(directory, options=options,
+                                           item_names=_ITEMS[kind]) as manager:
+                    return manager.restore(epoch, args=args)
+            except Exception as error:
+                raise CheckpointError(f"cannot restore {kind} checkpoint of epoch {epoch} "
+                                      f"from {where}: {error}") from error

@@ -1,0 +1,71 @@
+"""Dense and convolutional networks of the paper's architecture scans (§3.1)."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+ACTIVATIONS: dict[str, Callable] = {
+    "relu": nn.relu,
+    "tanh": nn.tanh,
+    "sigmoid": nn.sigmoid,
+    "gelu": nn.gelu,
+    "elu": nn.elu,
+    "swish": nn.swish,
+}
+
+INITIALIZERS: dict[str, Callable] = {
+    "lecun_normal": nn.initializers.lecun_normal(),  # flax's default
+    "he_normal": nn.initializers.he_normal(),
+    "glorot_normal": nn.initializers.glorot_normal(),
+    "he_uniform": nn.initializers.he_uniform(),
+}
+
+
+class MLP(nn.Module):
+    """`depth` hidden Dense layers of `width` units, then a linear read-out."""
+
+    width: int
+    depth: int
+    num_outputs: int
+    activation: str = "relu"
+    initializer: str = "lecun_normal"
+
+    @nn.compact
+    def __call__(self, x):
+        act, init = ACTIVATIONS[self.activation], INITIALIZERS[self.initializer]
+        x = x.reshape((x.shape[0], -1))
+        for _ in range(self.depth):
+            x = act(nn.Dense(self.width, kernel_init=init)(x))
+        return nn.Dense(self.num_outputs, kernel_init=init)(x)
+
+
+class CNN(nn.Module):
+    """`depth` 3×3 conv layers of `width` channels (2×2 max-pool after the first two), then a linear read-out."""
+
+    width: int
+    depth: int
+    num_outputs: int
+    activation: str = "relu"
+    initializer: str = "lecun_normal"
+
+    @nn.compact
+    def __call__(self, x):
+        act, init = ACTIVATIONS[self.activation], INITIALIZERS[self.initializer]
+        if x.ndim == 3:  # (points, H, W): add the channel axis
+            x = x[..., None]
+        for i in range(self.depth):
+            x = act(nn.Conv(self.width, (3, 3), kernel_init=init)(x))
+            if i < 2:
+                x = nn.max_pool(x, (2, 2), strides=(2, 2))
+        x = x.reshape((x.shape[0], -1))
+        return nn.Dense(self.num_outputs, kernel_init=init)(x)
+
+
+def count_params(params) -> int:
+    """Number of scalar parameters in a pytree."""
+    import jax
+
+    return sum(int(jnp.size(leaf)) for leaf in jax.tree_util.tree_leaves(params))

@@ -1,0 +1,85 @@
+"""A tracked training run: MLflow run, config artifact, CV and resume checkpoints, resumption."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import mlflow
+
+from ntk_tracking import tracking
+from ntk_tracking.checkpointing import CheckpointStore
+from ntk_tracking.configs import TrainConfig
+from ntk_tracking.train.supervised import create_train_state, fit, model_variables
+
+RUN_KIND_TAG = "ntk_tracking.kind"
+
+
+def _check_same_config(saved: dict, config: TrainConfig) -> None:
+    current = dataclasses.asdict(config)
+    changed = {k: (saved.get(k), v) for k, v in current.items() if saved.get(k) != v}
+    if changed:
+        detail = ", ".join(f"{k}: run has {a!r}, now {b!r}" for k, (a, b) in sorted(changed.items()))
+        raise tracking.RunError(
+            f"this run was started with other parameters ({detail}); relaunch it with the "
+            "original parameters to resume, or start a new run"
+        )
+
+
+def run_training(config: TrainConfig, dataset, progress: bool = True, experiment: str | None = None) -> str:
+    """Train `config` on `dataset` inside an MLflow run (resuming it if it has a resume checkpoint).
+
+    Under `mlflow run` (MLFLOW_RUN_ID set) the launched run is used; relaunching with
+    `--run-id` continues a killed run from its latest resume checkpoint.
+    """
+    if experiment:
+        mlflow.set_experiment(experiment)
+    with mlflow.start_run(run_name=f"{config.task}-w{config.width}-d{config.depth}-{config.activation}") as active:
+        run_id = active.info.run_id
+        client = tracking.client()
+        try:
+            _train_in_run(client, run_id, config, dataset, progress)
+        except BaseException as err:
+            client.set_tag(run_id, "error", f"{type(err).__name__}: {err}"[:5000])
+            raise
+    return run_id
+
+
+def _train_in_run(client, run_id: str, config: TrainConfig, dataset, progress: bool) -> None:
+    saved = tracking.load_json_artifact(run_id, tracking.CONFIG_ARTIFACT)
+    if saved is not None:
+        _check_same_config(saved, config)
+    else:
+        params = client.get_run(run_id).data.params  # `mlflow run` logs its own first
+        missing = {k: v for k, v in dataclasses.asdict(config).items() if k not in params}
+        mlflow.log_params(missing)
+        mlflow.set_tags({RUN_KIND_TAG: "training", "ntk_tracking.task": config.task})
+        tracking.log_json_artifact(client, run_id, dataclasses.asdict(config), tracking.CONFIG_ARTIFACT)
+        tracking.log_json_artifact(client, run_id, dataset.info, "data.json")
+
+    store = CheckpointStore(run_id, client)
+    state = create_train_state(config, dataset.num_outputs, dataset.x_train)
+    logged = tracking.logged_steps(client, run_id, "train/loss")
+    start_epoch = 0
+    resumed = store.latest_resume(jax.eval_shape(lambda: state))
+    if resumed is not None:
+        state, meta = resumed
+        start_epoch = int(meta["epoch"])
+        if start_epoch not in logged:  # killed between the resume save and the metric log
+            tracking.log_metrics(client, run_id, meta["metrics"], start_epoch)
+            logged.add(start_epoch)
+        print(f"resuming run {run_id} after epoch {start_epoch}")
+    cv_epochs = set(config.cv_epochs())
+
+    def on_epoch(epoch, state, metrics):
+        if epoch in cv_epochs:
+            store.save_cv(epoch, model_variables(state))
+        store.save_resume(epoch, state, {"epoch": epoch, "metrics": metrics})
+        if epoch not in logged:  # a resumed run repeats no logged epoch
+            tracking.log_metrics(client, run_id, metrics, epoch)
+
+    try:
+        fit(config, dataset, state, start_epoch, on_epoch, progress=progress)
+    finally:
+        store.wait()
+        store.close()

@@ -1,0 +1,1 @@
+"""Thin entry-point scripts, one per MLproject entry point."""

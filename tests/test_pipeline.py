@@ -1,0 +1,223 @@
+"""End to end: tracked training → CV checkpoints in the artifact store → analyzer → metrics."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import pathlib
+
+import mlflow
+import numpy as np
+import pytest
+
+from ntk_tracking import tracking
+from ntk_tracking.analyze import AnalysisSettings, Analyzer, metric_key
+from ntk_tracking.checkpointing import CheckpointStore
+from ntk_tracking.cli import analyze_main, train_main
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+TINY = ["--width", "8", "--depth", "1", "--epochs", "4", "--train-size", "64", "--test-size", "32",
+        "--batch-size", "16", "--cv-every", "2", "--no-progress"]
+TINY_ANALYSIS = ["--subsets", "2", "--points", "4", "--no-progress"]
+
+
+@pytest.fixture
+def store(tmp_path, monkeypatch):
+    """A fresh SQLite tracking store and artifact root in tmp_path, as a user's working directory."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    mlflow.set_tracking_uri(uri)
+    yield tmp_path
+    if mlflow.active_run():
+        mlflow.end_run()
+    mlflow.set_tracking_uri(None)
+
+
+def history(run_id, key):
+    return [(m.step, m.value) for m in sorted(mlflow.MlflowClient().get_metric_history(run_id, key),
+                                              key=lambda m: (m.step, m.timestamp))]
+
+
+def test_train_checkpoint_analyze_end_to_end(store):
+    run_id = train_main("mnist_dense", TINY)
+    client = mlflow.MlflowClient()
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.params["width"] == "8"
+    # Per-epoch training metrics, epoch 0 = initialization.
+    assert [s for s, _ in history(run_id, "train/loss")] == [0, 1, 2, 3, 4]
+    assert [s for s, _ in history(run_id, "test/accuracy")] == [0, 1, 2, 3, 4]
+    # CV checkpoints at the cadence, epoch 0 and the last included, in the run's artifact store.
+    assert CheckpointStore(run_id, client).cv_epochs() == [0, 2, 4]
+    listed = {a.path for a in client.list_artifacts(run_id, "checkpoints")}
+    assert {"checkpoints/0", "checkpoints/2", "checkpoints/4"} <= listed
+    assert tracking.load_json_artifact(run_id, "config.json")["width"] == 8
+    # Training computed no NTK.
+    assert not any(k.startswith("ntk/") for k in run.data.metrics)
+
+    assert analyze_main([run_id] + TINY_ANALYSIS) == [0, 2, 4]
+    for split in ("train", "test"):
+        for name in ("entropy", "entropy_std", "entropy_effective", "trace", "trace_std",
+                     "trace_per_point", "covariance_entropy"):
+            steps = [s for s, _ in history(run_id, metric_key(name, split))]
+            assert steps == [0, 2, 4], (name, split)
+    entropies = [v for _, v in history(run_id, "ntk/entropy/train")]
+    assert all(0 < v <= np.log(4) + 1e-9 for v in entropies)
+    assert all(v > 0 for _, v in history(run_id, "ntk/trace/test"))
+    artifacts = {a.path for a in client.list_artifacts(run_id, "analysis")}
+    assert {"analysis/evolution.png", "analysis/settings.json", "analysis/spectra"} <= artifacts
+    spectra = {a.path for a in client.list_artifacts(run_id, "analysis/spectra")}
+    assert len(spectra) == 3
+    assert client.get_run(run_id).info.status == "FINISHED"  # the analyzer leaves the run state alone
+
+    # Idempotent: a second analysis finds nothing to do and duplicates no metric point.
+    before = {k: history(run_id, k) for k in client.get_run(run_id).data.metrics}
+    assert analyze_main([run_id] + TINY_ANALYSIS) == []
+    after = {k: history(run_id, k) for k in client.get_run(run_id).data.metrics}
+    assert after == before
+
+    # Other settings on an analyzed run are refused rather than mixed into its history.
+    with pytest.raises(SystemExit):
+        analyze_main([run_id, "--subsets", "3", "--points", "4", "--no-progress"])
+
+
+def test_analyzer_matches_direct_measurement(store):
+    """The logged trace equals the NTK engine on the restored checkpoint and the same subsets."""
+    import jax
+
+    from ntk_tracking.data import load_dataset
+    from ntk_tracking.models import create_model, ntk_apply_fn
+    from ntk_tracking.ntk import draw_subsets, empirical_ntk, trace
+
+    run_id = train_main("fuel_efficiency", ["--width", "8", "--depth", "2", "--epochs", "2",
+                                            "--cv-every", "1", "--no-progress"])
+    analyze_main([run_id, "--subsets", "3", "--points", "5", "--splits", "test", "--no-progress"])
+    analyzer = Analyzer(run_id, AnalysisSettings(num_subsets=3, subset_size=5, splits=("test",)))
+    cfg = analyzer.config
+    data = load_dataset(cfg.dataset, train_size=cfg.train_size, test_size=cfg.test_size, seed=cfg.seed)
+    model = create_model(cfg.model, **cfg.model_hyperparameters(data.num_outputs))
+    abstract = jax.eval_shape(model.init, jax.random.PRNGKey(0), data.x_train[:1])
+    variables = analyzer.store.restore_cv(2, abstract)
+    subsets = draw_subsets(len(data.x_test), 3, 5, seed=0)
+    traces = [trace(empirical_ntk(ntk_apply_fn(model), variables, data.x_test[idx])) for idx in subsets]
+    logged = dict(history(run_id, "ntk/trace/test"))[2]
+    assert logged == pytest.approx(np.mean(traces), rel=1e-5)
+
+
+def test_resume_after_interruption_matches_uninterrupted(store, monkeypatch):
+    reference = train_main("mnist_dense", TINY)
+    ref_final = {k: history(reference, k) for k in ("train/loss", "test/loss", "test/accuracy")}
+
+    real_log = tracking.log_metrics
+
+    def dying_log(client, run_id, metrics, step):
+        if step == 3:  # killed after epoch 3's resume checkpoint was issued, before its metrics
+            raise KeyboardInterrupt
+        real_log(client, run_id, metrics, step)
+
+    monkeypatch.setattr(tracking, "log_metrics", dying_log)
+    with pytest.raises(KeyboardInterrupt):
+        train_main("mnist_dense", TINY)
+    interrupted = mlflow.MlflowClient().search_runs(
+        [mlflow.get_experiment_by_name("Default").experiment_id], order_by=["attributes.start_time DESC"]
+    )[0].info.run_id
+    assert interrupted != reference
+    assert [s for s, _ in history(interrupted, "train/loss")] == [0, 1, 2]
+    monkeypatch.setattr(tracking, "log_metrics", real_log)
+
+    monkeypatch.setenv("MLFLOW_RUN_ID", interrupted)  # what `mlflow run --run-id` does
+    assert train_main("mnist_dense", TINY) == interrupted
+    for key, ref in ref_final.items():
+        resumed = history(interrupted, key)
+        assert [s for s, _ in resumed] == [0, 1, 2, 3, 4], key  # no epoch logged twice
+        np.testing.assert_allclose([v for _, v in resumed], [v for _, v in ref], rtol=1e-6, err_msg=key)
+    assert CheckpointStore(interrupted, mlflow.MlflowClient()).cv_epochs() == [0, 2, 4]
+
+
+def test_resume_with_other_parameters_is_refused(store, monkeypatch):
+    run_id = train_main("mnist_dense", TINY)
+    monkeypatch.setenv("MLFLOW_RUN_ID", run_id)
+    with pytest.raises(SystemExit):
+        train_main("mnist_dense", [a if a != "8" else "9" for a in TINY])
+    run = mlflow.MlflowClient().get_run(run_id)
+    assert "other parameters" in run.data.tags["error"]
+
+
+def runs_in_store():
+    return mlflow.MlflowClient().search_runs([e.experiment_id for e in mlflow.search_experiments()])
+
+
+@pytest.mark.parametrize("bad, message", [
+    (["--width", "0"], "width"),
+    (["--activation", "softplusplus"], "activation"),
+    (["--cv-every", "0"], "cv_every"),
+    (["--init", "zeros"], "init"),
+    (["--learning-rate", "-1"], "learning_rate"),
+])
+def test_bad_training_parameters_create_no_run(store, capsys, bad, message):
+    with pytest.raises(SystemExit) as exit_info:
+        train_main("mnist_dense", TINY + bad)
+    assert exit_info.value.code != 0
+    assert message in capsys.readouterr().err
+    assert runs_in_store() == []
+    assert not (store / "mlruns").exists() or not any((store / "mlruns").rglob("checkpoints"))
+
+
+def test_analyzer_bad_inputs(store, capsys):
+    with pytest.raises(SystemExit):
+        analyze_main(["0123456789abcdef0123456789abcdef", "--no-progress"])
+    assert "no MLflow run" in capsys.readouterr().err
+
+    with mlflow.start_run() as foreign:  # a run not made by our training entry points
+        mlflow.log_metric("x", 1.0)
+    with pytest.raises(SystemExit):
+        analyze_main([foreign.info.run_id, "--no-progress"])
+    assert "config.json" in capsys.readouterr().err
+
+    with mlflow.start_run() as other_kind:
+        mlflow.log_dict({"task": "cifar_resnet"}, "config.json")
+    with pytest.raises(SystemExit):
+        analyze_main([other_kind.info.run_id, "--no-progress"])
+    assert "cifar_resnet" in capsys.readouterr().err
+
+    run_id = train_main("mnist_dense", TINY)
+    with pytest.raises(SystemExit):
+        analyze_main([run_id, "--points", "1", "--no-progress"])
+    assert "≥ 2" in capsys.readouterr().err
+
+
+def test_run_without_checkpoints_and_a_corrupt_step(store, capsys):
+    with mlflow.start_run() as bare:
+        tracking.log_json_artifact(mlflow.MlflowClient(), bare.info.run_id,
+                                   {"task": "mnist_dense", "model": "mlp", "dataset": "mnist5k",
+                                    "objective": "classification"}, "config.json")
+    with pytest.raises(SystemExit):
+        analyze_main([bare.info.run_id, "--no-progress"])
+    assert "no CV checkpoints" in capsys.readouterr().err
+
+    run_id = train_main("mnist_dense", TINY)
+    root = mlflow.utils.file_utils.local_file_uri_to_path(mlflow.MlflowClient().get_run(run_id).info.artifact_uri)
+    step = pathlib.Path(root, "checkpoints", "2")
+    for f in step.rglob("*"):
+        if f.is_file() and f.stat().st_size > 0 and "commit_success" not in f.name:
+            f.write_bytes(b"\0garbage\0" * 3)
+    with pytest.warns(RuntimeWarning, match="checkpoint 2"):
+        assert analyze_main([run_id] + TINY_ANALYSIS) == [0, 4]
+
+
+def test_mlflow_run_entry_point_with_bad_parameter_ends_failed(store):
+    """Under `mlflow run` the run exists first: a bad parameter ends it FAILED with the reason."""
+    env = dict(os.environ, MLFLOW_TRACKING_URI=f"sqlite:///{store}/mlflow.db",
+               PATH=os.pathsep.join([os.path.dirname(sys.executable), os.environ["PATH"]]))
+    proc = subprocess.run(
+        [sys.executable, "-m", "mlflow", "run", str(ROOT), "-e", "mnist_dense", "--env-manager", "local",
+         "-P", "width=0", "-P", "epochs=1"],
+        cwd=store, env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode != 0
+    (run,) = runs_in_store()
+    assert run.info.status == "FAILED"
+    assert "width" in run.data.tags["error"]
