@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 import pathlib
+import sys
+import time
 
 import mlflow
 import numpy as np
@@ -221,3 +222,29 @@ def test_mlflow_run_entry_point_with_bad_parameter_ends_failed(store):
     (run,) = runs_in_store()
     assert run.info.status == "FAILED"
     assert "width" in run.data.tags["error"]
+
+
+def test_follow_analyzes_checkpoints_while_training_writes_them(store):
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pipelines.mnist_dense", *TINY[:-1], "--epochs", "12", "--cv-every", "3",
+         "--train-size", "256", "--no-progress"],
+        cwd=store, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    try:
+        run_id = None
+        for _ in range(600):  # wait for the run and its epoch-0 checkpoint
+            runs = runs_in_store()
+            if runs and CheckpointStore(runs[0].info.run_id, mlflow.MlflowClient()).cv_epochs():
+                run_id = runs[0].info.run_id
+                break
+            assert proc.poll() is None, proc.stdout.read()
+            time.sleep(0.2)
+        assert run_id is not None
+        analyzer = Analyzer(run_id, AnalysisSettings(num_subsets=2, subset_size=4))
+        analyzed = analyzer.run(follow=True, poll_seconds=0.2, progress=False)
+    finally:
+        proc.wait(timeout=300)
+    assert proc.returncode == 0
+    assert sorted(analyzed) == [0, 3, 6, 9, 12]
+    assert [s for s, _ in history(run_id, "ntk/entropy/test")] == [0, 3, 6, 9, 12]
