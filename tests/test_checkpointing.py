@@ -1,0 +1,231 @@
+"""CheckpointStore against real MLflow stores (sqlite + local artifacts, and a proxied server)."""
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+import jax
+import jax.numpy as jnp
+import mlflow
+import numpy as np
+import pytest
+from mlflow.utils.file_utils import local_file_uri_to_path
+
+from ntk_tracking.checkpointing import CheckpointError, CheckpointStore
+
+
+def make_variables(seed: int) -> dict:
+    """A small flax-like variables tree with float and int leaves."""
+    kernel = jax.random.normal(jax.random.key(seed), (3, 4))
+    return {
+        "params": {"dense": {"kernel": kernel, "bias": jnp.full((4,), seed, jnp.float32)},
+                   "table": jnp.arange(5, dtype=jnp.int32) * seed},
+        "batch_stats": {"mean": kernel.mean(0), "count": jnp.array(seed, jnp.int32)},
+    }
+
+
+def make_state(seed: int) -> dict:
+    """A training-state-like tree: variables plus optimizer moments and a step counter."""
+    variables = make_variables(seed)
+    return {"variables": variables, "opt": jax.tree.map(jnp.zeros_like, variables["params"]),
+            "step": jnp.array(10 * seed, jnp.int32)}
+
+
+ABSTRACT_VARIABLES = jax.eval_shape(lambda: make_variables(0))
+ABSTRACT_STATE = jax.eval_shape(lambda: make_state(0))
+
+
+def assert_trees_equal(actual, expected):
+    assert jax.tree.structure(actual) == jax.tree.structure(expected)
+    for a, e in zip(jax.tree.leaves(actual), jax.tree.leaves(expected)):
+        assert isinstance(a, jax.Array) and a.dtype == e.dtype and a.shape == e.shape
+        assert a.devices() == {jax.devices()[0]}
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(e))
+
+
+def use_tracking_uri(monkeypatch, uri: str):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    mlflow.set_tracking_uri(uri)
+
+
+@pytest.fixture(scope="module")
+def empty_db(tmp_path_factory):
+    """An initialised sqlite tracking DB; copying it skips MLflow's ~3 s schema migration."""
+    path = tmp_path_factory.mktemp("template") / "mlflow.db"
+    mlflow.MlflowClient(tracking_uri=f"sqlite:///{path}").search_experiments()
+    return path
+
+
+@pytest.fixture
+def run_id(empty_db, tmp_path, monkeypatch):
+    """A fresh run in a per-test sqlite tracking store with local artifacts."""
+    shutil.copy(empty_db, tmp_path / "mlflow.db")
+    monkeypatch.chdir(tmp_path)
+    use_tracking_uri(monkeypatch, f"sqlite:///{tmp_path}/mlflow.db")
+    client = mlflow.MlflowClient()
+    run = client.create_run(client.create_experiment("checkpointing"))
+    assert local_file_uri_to_path(run.info.artifact_uri).startswith(str(tmp_path))
+    yield run.info.run_id
+    mlflow.set_tracking_uri(None)
+
+
+def artifact_dir(run_id: str) -> str:
+    return local_file_uri_to_path(mlflow.MlflowClient().get_run(run_id).info.artifact_uri)
+
+
+def test_cv_round_trip_in_place(run_id):
+    saved = {epoch: make_variables(epoch) for epoch in (0, 1, 3)}
+    with CheckpointStore(run_id) as store:
+        for epoch, variables in saved.items():
+            store.save_cv(epoch, variables)
+        store.wait()
+        assert store.cv_epochs() == [0, 1, 3]
+        for epoch, variables in saved.items():
+            assert_trees_equal(store.restore_cv(epoch, ABSTRACT_VARIABLES), variables)
+    checkpoints = os.path.join(artifact_dir(run_id), "checkpoints")
+    assert sorted(os.listdir(checkpoints)) == ["0", "1", "3"]
+    assert os.path.isfile(os.path.join(checkpoints, "3", "commit_success.txt"))
+    listed = mlflow.MlflowClient().list_artifacts(run_id, "checkpoints")
+    assert [f.path for f in listed] == ["checkpoints/0", "checkpoints/1", "checkpoints/3"]
+
+
+def test_existing_epoch_is_kept(run_id):
+    with CheckpointStore(run_id) as store:
+        store.save_cv(1, make_variables(1))
+        store.save_cv(1, make_variables(7))
+    with CheckpointStore(run_id) as store:
+        store.save_cv(1, make_variables(8))
+        store.wait()
+        assert_trees_equal(store.restore_cv(1, ABSTRACT_VARIABLES), make_variables(1))
+
+
+def test_resume_keeps_only_latest(run_id):
+    with CheckpointStore(run_id) as store:
+        assert store.latest_resume(ABSTRACT_STATE) is None
+        for epoch in (1, 2, 3):
+            store.save_resume(epoch, make_state(epoch), {"epoch": epoch, "rng": [1, 2]})
+        store.wait()
+        assert sorted(os.listdir(os.path.join(artifact_dir(run_id), "checkpoints", "resume"))) \
+            == ["3"]
+        state, meta = store.latest_resume(ABSTRACT_STATE)
+    assert_trees_equal(state, make_state(3))
+    assert meta == {"epoch": 3, "rng": [1, 2]}
+    with CheckpointStore(run_id) as store:
+        assert store.cv_epochs() == []
+        assert store.latest_resume(ABSTRACT_STATE)[1]["epoch"] == 3
+
+
+def test_stale_tmp_dir_is_ignored_and_replaced(run_id):
+    stale = os.path.join(artifact_dir(run_id), "checkpoints", "5.orbax-checkpoint-tmp")
+    os.makedirs(os.path.join(stale, "variables"))
+    with CheckpointStore(run_id) as store:
+        assert store.cv_epochs() == []
+        store.save_cv(0, make_variables(0))
+        store.save_cv(5, make_variables(5))
+        store.wait()
+        assert store.cv_epochs() == [0, 5]
+        assert_trees_equal(store.restore_cv(5, ABSTRACT_VARIABLES), make_variables(5))
+    assert not os.path.exists(stale)
+
+
+def test_corrupt_or_missing_step_raises(run_id):
+    with CheckpointStore(run_id) as store:
+        for epoch in (0, 1, 2):
+            store.save_cv(epoch, make_variables(epoch))
+    data = os.path.join(artifact_dir(run_id), "checkpoints", "1", "variables", "d")
+    for name in os.listdir(data):
+        os.remove(os.path.join(data, name))
+    reader = CheckpointStore(run_id)
+    with pytest.raises(CheckpointError, match=r"epoch 1 .*checkpoints/1"):
+        reader.restore_cv(1, ABSTRACT_VARIABLES)
+    with pytest.raises(CheckpointError, match="epoch 4"):
+        reader.restore_cv(4, ABSTRACT_VARIABLES)
+    for epoch in (0, 2):
+        assert_trees_equal(reader.restore_cv(epoch, ABSTRACT_VARIABLES), make_variables(epoch))
+    reader.close()
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def tracking_server(tmp_path_factory):
+    """A real `mlflow server` with proxied artifacts on loopback; yields (uri, artifacts dir).
+
+    Module-scoped and autouse so that its ~20 s boot overlaps the local-store tests.
+    """
+    root, port = tmp_path_factory.mktemp("server"), free_port()
+    command = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri",
+               f"sqlite:///{root}/srv.db", "--artifacts-destination", str(root / "artifacts"),
+               "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    env["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] = "false"  # its job runner delays shutdown ~15 s
+    with open(root / "server.log", "wb") as server_log:
+        server = subprocess.Popen(command, cwd=root, env=env, stdout=server_log,
+                                  stderr=subprocess.STDOUT)
+    try:
+        yield f"http://127.0.0.1:{port}", root / "artifacts", server, root / "server.log"
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+def wait_until_healthy(uri, server, log_path, timeout=90):
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            urllib.request.urlopen(f"{uri}/health", timeout=1)
+            return
+        except OSError:
+            if server.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(log_path.read_text()[-2000:])
+            time.sleep(0.3)
+
+
+def test_remote_store_uploads_and_restores(tracking_server, tmp_path, monkeypatch):
+    uri, artifacts, server, log_path = tracking_server
+    wait_until_healthy(uri, server, log_path)
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setenv("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    use_tracking_uri(monkeypatch, uri)
+    (tmp_path / "trainer").mkdir()
+    monkeypatch.chdir(tmp_path / "trainer")
+    client = mlflow.MlflowClient()
+    run_id = client.create_run(client.create_experiment("remote")).info.run_id
+    try:
+        with CheckpointStore(run_id) as store:
+            assert store.remote
+            store.save_cv(0, make_variables(0))
+            store.save_resume(1, make_state(1), {"epoch": 1})
+            store.save_cv(2, make_variables(2))
+            store.save_resume(2, make_state(2), {"epoch": 2})
+            store.wait()
+            staged = store._dir("cv")
+            assert not list(staged.rglob("commit_success.txt"))  # uploaded steps leave staging
+        assert not staged.exists() and not os.listdir(tmp_path / "trainer")
+        assert not list(artifacts.rglob("*orbax-checkpoint-tmp*"))
+        assert [f.path for f in client.list_artifacts(run_id, "checkpoints/resume")] \
+            == ["checkpoints/resume/2"]
+
+        (tmp_path / "analyzer").mkdir()
+        monkeypatch.chdir(tmp_path / "analyzer")
+        with CheckpointStore(run_id, mlflow.MlflowClient()) as reader:
+            assert reader.cv_epochs() == [0, 2]
+            for epoch in (0, 2):
+                assert_trees_equal(reader.restore_cv(epoch, ABSTRACT_VARIABLES),
+                                   make_variables(epoch))
+            state, meta = reader.latest_resume(ABSTRACT_STATE)
+            assert_trees_equal(state, make_state(2))
+            assert meta == {"epoch": 2}
+            with pytest.raises(CheckpointError, match="epoch 1"):
+                reader.restore_cv(1, ABSTRACT_VARIABLES)
+        assert not os.listdir(tmp_path / "analyzer")
+    finally:
+        mlflow.set_tracking_uri(None)
