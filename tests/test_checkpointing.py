@@ -229,3 +229,28 @@ def test_remote_store_uploads_and_restores(tracking_server, tmp_path, monkeypatc
         assert not os.listdir(tmp_path / "analyzer")
     finally:
         mlflow.set_tracking_uri(None)
+
+
+def test_train_and_analyze_against_a_tracking_server(tracking_server, tmp_path, monkeypatch):
+    """The whole loop with a remote store: checkpoints uploaded, downloaded by the analyzer."""
+    from ntk_tracking.cli import analyze_main, train_main
+
+    uri, artifacts, server, log_path = tracking_server
+    wait_until_healthy(uri, server, log_path)
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
+    use_tracking_uri(monkeypatch, uri)
+    monkeypatch.chdir(tmp_path)
+    try:
+        run_id = train_main("mnist_dense", ["--width", "8", "--depth", "1", "--epochs", "2",
+                                            "--train-size", "64", "--test-size", "32",
+                                            "--batch-size", "16", "--no-progress"])
+        assert not os.listdir(tmp_path)  # nothing left behind locally: all went to the server
+        assert analyze_main([run_id, "--subsets", "2", "--points", "4", "--no-progress"]) == [0, 1, 2]
+        client = mlflow.MlflowClient()
+        assert [m.step for m in client.get_metric_history(run_id, "ntk/entropy/train")] == [0, 1, 2]
+        listed = {a.path for a in client.list_artifacts(run_id, "analysis")}
+        assert "analysis/evolution.png" in listed
+        assert list(artifacts.rglob("checkpoints/2/commit_success.txt"))
+    finally:
+        mlflow.set_tracking_uri(None)
