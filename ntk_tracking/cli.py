@@ -95,7 +95,8 @@ def analyze_parser() -> argparse.ArgumentParser:
         "variables (entropy, trace, …) into the same run, step = checkpoint epoch.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    p.add_argument("run_id", help="the MLflow run id of a training run")
+    p.add_argument("run_id", help="the MLflow run id of a training run, or of a sweep's parent run "
+                   "(analyzes every finished child)")
     p.add_argument("--subsets", type=int, default=20, help="K: measurement subsets per split (paper: 200)")
     p.add_argument("--points", type=int, default=20, help="m: points per subset (paper: 20)")
     p.add_argument("--splits", default="train,test", help="comma-separated data splits to measure on")
@@ -109,9 +110,10 @@ def analyze_parser() -> argparse.ArgumentParser:
     return p
 
 
-def analyze_main(argv=None) -> list[int]:
-    """`ntk-tracking analyze RUN_ID`: analyze every pending checkpoint of the run."""
+def analyze_main(argv=None) -> list[int] | dict[str, list[int]]:
+    """`ntk-tracking analyze RUN_ID`: every pending checkpoint of a run (or of a sweep's children)."""
     args = analyze_parser().parse_args(argv)
+    from ntk_tracking import tracking
     from ntk_tracking.analyze import AnalysisSettings, Analyzer
 
     try:
@@ -125,6 +127,17 @@ def analyze_main(argv=None) -> list[int]:
             raise ValueError(f"--memory-budget-mb must be ≥ 0, got {args.memory_budget_mb}")
         if os.environ.get("MLFLOW_RUN_ID") == args.run_id:
             raise ValueError("the run to analyze is the run this command was launched in; pass a training run id")
+        from ntk_tracking.sweep import analyze_sweep, is_sweep_run
+
+        if is_sweep_run(args.run_id):  # a sweep's parent: every FINISHED child under one progress bar
+            if args.follow:
+                raise ValueError("--follow follows one training run; analyze a sweep once its children finished")
+            if os.environ.get("MLFLOW_RUN_ID"):
+                tracking.client().set_tag(os.environ["MLFLOW_RUN_ID"], "ntk_tracking.analyzed_run", args.run_id)
+            analyzed = analyze_sweep(args.run_id, settings, progress=not args.no_progress)
+            print(f"analyzed {sum(map(len, analyzed.values()))} checkpoint(s) of {len(analyzed)} "
+                  f"finished child run(s) of sweep {args.run_id}")
+            return analyzed
         analyzer = Analyzer(args.run_id, settings)
         if os.environ.get("MLFLOW_RUN_ID"):  # launched by `mlflow run`: point its run at the analyzed one
             analyzer.client.set_tag(os.environ["MLFLOW_RUN_ID"], "ntk_tracking.analyzed_run", args.run_id)
@@ -138,9 +151,9 @@ def analyze_main(argv=None) -> list[int]:
 def main(argv=None) -> None:
     """`ntk-tracking COMMAND …`."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    commands = {"analyze": analyze_main, "train": None, "quickstart": None}
+    commands = {"analyze": None, "train": None, "sweep": None, "report": None, "quickstart": None}
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in commands:
-        print("usage: ntk-tracking {analyze RUN_ID | train TASK | quickstart} [options]\n"
+        print("usage: ntk-tracking {analyze RUN_ID | train TASK | sweep | report RUN_ID | quickstart} [options]\n"
               f"  tasks: {', '.join(sorted(TASKS))}\n  add --help after a command for its options",
               file=sys.stderr if argv and argv[0] not in ("-h", "--help") else sys.stdout)
         raise SystemExit(0 if argv and argv[0] in ("-h", "--help") else 2)
@@ -151,6 +164,14 @@ def main(argv=None) -> None:
         if not rest or rest[0] not in TASKS:
             _fail(f"ntk-tracking train needs a task, one of {sorted(TASKS)}")
         train_main(rest[0], rest[1:])
+    elif command == "sweep":
+        from ntk_tracking.sweep import sweep_main
+
+        sweep_main(rest)
+    elif command == "report":
+        from ntk_tracking.report import report_main
+
+        report_main(rest)
     else:
         from ntk_tracking.quickstart import quickstart_main
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 
 import jax
 import mlflow
@@ -34,7 +35,9 @@ def run_training(config: TrainConfig, dataset, progress: bool = True, experiment
     """
     if experiment:
         mlflow.set_experiment(experiment)
-    with mlflow.start_run(run_name=f"{config.task}-w{config.width}-d{config.depth}-{config.activation}") as active:
+    # A launched or resumed run (MLFLOW_RUN_ID) keeps its name; a new one is named by its architecture.
+    name = None if os.environ.get("MLFLOW_RUN_ID") else f"{config.task}-w{config.width}-d{config.depth}-{config.activation}"
+    with mlflow.start_run(run_name=name) as active:
         run_id = active.info.run_id
         client = tracking.client()
         try:
