@@ -63,3 +63,151 @@ def evolution_figure(histories: dict, splits, title: str = ""):
         fig.suptitle(title)
     fig.tight_layout()
     return fig
+
+
+# -- sweep reports: evolution grids (Figs. 1, 4, 5) and scaling maps (Fig. 2) -----------------
+
+LINESTYLES = ("-", "--", "-.", ":")
+
+
+def shade(color, i: int, n: int):
+    """The i-th of n shades of `color`: lightest first, the full colour last."""
+    from matplotlib.colors import to_rgb
+
+    rgb = np.array(to_rgb(color))
+    f = 0.0 if n < 2 else 0.6 * (1 - i / (n - 1))  # blend toward white, at most 60%
+    return tuple(rgb + (1 - rgb) * f)
+
+
+def _plain_log_ticks(axis, lo: float, hi: float) -> None:
+    """Log-axis ticks as plain numbers (0.5, 10, 1e+04). A log axis labels only decades, so a
+    narrow range shows none: below ×3 use even steps, below ×100 label 1s, 2s and 5s."""
+    from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullFormatter, NullLocator
+
+    axis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    axis.set_minor_formatter(NullFormatter())
+    ratio = hi / lo if 0 < lo else np.inf
+    if ratio < 3:
+        axis.set_major_locator(MaxNLocator(nbins=5))
+        axis.set_minor_locator(NullLocator())
+    elif ratio < 100:
+        axis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+
+
+def cell_text(v: float) -> str:
+    """A heatmap value in at most ~5 characters: 0.975, 2.3, 5610, 1.2e+05."""
+    if not np.isfinite(v):
+        return "n/a"
+    return f"{v:.0f}" if 100 <= abs(v) < 1e5 else f"{v:.3g}"
+
+
+def _positive(ax) -> bool:
+    ys = [y for line in ax.get_lines() for y in np.asarray(line.get_ydata(), float) if np.isfinite(y)]
+    return bool(ys) and all(y > 0 for y in ys)
+
+
+def evolution_grid(rows, loss_label: str = "loss", title: str = ""):
+    """Entropy, trace and loss against epoch; one row per varied property (paper Figs. 1, 4, 5).
+
+    `rows`: dicts with "title", "property", "values" (ordered) and "lines", each line a dict
+    with "value" and "histories" (metric key → [(epoch, value)]). Train and test keep the split
+    colours; the property's values are told apart by shade (light = first) and line style.
+    """
+    from matplotlib.lines import Line2D
+    from matplotlib.ticker import MaxNLocator
+
+    panels = [("NTK entropy S (nats)", "ntk/entropy/{}"), ("NTK trace Tr Θ (sum over m points)", "ntk/trace/{}"),
+              (loss_label, "{}/loss")]
+    fig, axes = plt.subplots(len(rows), 3, figsize=(16, 3.3 * len(rows) + 0.5), squeeze=False)
+    for r, row in enumerate(rows):
+        values = list(row["values"])
+        for c, (ylabel, key) in enumerate(panels):
+            ax = axes[r, c]
+            for line in row["lines"]:
+                i = values.index(line["value"])
+                for split, color in SPLIT_COLORS.items():
+                    points = line["histories"].get(key.format(split), [])
+                    if not points:
+                        continue
+                    steps, ys = zip(*points)
+                    ax.plot(steps, ys, color=shade(color, i, len(values)), ls=LINESTYLES[i % len(LINESTYLES)],
+                            lw=1.6, marker="." if len(points) <= 30 else None, ms=5)
+            if c > 0 and _positive(ax):  # trace and loss span decades
+                ax.set_yscale("log")
+                ys = np.concatenate([np.asarray(ln.get_ydata(), float) for ln in ax.get_lines()])
+                _plain_log_ticks(ax.yaxis, np.nanmin(ys), np.nanmax(ys))
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+            ax.set_xlabel("epoch")
+            ax.set_ylabel(ylabel)
+            ax.grid(alpha=0.3, lw=0.5)
+        axes[r, 1].set_title(row["title"], fontsize=11)
+        handles = [Line2D([], [], color=color, lw=2, label=split) for split, color in SPLIT_COLORS.items()]
+        prop = row.get("property")
+        for i, value in enumerate(values):
+            label = f"{prop} = {value}" if prop else str(value)
+            handles.append(Line2D([], [], color=shade("0.15", i, len(values)), lw=1.6,
+                                  ls=LINESTYLES[i % len(LINESTYLES)], label=label))
+        axes[r, 2].legend(handles=handles, loc="upper left", bbox_to_anchor=(1.02, 1.0), frameon=False,
+                          fontsize=9)
+    if title:
+        fig.suptitle(title, fontsize=13)
+    fig.tight_layout()
+    return fig
+
+
+def _text_color(rgba) -> str:
+    r, g, b = rgba[:3]
+    return "black" if 0.299 * r + 0.587 * g + 0.114 * b > 0.5 else "white"
+
+
+def scaling_map(widths, depths, rows, columns, marks=None, mark_row: int = -1, title: str = "",
+                footnote: str = "", xlabel: str = "width (units per hidden layer)",
+                ylabel: str = "depth (hidden layers)"):
+    """Quantities over the width × depth grid, one row per time point (paper Fig. 2).
+
+    `rows`: (row title, [array (len(depths), len(widths)) per column]); `columns`: (label, log)
+    pairs; a column shares one colour scale across rows. `marks`: strings per cell, written
+    under the value in row `mark_row`. NaN cells are grey.
+    """
+    from matplotlib.colors import LogNorm, Normalize
+
+    nw, nd = len(widths), len(depths)
+    cell = max(0.55, min(1.1, 7.0 / max(nw, nd)))
+    fig, axes = plt.subplots(len(rows), len(columns), squeeze=False,
+                             figsize=(len(columns) * (nw * cell + 2.2), len(rows) * (nd * cell + 1.6) + 0.6))
+    fontsize = max(5.5, min(9.0, 40.0 / max(nw, 4)))
+    for c, (label, log) in enumerate(columns):
+        stacked = np.concatenate([np.ravel(np.asarray(grids[c], float)) for _, grids in rows])
+        finite = stacked[np.isfinite(stacked) & ((stacked > 0) if log else True)]
+        lo, hi = (finite.min(), finite.max()) if finite.size else (1.0, 10.0)
+        if lo == hi:
+            lo, hi = (lo / 2, hi * 2) if log else (lo - 0.5, hi + 0.5)
+        norm = LogNorm(lo, hi) if log else Normalize(lo, hi)
+        cmap = plt.get_cmap("viridis").with_extremes(bad="0.85")
+        for r, (row_title, grids) in enumerate(rows):
+            ax = axes[r, c]
+            data = np.asarray(grids[c], float)
+            shown = np.ma.masked_invalid(np.where(data > 0, data, np.nan) if log else data)
+            im = ax.imshow(shown, origin="lower", cmap=cmap, norm=norm, aspect="auto")
+            for d in range(nd):
+                for w in range(nw):
+                    v = data[d, w]
+                    text = cell_text(v)
+                    if marks is not None and r == (mark_row % len(rows)) and marks[d][w]:
+                        text += f"\n{marks[d][w]}"
+                    color = "black" if not np.isfinite(v) else _text_color(cmap(norm(v)))
+                    ax.text(w, d, text, ha="center", va="center", fontsize=fontsize, color=color)
+            ax.set_xticks(range(nw), [str(w) for w in widths])
+            ax.set_yticks(range(nd), [str(d) for d in depths])
+            ax.set_xlabel(xlabel)
+            ax.set_ylabel(ylabel)
+            ax.set_title(f"{label}\n{row_title}", fontsize=10)
+            bar = fig.colorbar(im, ax=ax, fraction=0.05, pad=0.03)
+            if log:
+                _plain_log_ticks(bar.ax.yaxis, lo, hi)
+    if title:
+        fig.suptitle(title, fontsize=12)
+    if footnote:
+        fig.text(0.5, 0.005, footnote, ha="center", va="bottom", fontsize=9)
+    fig.tight_layout(rect=(0, 0.04 if footnote else 0, 1, 1))
+    return fig

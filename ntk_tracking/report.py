@@ -1,0 +1,409 @@
+"""Sweep reports from MLflow data alone: regimes, evolution grids, scaling maps, CSV tables.
+
+    ntk-tracking report PARENT_RUN_ID [--split train]
+    mlflow run . -e report --env-manager local -P run_id=PARENT_RUN_ID
+
+Reads the sweep parent (tag ntk_tracking.kind=sweep, artifact sweep.json) and its training
+children (tag mlflow.parentRunId), never a checkpoint. Writes to each analyzed child its
+regime (regimes.py) as metrics `regime/entropy_{recovery,drop,rise}/<split>` (step = last NTK
+epoch) and tag `ntk_tracking.regime`; writes to the parent, under report/:
+
+    evolution.png           paper Figs. 1, 4, 5: a row per varied property, the others held at
+                            a reference value (numbers: the lower middle of the sorted values;
+                            names: the first listed in sweep.json), every seed drawn
+    scaling_<act>.png       paper Fig. 2: entropy, trace, loss over width × depth at epoch 0
+                            and at the last epoch, mean over seeds, cells marked with the regime
+                            (scaling_<act>_<init>_<lr>.png where init, learning rate vary)
+    history.csv             every logged point (run, metric, step, timestamp, value)
+    runs.csv                per child: grid values, regime and its numbers, each metric at
+                            epoch 0 and at its last step, and the figures it appears in
+    summary.json            settings, references, regime counts, skipped runs
+
+Children without NTK metrics: an error if none has any; otherwise skipped with a warning
+(kept in the tables, absent from figures), so a sweep can be reported while analysis runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import itertools
+import json
+import math
+import os
+import tempfile
+import warnings
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from ntk_tracking import figures, regimes, tracking
+from ntk_tracking.configs import TASKS
+
+SWEEP_ARTIFACT = "sweep.json"
+KIND_TAG = "ntk_tracking.kind"
+REGIME_TAG = "ntk_tracking.regime"
+REGIME_SPLIT_TAG = "ntk_tracking.regime_split"
+# The sweep's grid axes (ntk_tracking.sweep.GRID) but the seed; evolution rows in the paper's order.
+PROPERTIES = ("activation", "width", "depth", "init", "learning_rate")
+TUPLE_ORDER = ("width", "depth", "activation", "init", "learning_rate")  # the paper's (W, D, A) titles
+NUMERIC = ("width", "depth", "learning_rate", "seed")
+HISTORY_PREFIXES = ("train/", "test/", "ntk/")
+SPLITS = ("train", "test")
+
+
+@dataclasses.dataclass
+class Child:
+    """One training run of the sweep, as read from MLflow."""
+
+    run_id: str
+    name: str
+    status: str
+    grid: dict[str, str]  # PROPERTIES and seed, as MLflow stores params (strings)
+    points: dict[str, list]  # metric key → Metric entities, sorted by (step, timestamp)
+    num_subsets: int | None
+    regime: regimes.Regime | None = None
+    figures: list[str] = dataclasses.field(default_factory=list)
+
+    def series(self, key: str) -> list[tuple[int, float]]:
+        """(epoch, value), the latest value where a step was logged twice."""
+        return sorted({m.step: m.value for m in self.points.get(key, [])}.items())
+
+    def analyzed(self, split: str) -> bool:
+        return bool(self.points.get(f"ntk/entropy/{split}"))
+
+
+@dataclasses.dataclass
+class SweepReport:
+    """What `report` did: each analyzed child's regime, the skipped children, the artifacts."""
+
+    parent_run_id: str
+    split: str
+    regimes: dict[str, regimes.Regime]
+    skipped: list[str]
+    artifacts: list[str]
+
+
+def _sort_key(prop: str, value: str):
+    try:
+        return (0, float(value), value) if prop in NUMERIC else (0, 0.0, value)
+    except ValueError:
+        return (1, 0.0, value)
+
+
+def _search_children(client, parent) -> list:
+    runs, token = [], None
+    while True:
+        page = client.search_runs([parent.info.experiment_id],
+                                  f"tags.mlflow.parentRunId = '{parent.info.run_id}'",
+                                  max_results=1000, page_token=token)
+        runs.extend(page)
+        token = page.token
+        if not token:
+            return [r for r in runs if r.data.tags.get(KIND_TAG) == "training"]
+
+
+def load_sweep(client, parent_run_id: str) -> tuple[dict, list]:
+    """sweep.json and the training child runs; ValueError if the run is no sweep parent."""
+    parent = tracking.get_run(parent_run_id, client)
+    kind = parent.data.tags.get(KIND_TAG)
+    if kind != "sweep":
+        raise tracking.RunError(
+            f"run {parent_run_id} is not a sweep parent (tag {KIND_TAG}={kind!r}, expected 'sweep'); "
+            "pass the id of the parent run a sweep created"
+        )
+    sweep = tracking.load_json_artifact(parent_run_id, SWEEP_ARTIFACT)
+    if sweep is None:
+        raise tracking.RunError(f"sweep run {parent_run_id} has no {SWEEP_ARTIFACT} artifact describing its grid")
+    children = _search_children(client, parent)
+    if not children:
+        raise tracking.RunError(f"sweep run {parent_run_id} has no training child runs (tag mlflow.parentRunId)")
+    return sweep, children
+
+
+def read_child(client, run) -> Child:
+    """Params, every train/test/ntk metric history and K of one child run."""
+    run_id = run.info.run_id
+    points = {}
+    for key in sorted(run.data.metrics):
+        if key.startswith(HISTORY_PREFIXES):
+            points[key] = sorted(client.get_metric_history(run_id, key), key=lambda m: (m.step, m.timestamp))
+    settings = tracking.load_json_artifact(run_id, "analysis/settings.json") if any(
+        k.startswith("ntk/") for k in points) else None
+    params = run.data.params
+    return Child(run_id=run_id, name=run.info.run_name or "", status=run.info.status,
+                 grid={p: params.get(p, "") for p in PROPERTIES + ("seed",)}, points=points,
+                 num_subsets=None if settings is None else int(settings["num_subsets"]))
+
+
+def classify_child(child: Child, split: str, threshold: float) -> regimes.Regime:
+    """The regime of the child's entropy on `split`, noise from the logged std over K subsets."""
+    stds = dict(child.series(f"ntk/entropy_std/{split}"))
+    stderr = regimes.standard_errors(stds, child.num_subsets or 1)
+    return regimes.classify_entropy(child.series(f"ntk/entropy/{split}"), stderr, threshold=threshold)
+
+
+def log_regime(client, child: Child, split: str) -> None:
+    """Regime numbers as child metrics at the last NTK epoch (not repeated on reruns), class as tag."""
+    r = child.regime
+    step = int(child.series(f"ntk/entropy/{split}")[-1][0])
+    values = {f"regime/entropy_recovery/{split}": r.recovery, f"regime/entropy_drop/{split}": r.drop,
+              f"regime/entropy_rise/{split}": r.rise}
+
+    def same(a, b):
+        return a == b or (math.isnan(a) and math.isnan(b))
+
+    new = {k: v for k, v in values.items()
+           if not any(m.step == step and same(m.value, v) for m in client.get_metric_history(child.run_id, k))}
+    if new:
+        tracking.log_metrics(client, child.run_id, new, step)
+    client.set_tag(child.run_id, REGIME_TAG, r.label)
+    client.set_tag(child.run_id, REGIME_SPLIT_TAG, split)
+
+
+# -- the grid -------------------------------------------------------------------------------
+
+def grid_values(sweep: dict, children: list[Child]) -> dict[str, list[str]]:
+    """Each property's values as strings: numbers ascending, names in sweep.json's order."""
+    grid = sweep.get("grid", {})
+    out = {}
+    for prop in PROPERTIES + ("seed",):
+        values = [str(v) for v in grid.get(prop, [])]
+        values += sorted({c.grid[prop] for c in children} - set(values), key=lambda v: _sort_key(prop, v))
+        values = list(dict.fromkeys(values))
+        out[prop] = sorted(values, key=lambda v: _sort_key(prop, v)) if prop in NUMERIC else values
+    return out
+
+
+def references(values: dict[str, list[str]]) -> dict[str, str]:
+    """The value a property is held at while another varies: lower middle number, first name."""
+    return {p: values[p][(len(values[p]) - 1) // 2] if p in NUMERIC else values[p][0] for p in PROPERTIES}
+
+
+def _loss_label(task: str | None) -> str:
+    objective = TASKS.get(task, {}).get("objective")
+    return {"classification": "loss (cross-entropy, nats)",
+            "regression": "loss (mean squared error)"}.get(objective, "loss")
+
+
+def evolution_rows(children: list[Child], values: dict, ref: dict) -> list[dict]:
+    """One row per property with > 1 value (the others at `ref`); one row if nothing varies."""
+    varied = [p for p in PROPERTIES if len(values[p]) > 1]
+    shown = [p for p in TUPLE_ORDER if values[p] != [""]]  # properties the runs have at all
+    rows = []
+    for prop in varied or [None]:
+        members = [c for c in children if all(c.grid[q] == ref[q] for q in varied if q != prop)]
+        if not members:
+            continue
+        row_values = values[prop] if prop else ["all runs"]
+        lines = [{"value": c.grid[prop] if prop else "all runs",
+                  "histories": {k: c.series(k) for k in c.points}} for c in members]
+        row_values = [v for v in row_values if any(line["value"] == v for line in lines)]
+        tuple_ = ", ".join("x" if q == prop else ref[q] for q in shown)
+        seeds = len({c.grid["seed"] for c in members})
+        title = f"({', '.join(shown)}) = ({tuple_})" + (f" · {seeds} seeds" if seeds > 1 else "")
+        for c in members:
+            c.figures.append("evolution")
+        rows.append({"title": title, "property": prop, "values": row_values, "lines": lines})
+    return rows
+
+
+def _cell_value(points: list[tuple[int, float]], when: str) -> float:
+    if not points:
+        return math.nan
+    if when == "initial":
+        return dict(points).get(0, math.nan)
+    return points[-1][1]
+
+
+def scaling_figures(children: list[Child], values: dict, split: str, loss_label: str, threshold: float):
+    """(name, figure) per activation (and init, learning rate where they vary): Fig. 2."""
+    widths, depths = values["width"], values["depth"]  # ascending
+    columns = [(f"NTK entropy S on {split} (nats)", False), (f"NTK trace Tr Θ on {split}", True),
+               (f"{split} {loss_label}", True)]
+    keys = [f"ntk/entropy/{split}", f"ntk/trace/{split}", f"{split}/loss"]
+    others = [p for p in ("init", "learning_rate") if len(values[p]) > 1]  # one map set per combination
+    try:
+        geometric = all(math.log2(float(w)).is_integer() for w in widths) and len(widths) > 1
+    except ValueError:
+        geometric = False
+    xlabel = "width (units per hidden layer" + (", log₂ axis)" if geometric else ")")
+    out = []
+    for act in values["activation"]:
+        for combo in itertools.product(*(values[p] for p in others)):
+            fixed = dict(zip(others, combo), activation=act)
+            group = [c for c in children if all(c.grid[p] == v for p, v in fixed.items())]
+            if not group:
+                continue
+            name = "_".join(["scaling", act, *combo])
+            grids = {when: [np.full((len(depths), len(widths)), np.nan) for _ in keys]
+                     for when in ("initial", "final")}
+            marks = [["" for _ in widths] for _ in depths]
+            last_epochs = set()
+            for d, depth in enumerate(depths):
+                for w, width in enumerate(widths):
+                    cell = [c for c in group if c.grid["width"] == width and c.grid["depth"] == depth]
+                    for c in cell:
+                        c.figures.append(name)
+                        last_epochs.add(c.series(keys[0])[-1][0])
+                    for when, arrays in grids.items():
+                        for array, key in zip(arrays, keys):
+                            vals = [_cell_value(c.series(key), when) for c in cell]
+                            array[d, w] = np.mean(vals) if vals else np.nan
+                    labels = {c.regime.label for c in cell}
+                    marks[d][w] = "" if not labels else (regimes.MARKS[labels.pop()] if len(labels) == 1 else "mix")
+            last = f"epoch {last_epochs.pop()}" if len(last_epochs) == 1 else "last epoch"
+            legend = " · ".join(f"{m} {label.replace('_', ' ')}" for label, m in regimes.MARKS.items())
+            seeds = len(values["seed"])
+            if seeds > 1:
+                legend += " · mix: seeds disagree"
+            fig = figures.scaling_map(
+                widths, depths,
+                [("a) initialization (epoch 0)", grids["initial"]), (f"b) after training ({last})", grids["final"])],
+                columns, marks=marks, mark_row=1, xlabel=xlabel,
+                title="width × depth scan · " + ", ".join(f"{p}={v}" for p, v in reversed(fixed.items()))
+                + (f" · mean over {seeds} seeds" if seeds > 1 else ""),
+                footnote=f"cell marks: entropy regime on {split} (recovery threshold {threshold:g}): {legend}",
+            )
+            out.append((name, fig))
+    return out
+
+
+# -- tables ---------------------------------------------------------------------------------
+
+GRID_COLUMNS = TUPLE_ORDER + ("seed",)
+
+
+def write_history(path: str, children: list[Child]) -> None:
+    """Every logged point of every child: the data behind every figure."""
+    with open(path, "w", newline="") as f:
+        out = csv.writer(f)
+        out.writerow(("run_id",) + GRID_COLUMNS + ("metric", "step", "timestamp", "value"))
+        for c in children:
+            for key, points in sorted(c.points.items()):
+                for m in points:
+                    out.writerow([c.run_id] + [c.grid[g] for g in GRID_COLUMNS] + [key, m.step, m.timestamp, repr(m.value)])
+
+
+def write_runs(path: str, children: list[Child], split: str) -> None:
+    """One row per child: grid values, regime, each metric at epoch 0 and at its last step."""
+    keys = sorted({k for c in children for k in c.points})
+    regime_fields = [f.name for f in dataclasses.fields(regimes.Regime) if f.name != "label"]
+    with open(path, "w", newline="") as f:
+        out = csv.writer(f)
+        out.writerow(["run_id", "run_name", "status", *GRID_COLUMNS, "analyzed", "num_subsets", "epochs",
+                      "regime_split", "regime", "regime_mark", *(f"regime_{n}" for n in regime_fields),
+                      *(f"{k}@{w}" for k in keys for w in ("epoch0", "last")), "last_ntk_epoch", "figures"])
+        for c in children:
+            r = c.regime
+            loss = c.series("train/loss")
+            ntk = c.series(f"ntk/entropy/{split}")
+            out.writerow([
+                c.run_id, c.name, c.status, *(c.grid[g] for g in GRID_COLUMNS), c.analyzed(split),
+                c.num_subsets or "", loss[-1][0] if loss else "", split,
+                r.label if r else "", r.mark if r else "",
+                *((repr(getattr(r, n)) if not isinstance(getattr(r, n), str) else getattr(r, n)) if r else ""
+                  for n in regime_fields),
+                *(repr(_cell_value(c.series(k), w)) for k in keys for w in ("initial", "final")),
+                ntk[-1][0] if ntk else "", ";".join(dict.fromkeys(c.figures)),
+            ])
+
+
+# -- the report -----------------------------------------------------------------------------
+
+def report(parent_run_id: str, split: str = "train", progress: bool = True,
+           recovery_threshold: float = regimes.RECOVERY_THRESHOLD, mlflow_client=None) -> SweepReport:
+    """Classify every child's regime and log figures and tables to the sweep's parent run."""
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    if not recovery_threshold >= 0:
+        raise ValueError(f"recovery threshold must be ≥ 0, got {recovery_threshold}")
+    client = mlflow_client or tracking.client()
+    sweep, runs = load_sweep(client, parent_run_id)
+    children = [read_child(client, r) for r in tqdm(runs, desc="reading runs", unit="run", disable=not progress)]
+    children.sort(key=lambda c: tuple(_sort_key(p, c.grid[p]) for p in PROPERTIES + ("seed",)))
+    analyzed = [c for c in children if c.analyzed(split)]
+    skipped = [c.run_id for c in children if not c.analyzed(split)]
+    if not analyzed:
+        raise tracking.RunError(
+            f"no child run of sweep {parent_run_id} has NTK metrics on {split!r} (ntk/entropy/{split}); "
+            f"analyze them first: ntk-tracking analyze {parent_run_id}"
+        )
+    if skipped:
+        warnings.warn(
+            f"{len(skipped)} of {len(children)} child runs have no ntk/entropy/{split} yet and are left out "
+            f"of the figures (run `ntk-tracking analyze RUN_ID` on each): {', '.join(skipped)}",
+            RuntimeWarning, stacklevel=2,
+        )
+    for c in analyzed:
+        c.regime = classify_child(c, split, recovery_threshold)
+        log_regime(client, c, split)
+
+    values = grid_values(sweep, children)
+    ref = references(values)
+    loss_label = _loss_label(sweep.get("task"))
+    task = sweep.get("task", "sweep")
+    artifacts = []
+    with tempfile.TemporaryDirectory() as tmp:
+        rows = evolution_rows(analyzed, values, ref)
+        if not rows:  # no analyzed run sits at the reference values yet
+            warnings.warn(f"no evolution figure: no analyzed run has the reference values {ref}",
+                          RuntimeWarning, stacklevel=2)
+        made = [("evolution", figures.evolution_grid(
+            rows, loss_label, title=f"{task} · sweep {parent_run_id[:8]} · train (blue) and test (orange)"))] if rows else []
+        made += scaling_figures(analyzed, values, split, loss_label, recovery_threshold)
+        for name, fig in made:
+            fig.savefig(os.path.join(tmp, f"{name}.png"), dpi=110)
+            figures.plt.close(fig)
+        write_history(os.path.join(tmp, "history.csv"), children)
+        write_runs(os.path.join(tmp, "runs.csv"), children, split)
+        counts = {label: sum(c.regime.label == label for c in analyzed) for label in regimes.REGIMES}
+        summary = dict(parent_run_id=parent_run_id, task=task, split=split, recovery_threshold=recovery_threshold,
+                       z_score=regimes.Z_SCORE, rel_tol=regimes.REL_TOL, references=ref, values=values,
+                       regime_counts=counts, skipped=skipped, children=len(children))
+        with open(os.path.join(tmp, "summary.json"), "w") as f:
+            json.dump(summary, f, indent=2, sort_keys=True)
+        client.log_artifacts(parent_run_id, tmp, "report")
+        artifacts = sorted(f"report/{name}" for name in os.listdir(tmp))
+    return SweepReport(parent_run_id, split, {c.run_id: c.regime for c in analyzed}, skipped, artifacts)
+
+
+def report_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="ntk-tracking report",
+        description="Report a sweep from its MLflow runs: classify each child's entropy regime "
+        "(logged on the child), and log evolution grids, width × depth scaling maps and CSV tables "
+        "to the parent run under report/. Analyze the children first (ntk-tracking analyze).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("run_id", help="the MLflow run id of the sweep's parent run")
+    p.add_argument("--split", default="train", choices=SPLITS, help="data split whose NTK entropy sets the regime")
+    p.add_argument("--recovery-threshold", "--recovery_threshold", dest="recovery_threshold", type=float,
+                   default=regimes.RECOVERY_THRESHOLD,
+                   help="structure formation when the entropy recovers at least this fraction of its early drop")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return p
+
+
+def report_main(argv=None) -> SweepReport:
+    """`ntk-tracking report RUN_ID`: report a sweep into its parent run."""
+    from ntk_tracking.cli import _fail
+
+    args = report_parser().parse_args(argv)
+    try:
+        if os.environ.get("MLFLOW_RUN_ID") == args.run_id:
+            raise ValueError("the run to report is the run this command was launched in; pass the sweep's parent run id")
+        result = report(args.run_id, args.split, progress=not args.no_progress,
+                        recovery_threshold=args.recovery_threshold)
+        if os.environ.get("MLFLOW_RUN_ID"):  # launched by `mlflow run`: point its run at the sweep
+            tracking.client().set_tag(os.environ["MLFLOW_RUN_ID"], "ntk_tracking.reported_run", args.run_id)
+    except ValueError as err:  # RunError included
+        _fail(str(err))
+    counts = {}
+    for r in result.regimes.values():
+        counts[r.label] = counts.get(r.label, 0) + 1
+    print(f"reported {len(result.regimes)} run(s) of sweep {args.run_id} on {args.split}: "
+          + ", ".join(f"{n} {label}" for label, n in sorted(counts.items()))
+          + f"; artifacts {', '.join(result.artifacts)}")
+    return result
