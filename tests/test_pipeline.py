@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import os
-import subprocess
 import pathlib
+import subprocess
 import sys
 import time
 
@@ -16,6 +16,7 @@ from ntk_tracking import tracking
 from ntk_tracking.analyze import AnalysisSettings, Analyzer, metric_key
 from ntk_tracking.checkpointing import CheckpointStore
 from ntk_tracking.cli import analyze_main, train_main
+from conftest import use_tracking_store
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 TINY = ["--width", "8", "--depth", "1", "--epochs", "4", "--train-size", "64", "--test-size", "32",
@@ -26,11 +27,7 @@ TINY_ANALYSIS = ["--subsets", "2", "--points", "4", "--no-progress"]
 @pytest.fixture
 def store(tmp_path, monkeypatch):
     """A fresh SQLite tracking store and artifact root in tmp_path, as a user's working directory."""
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    mlflow.set_tracking_uri(uri)
+    use_tracking_store(monkeypatch, tmp_path)
     yield tmp_path
     if mlflow.active_run():
         mlflow.end_run()

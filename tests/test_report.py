@@ -15,19 +15,12 @@ from mlflow.entities import Metric
 from ntk_tracking import regimes, tracking
 from ntk_tracking.cli import analyze_main, train_main
 from ntk_tracking.report import REGIME_TAG, report, report_main
+from conftest import use_tracking_store
 
 TINY = ["--epochs", "2", "--train-size", "64", "--test-size", "32", "--batch-size", "16",
         "--cv-every", "1", "--no-progress"]
 TINY_ANALYSIS = ["--subsets", "2", "--points", "4", "--no-progress"]
 WIDTHS, DEPTHS = (4, 8), (1, 2)
-
-
-def _use_store(mp, path):
-    mp.chdir(path)
-    mp.delenv("MLFLOW_RUN_ID", raising=False)
-    uri = f"sqlite:///{path}/mlflow.db"
-    mp.setenv("MLFLOW_TRACKING_URI", uri)
-    mlflow.set_tracking_uri(uri)
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +32,7 @@ def _synthetic_store(tmp_path_factory):
 def store(_synthetic_store, monkeypatch):
     """One SQLite store for the synthetic sweeps (each test makes its own parent): fresh
     stores cost seconds of schema migration each."""
-    _use_store(monkeypatch, _synthetic_store)
+    use_tracking_store(monkeypatch, _synthetic_store)
     yield _synthetic_store
     mlflow.set_tracking_uri(None)
 
@@ -56,7 +49,7 @@ def real_sweep(tmp_path_factory):
     """A 2×2 width × depth sweep of mnist_dense, each child trained and analyzed for real."""
     path = tmp_path_factory.mktemp("sweep")
     with pytest.MonkeyPatch.context() as mp:
-        _use_store(mp, path)
+        use_tracking_store(mp, path)
         client = mlflow.MlflowClient()
         grid = {"width": list(WIDTHS), "depth": list(DEPTHS), "activation": ["relu"],
                 "init": ["lecun_normal"], "seed": [0]}
@@ -81,7 +74,7 @@ def real_sweep(tmp_path_factory):
 @pytest.fixture
 def sweep(real_sweep, monkeypatch):
     """The real sweep, its store made current again (other tests switch stores)."""
-    _use_store(monkeypatch, real_sweep["path"])
+    use_tracking_store(monkeypatch, real_sweep["path"])
     return real_sweep
 
 

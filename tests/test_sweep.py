@@ -15,6 +15,7 @@ from ntk_tracking.checkpointing import CheckpointStore
 from ntk_tracking.cli import config_from_args, train_parser
 from ntk_tracking.configs import TASKS
 from ntk_tracking.sweep import analyze_sweep, find_children, sweep_main
+from conftest import use_tracking_store
 
 TINY = ["--epochs", "2", "--train-size", "64", "--test-size", "32", "--batch-size", "16", "--no-progress"]
 GRID = ["--widths", "4,8", "--depths", "1,2", "--activations", "relu"] + TINY
@@ -22,13 +23,9 @@ KEYS = {f"w{w}-d{d}-relu-lecun_normal-lr0.001-s0" for w in (4, 8) for d in (1, 2
 
 
 def _use_store(monkeypatch, path):
-    """A SQLite tracking store and artifact root in `path`, as a user's working directory."""
-    monkeypatch.chdir(path)
-    monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
-    monkeypatch.setenv("JAX_PLATFORMS", "cpu")  # children skip probing for accelerators
-    uri = f"sqlite:///{path}/mlflow.db"
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    mlflow.set_tracking_uri(uri)
+    """The shared tracking store in `path`; children also skip probing for accelerators."""
+    use_tracking_store(monkeypatch, path)
+    monkeypatch.setenv("JAX_PLATFORMS", "cpu")
 
 
 @pytest.fixture

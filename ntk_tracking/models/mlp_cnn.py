@@ -24,14 +24,18 @@ INITIALIZERS: dict[str, Callable] = {
 }
 
 
-class MLP(nn.Module):
-    """`depth` hidden Dense layers of `width` units, then a linear read-out."""
+class _Scanned(nn.Module):
+    """The hyperparameters of the architecture scans, shared by MLP and CNN."""
 
     width: int
     depth: int
     num_outputs: int
     activation: str = "relu"
     initializer: str = "lecun_normal"
+
+
+class MLP(_Scanned):
+    """`depth` hidden Dense layers of `width` units, then a linear read-out."""
 
     @nn.compact
     def __call__(self, x):
@@ -42,14 +46,8 @@ class MLP(nn.Module):
         return nn.Dense(self.num_outputs, kernel_init=init)(x)
 
 
-class CNN(nn.Module):
+class CNN(_Scanned):
     """`depth` 3×3 conv layers of `width` channels (2×2 max-pool after the first two), then a linear read-out."""
-
-    width: int
-    depth: int
-    num_outputs: int
-    activation: str = "relu"
-    initializer: str = "lecun_normal"
 
     @nn.compact
     def __call__(self, x):
