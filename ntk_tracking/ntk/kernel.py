@@ -43,17 +43,44 @@ def num_points(x) -> int:
     return m
 
 
-def _slice(x, start: int, stop: int, pad_to: int):
-    """Points start:stop of x, padded with copies of point `start` up to `pad_to` points."""
+def _block(tree, start, block: int):
+    """Points start:start+block of every leaf (traced ``start``), padded at the end with copies
+    of the last point so every block has the same shape: one compilation for all blocks."""
 
     def take(a):
-        a = jnp.asarray(a)[start:stop]
-        if a.shape[0] < pad_to:
-            fill = jnp.repeat(a[:1], pad_to - a.shape[0], axis=0)
-            a = jnp.concatenate([a, fill], axis=0)
-        return a
+        n_pad = -a.shape[0] % block
+        if n_pad:
+            a = jnp.concatenate([a, jnp.repeat(a[-1:], n_pad, axis=0)], axis=0)
+        return jax.lax.dynamic_slice_in_dim(a, start, block, axis=0)
 
-    return jax.tree_util.tree_map(take, x)
+    return jax.tree_util.tree_map(take, tree)
+
+
+def _intermediate_bytes(jaxpr) -> int:
+    """Bytes of every value a jaxpr computes, nested jaxprs included: a rough upper bound on the
+    activations one forward pass holds (autodiff keeps tangents/cotangents of the same size)."""
+    total = 0
+    for eqn in jaxpr.eqns:
+        for var in eqn.outvars:
+            shape = getattr(var.aval, "shape", None)
+            if shape is not None:
+                total += math.prod(shape) * getattr(var.aval.dtype, "itemsize", 4)
+        for value in eqn.params.values():
+            for sub in value if isinstance(value, (tuple, list)) else (value,):
+                sub = getattr(sub, "jaxpr", sub)  # ClosedJaxpr -> Jaxpr
+                if hasattr(sub, "eqns"):
+                    total += _intermediate_bytes(sub)
+    return total
+
+
+def _assemble(upper, n_keep: int):
+    """The kernel from its upper block tiles (tile (b, a) = tile (a, b)ᵀ), padding cropped."""
+    k = len(upper)
+    rows = [
+        jnp.concatenate([upper[a][b] if b >= a else upper[b][a].T for b in range(k)], axis=1)
+        for a in range(k)
+    ]
+    return jnp.concatenate(rows, axis=0)[:n_keep, :n_keep]
 
 
 class NTK:
@@ -85,48 +112,56 @@ class NTK:
         self.implementation = implementation
         self.memory_budget = memory_budget or DEFAULT_MEMORY_BUDGET
         self.block_size = block_size
-        self._jac = jax.jit(self._block_jacobian, static_argnames=("full",))
+        self._jac = jax.jit(self._block_jacobian, static_argnames=("block", "full"))
         self._contract = jax.jit(_contract)
         self._sq_norms = jax.jit(_squared_norms)
-        self._ntvp = jax.jit(self._ntvp_tile, static_argnames=("full", "chunk"))
+        self._ntvp = jax.jit(self._ntvp_tile, static_argnames=("block", "full", "chunk"))
+        self._assemble = jax.jit(_assemble, static_argnames=("n_keep",))
+        self._apply_jit = jax.jit(apply_fn)  # its traces are cached: shapes and activations
 
     # -- public -----------------------------------------------------------------------------
 
     def __call__(self, params, x, output_mask=None, full: bool = False) -> jax.Array:
         """The m×m kernel (outputs summed), or with ``full`` the (m·O)×(m·O) kernel."""
-        m, out_shape, mask = self._prepare(params, x, output_mask)
-        impl, block, chunk = self._plan(params, m, out_shape)
-        starts = list(range(0, m, block))
-        rows = []
-        for a in starts:
-            xa = _slice(x, a, a + block, block)
-            ma = _slice(mask, a, a + block, block)
-            ja = self._jac(params, xa, ma, full=full) if impl == "jacobian" else None
-            row = []
-            for b in starts:
-                xb = _slice(x, b, b + block, block)
-                mb = _slice(mask, b, b + block, block)
-                if impl == "jacobian":
-                    jb = ja if a == b else self._jac(params, xb, mb, full=full)
-                    row.append(self._contract(ja, jb))
-                else:
-                    row.append(self._ntvp(params, xa, ma, xb, mb, full=full, chunk=chunk))
-            rows.append(jnp.concatenate(row, axis=1))
-        kernel = jnp.concatenate(rows, axis=0)
-        if full:  # rows are (padded point, output), point-major; padding sits at the end
-            n_keep = m * math.prod(out_shape)
-            return kernel[:n_keep, :n_keep]
-        return kernel[:m, :m]
+        m, out_shape, mask, act = self._prepare(params, x, output_mask)
+        impl, block, chunk = self._plan(params, m, out_shape, act)
+        x = jax.tree_util.tree_map(jnp.asarray, x)
+        k = -(-m // block)
+        # The kernel is symmetric: compute the tiles (a, b ≥ a) only.
+        upper = [[None] * k for _ in range(k)]
+        if impl == "jacobian":
+            jac = functools.partial(self._jac, params, x, mask, block=block, full=full)
+            ja = jac(0)
+            for a in range(k):
+                jb = None
+                # Backwards, so the last Jacobian computed (block a + 1) is the next row's.
+                for b in range(k - 1, a, -1):
+                    jb = None  # free the previous block's Jacobian before the next one
+                    jb = jac(b * block)
+                    upper[a][b] = self._contract(ja, jb)
+                upper[a][a] = self._contract(ja, ja)
+                ja = jb
+        else:
+            for a in range(k):
+                for b in range(a, k):
+                    upper[a][b] = self._ntvp(params, x, mask, a * block, b * block, block=block,
+                                             full=full, chunk=chunk)
+        if k == 1:  # a single block holds exactly the m points
+            return upper[0][0]
+        # Rows are (padded point, output), point-major; padding sits at the end.
+        n_keep = m * math.prod(out_shape) if full else m
+        return self._assemble(tuple(map(tuple, upper)), n_keep=n_keep)
 
     def diagonal(self, params, x, output_mask=None) -> jax.Array:
         """Θ_ii for every point: Σ_o ‖∂f_o(x_i)/∂θ‖², from per-point gradients, no kernel."""
-        m, out_shape, mask = self._prepare(params, x, output_mask)
-        block = self._jacobian_block(params, m, out_shape)
-        parts = []
-        for a in range(0, m, block):
-            ja = self._jac(params, _slice(x, a, a + block, block), _slice(mask, a, a + block, block))
-            parts.append(self._sq_norms(ja))
-        return jnp.concatenate(parts)[:m]
+        m, out_shape, mask, act = self._prepare(params, x, output_mask)
+        block = self._jacobian_block(params, m, out_shape, act)
+        x = jax.tree_util.tree_map(jnp.asarray, x)
+        parts = [
+            self._sq_norms(self._jac(params, x, mask, a, block=block))
+            for a in range(0, m, block)
+        ]
+        return jnp.concatenate(parts)[:m] if len(parts) > 1 else parts[0]
 
     def trace(self, params, x, output_mask=None) -> jax.Array:
         """Tr Θ (eq. 10) without forming the kernel."""
@@ -135,11 +170,14 @@ class NTK:
     # -- planning ---------------------------------------------------------------------------
 
     def _prepare(self, params, x, output_mask):
+        """(m, output shape per point, full-shape output mask, activation bytes per point)."""
         m = num_points(x)
         try:
-            out = jax.eval_shape(self.apply_fn, params, x)
+            traced = self._apply_jit.trace(params, x)
         except (TypeError, ValueError) as err:
             raise ValueError(f"apply_fn(params, x) failed on these inputs: {err}") from err
+        out = traced.out_info
+        act = _intermediate_bytes(traced.jaxpr.jaxpr) // m
         if not isinstance(out, jax.ShapeDtypeStruct):
             raise ValueError("apply_fn must return a single array (points first), not a pytree")
         if out.ndim == 0 or out.shape[0] != m:
@@ -148,35 +186,42 @@ class NTK:
                 "lead with the point axis (one row per point of x)"
             )
         out_shape = out.shape[1:]
+        # Built on the host: eager device ops would each compile once per shape.
         if output_mask is None:
-            mask = jnp.ones((m,) + out_shape, out.dtype)
+            mask = np.ones((m,) + out_shape, out.dtype)
         else:
-            mask = jnp.asarray(output_mask)
+            mask = np.asarray(output_mask)
             if mask.shape != out.shape[: mask.ndim] or mask.ndim == 0:
                 raise ValueError(
                     f"output_mask has shape {mask.shape}; it must equal the output shape "
                     f"{out.shape} or a leading part of it (e.g. (points, positions))"
                 )
-            mask = jnp.broadcast_to(
+            mask = np.broadcast_to(
                 mask.reshape(mask.shape + (1,) * (out.ndim - mask.ndim)), out.shape
             ).astype(out.dtype)
-        return m, out_shape, mask
+        return m, out_shape, jnp.asarray(mask), act
 
     def _per_point_bytes(self, params, out_shape) -> int:
         leaves = jax.tree_util.tree_leaves(params)
-        n_params = sum(int(np.size(leaf)) for leaf in leaves)
         itemsize = max(np.dtype(leaf.dtype).itemsize for leaf in leaves)
-        return math.prod(out_shape) * n_params * itemsize
+        return math.prod(out_shape) * _num_params(params) * itemsize
 
-    def _jacobian_block(self, params, m, out_shape) -> int:
+    def _jacobian_point_bytes(self, params, out_shape, act) -> int:
+        """One point's Jacobian (held ~3 times) plus, per output, the activation cotangents of
+        the backward pass that produces it."""
+        n_out = math.prod(out_shape)
+        return _JACOBIAN_COPIES * self._per_point_bytes(params, out_shape) + n_out * act
+
+    def _jacobian_block(self, params, m, out_shape, act=0) -> int:
         if self.block_size is not None:
             return min(self.block_size, m)
-        per_point = _JACOBIAN_COPIES * self._per_point_bytes(params, out_shape)
-        return int(max(1, min(m, self.memory_budget // max(per_point, 1))))
+        per_point = self._jacobian_point_bytes(params, out_shape, act)
+        largest = int(max(1, min(m, self.memory_budget // max(per_point, 1))))
+        return _balanced(m, largest)
 
-    def _plan(self, params, m, out_shape):
+    def _plan(self, params, m, out_shape, act=0):
         impl = self.implementation
-        per_point = _JACOBIAN_COPIES * self._per_point_bytes(params, out_shape)
+        per_point = self._jacobian_point_bytes(params, out_shape, act)
         if impl == "auto":
             impl = "jacobian" if per_point <= self.memory_budget else "ntvp"
         if impl == "jacobian":
@@ -186,11 +231,28 @@ class NTK:
                     "time anyway (implementation='ntvp' needs far less memory)",
                     stacklevel=3,
                 )
-            return impl, self._jacobian_block(params, m, out_shape), None
-        block = min(self.block_size or m, m)
-        # Each in-flight cotangent holds about one parameter-sized tangent.
-        one = max(self._per_point_bytes(params, ()), 1) * _JACOBIAN_COPIES
-        chunk = int(max(1, min(block * math.prod(out_shape), self.memory_budget // one)))
+            return impl, self._jacobian_block(params, m, out_shape, act), None
+        # A tile holds itself (twice, while it is summed over outputs) and the activations of
+        # both blocks (VJP residuals, JVP primals); each in-flight cotangent adds a
+        # parameter-sized tangent (~3 times) and the activation cotangents (VJP) and
+        # tangents (JVP) of every point of the block.
+        n_out = math.prod(out_shape)
+        tangent = _JACOBIAN_COPIES * self._per_point_bytes(params, ())
+        itemsize = self._per_point_bytes(params, ()) // max(_num_params(params), 1)
+
+        def fixed(b):
+            return 2 * b * act + 2 * (b * n_out) ** 2 * itemsize
+
+        if self.block_size is not None:
+            block = min(self.block_size, m)
+        else:
+            block = m
+            while block > 1 and fixed(block) + tangent + 2 * block * act > self.memory_budget:
+                block -= 1
+            block = _balanced(m, block)
+        one = tangent + 2 * block * act
+        free = self.memory_budget - fixed(block)
+        chunk = int(max(1, min(block * n_out, free // max(one, 1))))
         return impl, block, chunk
 
     # -- kernels (traced) -------------------------------------------------------------------
@@ -198,8 +260,10 @@ class NTK:
     def _masked_apply(self, params, x, mask):
         return self.apply_fn(params, x) * mask
 
-    def _block_jacobian(self, params, x, mask, full: bool = False):
-        """Per-point Jacobians, one flat matrix per parameter leaf: rows = points (× outputs)."""
+    def _block_jacobian(self, params, x, mask, start, block: int, full: bool = False):
+        """Per-point Jacobians of points start:start+block, one flat matrix per parameter leaf:
+        rows = points (× outputs)."""
+        x, mask = _block(x, start, block), _block(mask, start, block)
 
         def one_point(p, xi, mi):
             xb = jax.tree_util.tree_map(lambda a: a[None], xi)
@@ -210,24 +274,38 @@ class NTK:
         rows = n * math.prod(mask.shape[1:]) if full else n
         return [leaf.reshape(rows, -1) for leaf in jax.tree_util.tree_leaves(jac)]
 
-    def _ntvp_tile(self, params, xa, ma, xb, mb, full: bool = False, chunk: int = 1):
+    def _ntvp_tile(self, params, x, mask, start_a, start_b, block: int, full: bool = False,
+                   chunk: int = 1):
         """Θ[a, b] from NTK–vector products: J_b (J_aᵀ e) for every output basis vector e."""
+        xa, ma = _block(x, start_a, block), _block(mask, start_a, block)
+        xb, mb = _block(x, start_b, block), _block(mask, start_b, block)
         out_a, vjp_a = jax.vjp(lambda p: self._masked_apply(p, xa, ma), params)
         n_out = out_a.size
-        basis = jnp.eye(n_out, dtype=out_a.dtype).reshape((n_out,) + out_a.shape)
 
-        def column(ct):
+        def column(e):
+            # The basis vector is built in the loop: an (n_out × n_out) identity would not fit.
+            ct = jax.nn.one_hot(e, n_out, dtype=out_a.dtype).reshape(out_a.shape)
             (tangent,) = vjp_a(ct)
             _, jvp = jax.jvp(lambda p: self._masked_apply(p, xb, mb), (params,), (tangent,))
             return jvp
 
-        cols = jax.lax.map(column, basis, batch_size=chunk)  # (n_a·O, n_b, *out)
+        cols = jax.lax.map(column, jnp.arange(n_out), batch_size=chunk)  # (n_a·O, n_b, *out)
         na, nb = ma.shape[0], mb.shape[0]
         o = n_out // na
         tile = cols.reshape(na, o, nb, o)
         if full:
             return tile.reshape(na * o, nb * o)
         return jnp.einsum("iojo->ij", tile)
+
+
+def _num_params(params) -> int:
+    return sum(int(np.size(leaf)) for leaf in jax.tree_util.tree_leaves(params))
+
+
+def _balanced(m: int, largest: int) -> int:
+    """Equal blocks of at most `largest` points, so none is mostly padding (20 → 2 × 10)."""
+    n_blocks = -(-m // largest)
+    return -(-m // n_blocks)
 
 
 def _contract(ja, jb):

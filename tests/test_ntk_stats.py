@@ -1,0 +1,214 @@
+"""Collective variables (paper eq. 9–10) against closed forms, invariances and bad kernels."""
+
+import math
+
+import numpy as np
+import pytest
+
+from ntk_tracking import (
+    collective_variables,
+    covariance_entropy,
+    effective_entropy,
+    entropy,
+    max_eigenvalue,
+    spectrum,
+    trace,
+    trace_per_point,
+)
+from ntk_tracking.ntk import cosine_kernel
+
+
+def random_kernel(m, seed=0, rank=None):
+    """A random PSD kernel G Gᵀ (full rank unless `rank` is given)."""
+    g = np.random.default_rng(seed).normal(size=(m, rank or 2 * m))
+    return g @ g.T
+
+
+def rotated(eigenvalues, seed=0):
+    """Q diag(eigenvalues) Qᵀ for a random orthogonal Q."""
+    q, _ = np.linalg.qr(np.random.default_rng(seed).normal(size=(len(eigenvalues),) * 2))
+    return q @ np.diag(eigenvalues) @ q.T
+
+
+def closed_form_entropy(eigenvalues):
+    p = np.asarray(eigenvalues, float) / np.sum(eigenvalues)
+    p = p[p > 0]
+    return float(-np.sum(p * np.log(p)))
+
+
+# ANALYTIC CASES
+
+
+@pytest.mark.parametrize("m", [2, 5, 20])
+def test_identity_has_maximal_entropy(m):
+    """Θ = I: S = ln m, effective entropy 1, trace m, one point per unit of trace."""
+    k = np.eye(m)
+    assert entropy(k) == pytest.approx(math.log(m), rel=1e-12)
+    assert effective_entropy(k) == pytest.approx(1.0, rel=1e-12)
+    assert trace(k) == m and trace_per_point(k) == 1.0
+    assert covariance_entropy(k) == pytest.approx(math.log(m), rel=1e-12)
+
+
+def test_rank_one_has_zero_entropy():
+    """Θ = v vᵀ: one eigenvalue ‖v‖², S = 0 (round-off eigenvalues contribute nothing)."""
+    v = np.random.default_rng(1).normal(size=7)
+    k = np.outer(v, v)
+    assert abs(entropy(k)) < 1e-12
+    assert abs(effective_entropy(k)) < 1e-12
+    assert max_eigenvalue(k) == pytest.approx(v @ v, rel=1e-12)
+    assert trace(k) == pytest.approx(v @ v, rel=1e-12)
+    assert abs(covariance_entropy(k)) < 1e-12  # the cosine kernel of v vᵀ is ±1 everywhere
+
+
+@pytest.mark.parametrize("eigenvalues", [[3.0, 1.0], [4.0, 2.0, 1.0, 1.0], [5.0, 1e-3, 0.0, 0.0, 2.0]])
+def test_known_eigenvalues_closed_form(eigenvalues):
+    """diag(λ) and Q diag(λ) Qᵀ: S = −Σ λ̂ ln λ̂, spectrum = sorted λ, trace = Σ λ."""
+    for k in (np.diag(eigenvalues), rotated(eigenvalues)):
+        assert entropy(k) == pytest.approx(closed_form_entropy(eigenvalues), rel=1e-10, abs=1e-12)
+        np.testing.assert_allclose(spectrum(k), sorted(eigenvalues, reverse=True), atol=1e-12)
+        assert max_eigenvalue(k) == pytest.approx(max(eigenvalues), rel=1e-12)
+        assert trace(k) == pytest.approx(sum(eigenvalues), rel=1e-12)
+        assert effective_entropy(k) == pytest.approx(
+            closed_form_entropy(eigenvalues) / math.log(len(eigenvalues)), rel=1e-10, abs=1e-12)
+
+
+def test_two_by_two_closed_form():
+    """[[a, b], [b, a]] has eigenvalues a ± b."""
+    a, b = 2.0, 0.5
+    k = np.array([[a, b], [b, a]])
+    expected = closed_form_entropy([a + b, a - b])
+    assert entropy(k) == pytest.approx(expected, rel=1e-12)
+    # Its diagonal is constant, so its cosine kernel is k / a: the same entropy.
+    assert covariance_entropy(k) == pytest.approx(expected, rel=1e-12)
+
+
+# INVARIANCES
+
+
+@pytest.mark.parametrize("c", [1e-6, 0.3, 7.0, 1e6])
+def test_entropy_invariant_under_scaling(c):
+    """S(cΘ) = S(Θ) for c > 0; the trace scales by c."""
+    k = random_kernel(6)
+    assert entropy(c * k) == pytest.approx(entropy(k), rel=1e-10)
+    assert effective_entropy(c * k) == pytest.approx(effective_entropy(k), rel=1e-10)
+    assert covariance_entropy(c * k) == pytest.approx(covariance_entropy(k), rel=1e-10)
+    assert trace(c * k) == pytest.approx(c * trace(k), rel=1e-12)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_invariant_under_permuting_points(seed):
+    """Every variable of P Θ Pᵀ equals that of Θ."""
+    k = random_kernel(8, seed=seed)
+    p = np.eye(8)[np.random.default_rng(seed).permutation(8)]
+    permuted = collective_variables(p @ k @ p.T)
+    for name, value in collective_variables(k).items():
+        assert permuted[name] == pytest.approx(value, rel=1e-10), name
+
+
+@pytest.mark.parametrize("seed", range(5))
+@pytest.mark.parametrize("rank", [1, 3, None])
+def test_effective_entropy_in_unit_interval(seed, rank):
+    m = 6
+    value = effective_entropy(random_kernel(m, seed=seed, rank=rank))
+    assert -1e-12 <= value <= 1.0 + 1e-12
+    if rank is not None:
+        assert value <= math.log(rank) / math.log(m) + 1e-9  # at most rank nonzero eigenvalues
+
+
+def test_covariance_entropy_equal_diagonal_equals_entropy():
+    """A kernel with a constant diagonal is a multiple of its cosine kernel: same entropy."""
+    g = np.random.default_rng(3).normal(size=(6, 10))
+    g /= np.linalg.norm(g, axis=1, keepdims=True)
+    k = 2.5 * g @ g.T
+    np.testing.assert_allclose(np.diag(k), 2.5)
+    assert covariance_entropy(k) == pytest.approx(entropy(k), rel=1e-12)
+
+
+def test_covariance_entropy_is_entropy_of_cosine_kernel():
+    k = random_kernel(6, seed=4) + np.diag(np.arange(1.0, 7.0))
+    c = cosine_kernel(k)
+    np.testing.assert_allclose(np.diag(c), 1.0, rtol=1e-12)
+    assert covariance_entropy(k) == pytest.approx(entropy(c), rel=1e-12)
+    assert covariance_entropy(k) != pytest.approx(entropy(k), rel=1e-3)
+
+
+def test_tiny_negative_eigenvalues_are_clipped():
+    """Round-off negative eigenvalues count as 0: S equals the entropy of the clipped spectrum."""
+    k = rotated([1.0, 0.5, -1e-13, -1e-14], seed=5)
+    assert entropy(k) == pytest.approx(closed_form_entropy([1.0, 0.5]), rel=1e-10)
+    assert np.isfinite(entropy(k)) and np.isfinite(effective_entropy(k))
+    assert spectrum(k)[-1] < 0  # the spectrum itself reports them unclipped
+
+
+def test_trace_per_point_and_max_eigenvalue():
+    k = random_kernel(5, seed=6)
+    assert trace(k) == pytest.approx(np.trace(k), rel=1e-12)
+    assert trace_per_point(k) == pytest.approx(np.trace(k) / 5, rel=1e-12)
+    assert max_eigenvalue(k) == pytest.approx(np.linalg.eigvalsh(k).max(), rel=1e-12)
+
+
+def test_collective_variables_names_and_values():
+    """The design's metric names, each equal to its own function; float32 input is accepted."""
+    k = random_kernel(5, seed=7).astype(np.float32)
+    variables = collective_variables(k)
+    assert set(variables) == {"entropy", "entropy_effective", "trace", "trace_per_point",
+                              "covariance_entropy", "max_eigenvalue"}
+    assert variables["entropy"] == entropy(k)
+    assert variables["entropy_effective"] == effective_entropy(k)
+    assert variables["trace"] == trace(k)
+    assert variables["covariance_entropy"] == covariance_entropy(k)
+    assert all(isinstance(v, float) for v in variables.values())
+
+
+# NON-FINITE AND DEGENERATE KERNELS: NaN AND A WARNING, NEVER AN EXCEPTION
+
+SCALAR_FNS = [entropy, effective_entropy, trace, trace_per_point, covariance_entropy, max_eigenvalue]
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf], ids=["nan", "inf", "-inf"])
+@pytest.mark.parametrize("fn", SCALAR_FNS, ids=lambda f: f.__name__)
+def test_non_finite_kernel_gives_nan_and_warning(fn, bad):
+    k = random_kernel(4, seed=8)
+    k[1, 2] = k[2, 1] = bad
+    with pytest.warns(RuntimeWarning, match="NaN or Inf"):
+        value = fn(k)
+    assert math.isnan(value)
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_non_finite_kernel_collective_variables_and_spectrum(bad):
+    k = random_kernel(4, seed=9)
+    k[0, 0] = bad
+    with pytest.warns(RuntimeWarning):
+        variables = collective_variables(k)
+    assert all(math.isnan(v) for v in variables.values())
+    with pytest.warns(RuntimeWarning):
+        assert np.isnan(spectrum(k)).all()
+
+
+def test_zero_kernel_entropy_is_nan_with_warning():
+    with pytest.warns(RuntimeWarning, match="no positive eigenvalue"):
+        assert math.isnan(entropy(np.zeros((3, 3))))
+
+
+def test_zero_gradient_point_covariance_entropy_is_nan_with_warning():
+    k = np.diag([1.0, 0.0, 2.0])
+    with pytest.warns(RuntimeWarning, match="zero"):
+        assert math.isnan(covariance_entropy(k))
+
+
+# BAD INPUT
+
+
+@pytest.mark.parametrize("fn", [entropy, effective_entropy, covariance_entropy, collective_variables],
+                         ids=lambda f: f.__name__)
+def test_entropy_needs_two_points(fn):
+    with pytest.raises(ValueError, match="at least 2 points"):
+        fn(np.ones((1, 1)))
+
+
+@pytest.mark.parametrize("shape", [(2, 3), (4,), (2, 2, 2)], ids=str)
+@pytest.mark.parametrize("fn", SCALAR_FNS + [spectrum, collective_variables], ids=lambda f: f.__name__)
+def test_non_square_kernel_rejected(fn, shape):
+    with pytest.raises(ValueError, match="square"):
+        fn(np.ones(shape))
