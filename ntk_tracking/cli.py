@@ -103,7 +103,7 @@ def analyze_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of the measurement subsets")
     p.add_argument("--implementation", default="auto", help="NTK implementation: jacobian, ntvp or auto")
     p.add_argument("--memory-budget-mb", "--memory_budget_mb", dest="memory_budget_mb", type=int, default=0,
-                   help="peak memory for kernel blocks in MiB; 0 = the engine default (2048)")
+                   help="peak memory for kernel blocks in MiB; 0 = the engine default (4096)")
     p.add_argument("--follow", action="store_true", help="keep analyzing while the training run writes checkpoints")
     p.add_argument("--poll-seconds", type=float, default=10.0, help="with --follow: seconds between looks")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")

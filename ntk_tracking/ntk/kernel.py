@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 IMPLEMENTATIONS = ("jacobian", "ntvp")
-DEFAULT_MEMORY_BUDGET = 2 * 1024**3  # bytes
+DEFAULT_MEMORY_BUDGET = 4 * 1024**3  # bytes: unblocked m = 20 on the reference networks
 # A block's Jacobian is held twice (row and column block) plus autodiff temporaries.
 _JACOBIAN_COPIES = 3
 
