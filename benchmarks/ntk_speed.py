@@ -134,8 +134,8 @@ def main(argv=None):
     parser.add_argument("--repeats", type=int, default=5, help="timed calls per configuration")
     parser.add_argument("--points", type=int, nargs="+", default=[20, 100], help="m values")
     parser.add_argument("--models", nargs="+", default=["mlp", "cnn"], choices=["mlp", "cnn"])
-    parser.add_argument("--implementations", nargs="+", default=["jacobian", "ntvp"],
-                        choices=["jacobian", "ntvp", "auto"])
+    parser.add_argument("--implementations", nargs="+", default=["jacobian", "ntvp", "structured"],
+                        choices=["jacobian", "ntvp", "structured", "auto"])
     parser.add_argument("--memory-budget", type=int, default=None,
                         help="bytes for NTK(memory_budget=...); default: the engine's default")
     parser.add_argument("--timeout", type=float, default=120.0,

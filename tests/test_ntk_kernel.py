@@ -13,7 +13,7 @@ from jax.flatten_util import ravel_pytree
 from ntk_tracking import NTK, empirical_ntk, ntk_trace
 
 M = 5  # measurement points: odd, so block sizes 2 and 3 leave a padded last block
-IMPLS = ("jacobian", "ntvp")
+IMPLS = ("jacobian", "ntvp", "structured")
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -364,7 +364,7 @@ def test_budget_below_one_point_warns_and_auto_picks_ntvp(x64):
     auto = NTK(apply_fn, "auto", memory_budget=1)
     assert auto._plan(params, M, ())[0] == "ntvp"
     assert rel_err(auto(params, x), ref) <= 1e-10
-    assert NTK(apply_fn)._plan(params, M, ())[:2] == ("jacobian", M)  # default: one block
+    assert NTK(apply_fn)._plan(params, M, ())[:2] == ("structured", M)  # default: one block
 
 
 def _wide(p, x):
@@ -554,8 +554,8 @@ def test_pytree_output_rejected():
 
 
 def test_unknown_implementation():
-    with pytest.raises(ValueError, match="unknown NTK implementation 'structured'"):
-        NTK(_linear, "structured")
+    with pytest.raises(ValueError, match="unknown NTK implementation 'structural'"):
+        NTK(_linear, "structural")
     with pytest.raises(ValueError, match="unknown NTK implementation"):
         empirical_ntk(_linear, LINEAR, np.ones((5, 3)), implementation="jacrev")
 

@@ -16,7 +16,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-IMPLEMENTATIONS = ("jacobian", "ntvp")
+from ntk_tracking.ntk import structured
+
+IMPLEMENTATIONS = ("jacobian", "ntvp", "structured")
 DEFAULT_MEMORY_BUDGET = 4 * 1024**3  # bytes: unblocked m = 20 on the reference networks
 # A block's Jacobian is held twice (row and column block) plus autodiff temporaries.
 _JACOBIAN_COPIES = 3
@@ -117,6 +119,9 @@ class NTK:
         self._sq_norms = jax.jit(_squared_norms)
         self._ntvp = jax.jit(self._ntvp_tile, static_argnames=("block", "full", "chunk"))
         self._assemble = jax.jit(_assemble, static_argnames=("n_keep",))
+        self._factors = jax.jit(self._structured_block, static_argnames=("block", "full", "calls", "shapes"))
+        self._contract_factors = jax.jit(structured.contract, static_argnames=("full",))
+        self._discovered: dict = {}
         self._apply_jit = jax.jit(apply_fn)  # its traces are cached: shapes and activations
 
     # -- public -----------------------------------------------------------------------------
@@ -129,8 +134,15 @@ class NTK:
         k = -(-m // block)
         # The kernel is symmetric: compute the tiles (a, b ≥ a) only.
         upper = [[None] * k for _ in range(k)]
-        if impl == "jacobian":
-            jac = functools.partial(self._jac, params, x, mask, block=block, full=full)
+        if impl in ("jacobian", "structured"):
+            if impl == "jacobian":
+                jac = functools.partial(self._jac, params, x, mask, block=block, full=full)
+                contract = self._contract
+            else:
+                calls, shapes = self._discover(params, x)
+                jac = functools.partial(self._factors, params, x, mask, block=block, full=full,
+                                        calls=calls, shapes=shapes)
+                contract = functools.partial(self._contract_factors, full=full)
             ja = jac(0)
             for a in range(k):
                 jb = None
@@ -138,8 +150,8 @@ class NTK:
                 for b in range(k - 1, a, -1):
                     jb = None  # free the previous block's Jacobian before the next one
                     jb = jac(b * block)
-                    upper[a][b] = self._contract(ja, jb)
-                upper[a][a] = self._contract(ja, ja)
+                    upper[a][b] = contract(ja, jb)
+                upper[a][a] = contract(ja, ja)
                 ja = jb
         else:
             for a in range(k):
@@ -222,8 +234,10 @@ class NTK:
     def _plan(self, params, m, out_shape, act=0):
         impl = self.implementation
         per_point = self._jacobian_point_bytes(params, out_shape, act)
-        if impl == "auto":
-            impl = "jacobian" if per_point <= self.memory_budget else "ntvp"
+        if impl == "auto":  # structured = the Jacobian method wherever it finds no Dense layer
+            impl = "structured" if per_point <= self.memory_budget else "ntvp"
+        if impl == "structured":  # planned as the Jacobian method: an upper bound on its memory
+            return impl, self._jacobian_block(params, m, out_shape, act), None
         if impl == "jacobian":
             if per_point > self.memory_budget and self.block_size is None:
                 warnings.warn(
@@ -273,6 +287,24 @@ class NTK:
         n = mask.shape[0]
         rows = n * math.prod(mask.shape[1:]) if full else n
         return [leaf.reshape(rows, -1) for leaf in jax.tree_util.tree_leaves(jac)]
+
+    def _discover(self, params, x):
+        """The Dense calls of apply_fn (structured.discover), traced once per shapes."""
+        key = jax.tree_util.tree_structure((params, x)), tuple(
+            (np.shape(a)[1:] if i else np.shape(a), np.result_type(a))
+            for i, tree in enumerate((params, x)) for a in jax.tree_util.tree_leaves(tree))
+        if key not in self._discovered:
+            x1 = jax.tree_util.tree_map(lambda a: a[:1], x)
+            self._discovered[key] = structured.discover(self.apply_fn, params, x1)
+        return self._discovered[key]
+
+    def _structured_block(self, params, x, mask, start, block: int, full: bool = False,
+                          calls=(), shapes=()):
+        """Per-point structured factors (see structured.py) of points start:start+block."""
+        x, mask = _block(x, start, block), _block(mask, start, block)
+        return jax.vmap(
+            lambda xi, mi: structured.point_factors(self.apply_fn, params, xi, mi, calls, shapes)
+        )(x, mask)
 
     def _ntvp_tile(self, params, x, mask, start_a, start_b, block: int, full: bool = False,
                    chunk: int = 1):
