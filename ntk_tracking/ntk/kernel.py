@@ -291,7 +291,7 @@ class NTK:
     def _discover(self, params, x):
         """The Dense calls of apply_fn (structured.discover), traced once per shapes."""
         key = jax.tree_util.tree_structure((params, x)), tuple(
-            (np.shape(a)[1:] if i else np.shape(a), np.result_type(a))
+            (np.shape(a)[1:] if i else np.shape(a), str(a.dtype if hasattr(a, "dtype") else np.result_type(a)))
             for i, tree in enumerate((params, x)) for a in jax.tree_util.tree_leaves(tree))
         if key not in self._discovered:
             x1 = jax.tree_util.tree_map(lambda a: a[:1], x)
