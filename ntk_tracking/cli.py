@@ -101,7 +101,7 @@ def analyze_parser() -> argparse.ArgumentParser:
     p.add_argument("--points", type=int, default=20, help="m: points per subset (paper: 20)")
     p.add_argument("--splits", default="train,test", help="comma-separated data splits to measure on")
     p.add_argument("--seed", type=int, default=0, help="seed of the measurement subsets")
-    p.add_argument("--implementation", default="auto", help="NTK implementation: jacobian, ntvp or auto")
+    p.add_argument("--implementation", default="auto", help="NTK implementation: structured, jacobian, ntvp or auto")
     p.add_argument("--memory-budget-mb", "--memory_budget_mb", dest="memory_budget_mb", type=int, default=0,
                    help="peak memory for kernel blocks in MiB; 0 = the engine default (4096)")
     p.add_argument("--follow", action="store_true", help="keep analyzing while the training run writes checkpoints")

@@ -182,7 +182,7 @@ def sweep_parser(task: str = "mnist_dense") -> argparse.ArgumentParser:
     analysis.add_argument("--splits", default="train,test", help="comma-separated data splits")
     analysis.add_argument("--analysis-seed", "--analysis_seed", dest="analysis_seed", type=int, default=0,
                           help="seed of the measurement subsets")
-    analysis.add_argument("--implementation", default="auto", help="NTK implementation: jacobian, ntvp or auto")
+    analysis.add_argument("--implementation", default="auto", help="NTK implementation: structured, jacobian, ntvp or auto")
     return p
 
 
