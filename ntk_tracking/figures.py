@@ -41,24 +41,30 @@ def plot_series(ax, points, split: str, label: bool = True) -> None:
             label=f"{split} (running mean, {window} pts)" if label else None)
 
 
-def evolution_figure(histories: dict, splits, title: str = ""):
-    """Entropy, trace and loss against epoch; `histories` maps metric keys to (step, value) lists."""
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
-    panels = [
-        ("entropy", "NTK entropy S (nats)", lambda s: f"ntk/entropy/{s}"),
-        ("trace", "NTK trace Tr Θ", lambda s: f"ntk/trace/{s}"),
-        ("loss", "loss", lambda s: f"{s}/loss"),
-    ]
-    for ax, (_, ylabel, key) in zip(axes, panels):
-        for split in ("train", "test"):
-            if ylabel.startswith("NTK") and split not in splits:
-                continue
-            plot_series(ax, histories.get(key(split), []), split)
-        ax.set_xlabel("epoch")
-        ax.set_ylabel(ylabel)
-        ax.grid(alpha=0.3)
-        ax.legend(frameon=False)
-    axes[2].set_yscale("log")
+def evolution_figure(histories: dict, splits, title: str = "", networks=("model",),
+                     loss_keys=("train/loss", "test/loss"), xlabel: str = "epoch"):
+    """Entropy, trace and loss against epoch, one row per network; `histories` maps metric keys
+    to (step, value) lists."""
+    from ntk_tracking.tasks.base import metric_key
+
+    fig, axes = plt.subplots(len(networks), 3, figsize=(13, 3.6 * len(networks)), squeeze=False)
+    for row, network in zip(axes, networks):
+        prefix = "" if network == "model" else f"{network}: "
+        for ax, variable, ylabel in ((row[0], "entropy", "NTK entropy S (nats)"), (row[1], "trace", "NTK trace Tr Θ")):
+            for split in splits:
+                plot_series(ax, histories.get(metric_key(network, variable, split), []), split)
+            ax.set_ylabel(prefix + ylabel)
+        losses = [k for k in loss_keys if histories.get(k)]
+        for key in losses:
+            plot_series(row[2], histories[key], key.split("/")[0])
+        row[2].set_ylabel(", ".join(sorted({k.split("/", 1)[-1] for k in loss_keys})))
+        if losses and all(v > 0 for k in losses for _, v in histories[k]):
+            row[2].set_yscale("log")
+        for ax in row:
+            ax.set_xlabel(xlabel)
+            ax.grid(alpha=0.3)
+            if ax.get_legend_handles_labels()[0]:
+                ax.legend(frameon=False)
     if title:
         fig.suptitle(title)
     fig.tight_layout()

@@ -39,7 +39,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from ntk_tracking import figures, regimes, tracking
-from ntk_tracking.configs import TASKS
+from ntk_tracking.tasks import TASK_NAMES, get_task
 
 SWEEP_ARTIFACT = "sweep.json"
 KIND_TAG = "ntk_tracking.kind"
@@ -182,7 +182,7 @@ def references(values: dict[str, list[str]]) -> dict[str, str]:
 
 
 def _loss_label(task: str | None) -> str:
-    objective = TASKS.get(task, {}).get("objective")
+    objective = getattr(get_task(task).default_config(), "objective", None) if task in TASK_NAMES else None
     return {"classification": "loss (cross-entropy, nats)",
             "regression": "loss (mean squared error)"}.get(objective, "loss")
 

@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 
 from ntk_tracking import tracking
 from ntk_tracking.cli import config_from_args, train_parser
-from ntk_tracking.configs import TASKS, TrainConfig, task_config
+from ntk_tracking.tasks import TASK_NAMES, get_task
 
 KIND_TAG = "ntk_tracking.kind"
 TASK_TAG = "ntk_tracking.task"
@@ -41,7 +41,7 @@ KEY_TAG = "ntk_tracking.sweep_key"
 PARENT_TAG = "mlflow.parentRunId"
 FAILED_TAG = "ntk_tracking.sweep_failed"
 SPEC_ARTIFACT = "sweep.json"
-# (TrainConfig field, sweep option, value type): one child per combination, in this order.
+# (config field, sweep option, value type): one child per combination, in this order.
 GRID = (("width", "widths", int), ("depth", "depths", int), ("activation", "activations", str),
         ("init", "inits", str), ("learning_rate", "learning_rates", float), ("seed", "seeds", int))
 _GRID_FIELDS = tuple(f for f, _, _ in GRID)
@@ -50,6 +50,11 @@ _GRID_FIELDS = tuple(f for f, _, _ in GRID)
 GRID_DEFAULTS = {"widths": "16,64,256", "depths": "1,2,4", "activations": "relu,tanh"}
 _NOT_PASSED = {"help", "experiment", "no_progress"}  # sweep-level options, not training values
 _LOG_TAIL_LINES = 15
+
+
+def _scan_tasks() -> list[str]:
+    """Tasks whose config has every grid field (the architecture scans)."""
+    return [t for t in TASK_NAMES if all(hasattr(get_task(t).default_config(), f) for f in _GRID_FIELDS)]
 
 
 def child_key(point: dict) -> str:
@@ -87,8 +92,8 @@ class SweepSpec:
                 argv += [action.option_strings[0], repr(value) if isinstance(value, float) else str(value)]
         return argv + ["--no-progress"]
 
-    def config(self, point: dict) -> TrainConfig:
-        """The validated TrainConfig of one grid point (ValueError naming the point)."""
+    def config(self, point: dict):
+        """The validated task config of one grid point (ValueError naming the point)."""
         try:
             return config_from_args(self.task, argparse.Namespace(**self.fixed, **point))
         except ValueError as err:
@@ -144,7 +149,7 @@ class _Parser(argparse.ArgumentParser):
 
 def sweep_parser(task: str = "mnist_dense") -> argparse.ArgumentParser:
     """The sweep's options; training defaults come from `task`."""
-    d = task_config(task)
+    d = get_task(task).default_config()
     p = _Parser(
         prog="ntk-tracking sweep", allow_abbrev=False,
         description="Train every combination of the grid as a child run of one MLflow parent run "
@@ -153,7 +158,7 @@ def sweep_parser(task: str = "mnist_dense") -> argparse.ArgumentParser:
         "task's default.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    p.add_argument("--task", default=task, help=f"one of {sorted(TASKS)}")
+    p.add_argument("--task", default=task, help=f"one of {list(TASK_NAMES)}")
     grid = p.add_argument_group("grid (one child run per combination)")
     for field, option, convert in GRID:
         names = [f"--{option.replace('_', '-')}", f"--{field.replace('_', '-')}", f"--{option}", f"--{field}"]
@@ -179,7 +184,7 @@ def sweep_parser(task: str = "mnist_dense") -> argparse.ArgumentParser:
                           help="measure the NTK of every finished child after training")
     analysis.add_argument("--subsets", type=int, default=20, help="K: measurement subsets per split")
     analysis.add_argument("--points", type=int, default=20, help="m: points per subset")
-    analysis.add_argument("--splits", default="train,test", help="comma-separated data splits")
+    analysis.add_argument("--splits", default="auto", help="comma-separated probe sets; auto = the task's own")
     analysis.add_argument("--analysis-seed", "--analysis_seed", dest="analysis_seed", type=int, default=0,
                           help="seed of the measurement subsets")
     analysis.add_argument("--implementation", default="auto", help="NTK implementation: structured, jacobian, ntvp or auto")
@@ -191,10 +196,14 @@ def parse_sweep(argv) -> tuple[SweepSpec, argparse.Namespace]:
     pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     pre.add_argument("--task", default="mnist_dense")
     task = pre.parse_known_args(argv)[0].task
-    if task not in TASKS:
-        raise ValueError(f"unknown task {task!r}; choose one of {sorted(TASKS)}")
+    if task not in TASK_NAMES:
+        raise ValueError(f"unknown task {task!r}; choose one of {list(TASK_NAMES)}")
+    lacking = [f for f in _GRID_FIELDS if not hasattr(get_task(task).default_config(), f)]
+    if lacking:
+        raise ValueError(f"the sweep grid scans {list(_GRID_FIELDS)}, but task {task!r} has no "
+                         f"{lacking}; sweep one of the tasks that have them: {', '.join(_scan_tasks())}")
     args = sweep_parser(task).parse_args(argv)
-    d = task_config(task)
+    d = get_task(task).default_config()
     grid = {field: _parse_list(getattr(args, option), convert, option.replace("_", "-"), getattr(d, field))
             for field, option, convert in GRID}
     fixed = {dest: getattr(args, dest) for dest in _training_options(task) if dest not in _GRID_FIELDS}

@@ -37,12 +37,19 @@ def get_run(run_id: str, mlflow_client=None):
         ) from err
 
 
+def download_artifact(run_id: str, path: str, dst: str) -> str | None:
+    """The run's artifact `path` copied under `dst`, or None if it does not exist."""
+    try:
+        return mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=path, dst_path=dst)
+    except (MlflowException, OSError):
+        return None
+
+
 def load_json_artifact(run_id: str, path: str) -> dict | None:
     """A JSON artifact of the run, or None if it does not exist."""
     with tempfile.TemporaryDirectory() as tmp:
-        try:
-            local = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=path, dst_path=tmp)
-        except (MlflowException, OSError):
+        local = download_artifact(run_id, path, tmp)
+        if local is None:
             return None
         with open(local) as f:
             return json.load(f)

@@ -245,3 +245,15 @@ def test_follow_analyzes_checkpoints_while_training_writes_them(store):
     assert proc.returncode == 0
     assert sorted(analyzed) == [0, 3, 6, 9, 12]
     assert [s for s, _ in history(run_id, "ntk/entropy/test")] == [0, 3, 6, 9, 12]
+
+
+def test_config_json_of_an_older_version_still_loads():
+    """A config.json written before a field existed loads with that field's default."""
+    from ntk_tracking.tasks import get_task
+
+    task = get_task("mnist_dense")
+    saved = task.default_config().to_dict()
+    del saved["cv_log_points"]
+    assert task.config_from_dict(saved) == task.default_config()
+    with pytest.raises(ValueError, match="does not know"):
+        task.config_from_dict({**saved, "future_field": 1})

@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from ntk_tracking.cli import train_parser
-from ntk_tracking.configs import TASKS
+from ntk_tracking.tasks import TASK_NAMES as TASKS
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 MLPROJECT = yaml.safe_load((ROOT / "MLproject").read_text())
@@ -45,6 +45,26 @@ def test_training_entry_point_defaults_match_the_task_config(task):
         assert spec["default"] == defaults[name], f"{task}.{name}"
 
 
+@pytest.mark.parametrize("task", sorted(TASKS))
+def test_training_entry_point_parameters_are_exactly_the_config_fields(task):
+    from ntk_tracking.tasks import base, get_task
+
+    params = set(MLPROJECT["entry_points"][task]["parameters"])
+    fields = {f.name for f in base.cli_fields(get_task(task).config_class)}
+    assert params == fields, f"{task}: MLproject lacks {fields - params}, has extra {params - fields}"
+
+
+@pytest.mark.parametrize("task", sorted(TASKS))
+def test_help_lists_every_task_parameter_with_its_default(task):
+    from ntk_tracking.tasks import base, get_task
+
+    t = get_task(task)
+    text = " ".join(train_parser(task).format_help().split())
+    for field in base.cli_fields(t.config_class):
+        assert f"--{field.name.replace('_', '-')}" in text, f"{task}: --help lacks {field.name}"
+    assert text.count("(default:") >= len(base.cli_fields(t.config_class))
+
+
 def test_readme_usage_example_runs_as_written():
     readme = (ROOT / "README.md").read_text()
     example = next(b for b in re.findall(r"```python\n(.*?)```", readme, re.S) if "empirical_ntk" in b)
@@ -52,3 +72,12 @@ def test_readme_usage_example_runs_as_written():
     exec(compile(example, "README.md", "exec"), namespace)
     K = namespace["K"]
     assert K.shape == (20, 20)
+
+
+@pytest.mark.parametrize("task", sorted(TASKS))
+def test_mlproject_entry_is_the_one_generated_from_the_task_config(task):
+    """`python -m ntk_tracking.tasks TASK` prints the entry; MLproject holds exactly it."""
+    from ntk_tracking.tasks.__main__ import mlproject_entry
+
+    generated = yaml.safe_load(mlproject_entry(task))[task]
+    assert MLPROJECT["entry_points"][task] == generated

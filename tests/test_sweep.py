@@ -13,7 +13,7 @@ from ntk_tracking import analyze, sweep, tracking
 from ntk_tracking.analyze import AnalysisSettings
 from ntk_tracking.checkpointing import CheckpointStore
 from ntk_tracking.cli import config_from_args, train_parser
-from ntk_tracking.configs import TASKS
+from ntk_tracking.tasks import TASK_NAMES as TASKS
 from ntk_tracking.sweep import analyze_sweep, find_children, sweep_main
 from conftest import use_tracking_store
 

@@ -164,6 +164,11 @@ class NTK:
         n_keep = m * math.prod(out_shape) if full else m
         return self._assemble(tuple(map(tuple, upper)), n_keep=n_keep)
 
+    def resolved_implementation(self, params, x, output_mask=None) -> str:
+        """The implementation a call with these inputs uses ("auto" resolved)."""
+        m, out_shape, _, act = self._prepare(params, x, output_mask)
+        return self._plan(params, m, out_shape, act)[0]
+
     def diagonal(self, params, x, output_mask=None) -> jax.Array:
         """Θ_ii for every point: Σ_o ‖∂f_o(x_i)/∂θ‖², from per-point gradients, no kernel."""
         m, out_shape, mask, act = self._prepare(params, x, output_mask)

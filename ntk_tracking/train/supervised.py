@@ -17,7 +17,6 @@ import optax
 from flax.training import train_state
 from tqdm.auto import tqdm
 
-from ntk_tracking.configs import TrainConfig
 from ntk_tracking.models import create_model
 
 EVAL_BATCH = 1024
@@ -29,7 +28,7 @@ class TrainState(train_state.TrainState):
     batch_stats: Any = None
 
 
-def create_optimizer(config: TrainConfig) -> optax.GradientTransformation:
+def create_optimizer(config) -> optax.GradientTransformation:
     """The optimizer named by the config."""
     lr = config.learning_rate
     if config.optimizer == "adam":
@@ -51,7 +50,7 @@ def loss_and_metrics(objective: str, outputs, targets) -> tuple[jax.Array, dict]
     return jnp.sum((outputs - targets) ** 2, axis=-1), {}
 
 
-def create_train_state(config: TrainConfig, num_outputs: int, example_x) -> TrainState:
+def create_train_state(config, num_outputs: int, example_x) -> TrainState:
     """Model, initial variables (seeded by config.seed) and optimizer in one TrainState."""
     model = create_model(config.model, **config.model_hyperparameters(num_outputs))
     variables = model.init(jax.random.PRNGKey(config.seed), jnp.asarray(example_x[:1]))
@@ -131,7 +130,7 @@ def epoch_order(seed: int, epoch: int, n: int) -> np.ndarray:
 
 
 def fit(
-    config: TrainConfig,
+    config,
     dataset,
     state: TrainState,
     start_epoch: int,

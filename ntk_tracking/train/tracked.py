@@ -10,13 +10,11 @@ import mlflow
 
 from ntk_tracking import tracking
 from ntk_tracking.checkpointing import CheckpointStore
-from ntk_tracking.configs import TrainConfig
-from ntk_tracking.train.supervised import create_train_state, fit, model_variables
 
 RUN_KIND_TAG = "ntk_tracking.kind"
 
 
-def _check_same_config(saved: dict, config: TrainConfig) -> None:
+def _check_same_config(saved: dict, config) -> None:
     current = dataclasses.asdict(config)
     changed = {k: (saved.get(k), v) for k, v in current.items() if saved.get(k) != v}
     if changed:
@@ -27,8 +25,8 @@ def _check_same_config(saved: dict, config: TrainConfig) -> None:
         )
 
 
-def run_training(config: TrainConfig, dataset, progress: bool = True, experiment: str | None = None) -> str:
-    """Train `config` on `dataset` inside an MLflow run (resuming it if it has a resume checkpoint).
+def run_training(task, config, dataset, progress: bool = True, experiment: str | None = None) -> str:
+    """Train `task` with `config` on `dataset` inside an MLflow run (resuming it if it has a resume checkpoint).
 
     Under `mlflow run` (MLFLOW_RUN_ID set) the launched run is used; relaunching with
     `--run-id` continues a killed run from its latest resume checkpoint.
@@ -36,33 +34,33 @@ def run_training(config: TrainConfig, dataset, progress: bool = True, experiment
     if experiment:
         mlflow.set_experiment(experiment)
     # A launched or resumed run (MLFLOW_RUN_ID) keeps its name; a new one is named by its architecture.
-    name = None if os.environ.get("MLFLOW_RUN_ID") else f"{config.task}-w{config.width}-d{config.depth}-{config.activation}"
+    name = None if os.environ.get("MLFLOW_RUN_ID") else task.run_name(config)
     with mlflow.start_run(run_name=name) as active:
         run_id = active.info.run_id
         client = tracking.client()
         try:
-            _train_in_run(client, run_id, config, dataset, progress)
+            _train_in_run(client, run_id, task, config, dataset, progress)
         except BaseException as err:
             client.set_tag(run_id, "error", f"{type(err).__name__}: {err}"[:5000])
             raise
     return run_id
 
 
-def _train_in_run(client, run_id: str, config: TrainConfig, dataset, progress: bool) -> None:
+def _train_in_run(client, run_id: str, task, config, dataset, progress: bool) -> None:
     saved = tracking.load_json_artifact(run_id, tracking.CONFIG_ARTIFACT)
-    if saved is not None:
-        _check_same_config(saved, config)
+    if saved is not None:  # fields added since the run started take their defaults
+        _check_same_config(dataclasses.asdict(task.config_from_dict(saved)), config)
     else:
         params = client.get_run(run_id).data.params  # `mlflow run` logs its own first
         missing = {k: v for k, v in dataclasses.asdict(config).items() if k not in params}
         mlflow.log_params(missing)
         mlflow.set_tags({RUN_KIND_TAG: "training", "ntk_tracking.task": config.task})
         tracking.log_json_artifact(client, run_id, dataclasses.asdict(config), tracking.CONFIG_ARTIFACT)
-        tracking.log_json_artifact(client, run_id, dataset.info, "data.json")
+        tracking.log_json_artifact(client, run_id, task.data_info(dataset), "data.json")
 
     store = CheckpointStore(run_id, client)
-    state = create_train_state(config, dataset.num_outputs, dataset.x_train)
-    logged = tracking.logged_steps(client, run_id, "train/loss")
+    state = task.init_state(config, dataset)
+    logged = tracking.logged_steps(client, run_id, task.loss_metrics[0])
     start_epoch = 0
     resumed = store.latest_resume(jax.eval_shape(lambda: state))
     if resumed is not None:
@@ -76,13 +74,13 @@ def _train_in_run(client, run_id: str, config: TrainConfig, dataset, progress: b
 
     def on_epoch(epoch, state, metrics):
         if epoch in cv_epochs:
-            store.save_cv(epoch, model_variables(state))
+            store.save_cv(epoch, task.cv_variables(state))
         store.save_resume(epoch, state, {"epoch": epoch, "metrics": metrics})
         if epoch not in logged:  # a resumed run repeats no logged epoch
             tracking.log_metrics(client, run_id, metrics, epoch)
 
     try:
-        fit(config, dataset, state, start_epoch, on_epoch, progress=progress)
+        task.fit(config, dataset, state, start_epoch, on_epoch, progress=progress)
     finally:
         store.wait()
         store.close()

@@ -1,0 +1,231 @@
+"""The task interface: what every paper model provides to training, the analyzer, sweeps and the CLI.
+
+A task owns its configuration (a frozen dataclass), data loading, model, train loop, default
+CV cadence and its NTK probe: which networks are measured and on which probe sets. Training
+(`train/tracked.py`), the analyzer, sweeps, reports and the command lines see only this
+interface, so a new paper model is one module under `tasks/` plus an MLproject entry.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import types
+import typing
+from typing import Any, Callable, Iterable
+
+import numpy as np
+
+PRIMARY_NETWORK = "model"  # its metrics keep the short names `ntk/<variable>/<set>`
+
+
+def option(default, help: str, cli: bool = True):
+    """A config field with its --help text; `cli=False` keeps it off the command line."""
+    return dataclasses.field(default=default, metadata={"help": help, "cli": cli})
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskConfig:
+    """Fields every task has; tasks subclass it with their own (all with defaults)."""
+
+    task: str = option("", "the task's name", cli=False)
+    dataset: str = option("", "dataset name or local path")
+    epochs: int = option(10, "training epochs (for RL: PPO updates)")
+    seed: int = option(0, "initialization and data order")
+    train_size: int | None = option(None, "training points; 0 = all")
+    test_size: int | None = option(None, "test points; 0 = all")
+    cv_every: int = option(1, "checkpoint model variables for the NTK every k epochs (epoch 0 and the last always)")
+    cv_log_points: int = option(0, "extra log-spaced checkpoint epochs between 1 and the last (dense early sampling)")
+
+    def checks(self) -> list[tuple[bool, str]]:
+        """(condition, message) pairs; subclasses extend the list with their own fields."""
+        return [
+            (self.epochs >= 0, f"epochs must be ≥ 0, got {self.epochs}"),
+            (self.cv_every > 0, f"cv_every (the CV cadence in epochs) must be ≥ 1, got {self.cv_every}"),
+            (self.cv_log_points >= 0, f"cv_log_points must be ≥ 0, got {self.cv_log_points}"),
+            (self.train_size is None or self.train_size > 0,
+             f"train_size must be positive (or unset for all), got {self.train_size}"),
+            (self.test_size is None or self.test_size > 0,
+             f"test_size must be positive (or unset for all), got {self.test_size}"),
+        ]
+
+    def validate(self):
+        """Raise ValueError naming the first bad field and how to fix it."""
+        for ok, message in self.checks():
+            if not ok:
+                raise ValueError(message)
+        return self
+
+    def cv_epochs(self) -> list[int]:
+        """The epochs whose model variables are checkpointed for the NTK analysis."""
+        epochs = {0, self.epochs} | set(range(0, self.epochs + 1, self.cv_every))
+        if self.cv_log_points and self.epochs > 1:
+            exponents = _linspace(0, math.log10(self.epochs), self.cv_log_points)
+            epochs |= {round(10**e) for e in exponents}
+        return sorted(e for e in epochs if 0 <= e <= self.epochs)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, d: dict):
+        """A saved config.json; fields added since it was written take their defaults."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"config has fields this version does not know: {sorted(unknown)}")
+        return cls(**d)
+
+
+def _linspace(a: float, b: float, n: int) -> list[float]:
+    return [a] if n == 1 else [a + (b - a) * i / (n - 1) for i in range(n)]
+
+
+def field_type(config_class, name: str) -> tuple[type, bool]:
+    """(scalar type, optional) of a config field: `int | None` gives (int, True)."""
+    hint = typing.get_type_hints(config_class)[name]
+    args = typing.get_args(hint)
+    if typing.get_origin(hint) in (typing.Union, types.UnionType) and type(None) in args:
+        (inner,) = [a for a in args if a is not type(None)]
+        return inner, True
+    return hint, False
+
+
+def cli_fields(config_class) -> list[dataclasses.Field]:
+    """The config fields that are command-line options and MLproject parameters."""
+    return [f for f in dataclasses.fields(config_class) if f.metadata.get("cli", True)]
+
+
+@dataclasses.dataclass(frozen=True)
+class ProbeSet:
+    """Points the NTK is measured on: a pytree whose leaves lead with the point axis, and an
+    optional output mask (the output shape or a leading part of it) that zeroes padding."""
+
+    inputs: Any
+    output_mask: Any = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Probe:
+    """Which networks are measured, `{name: apply_fn(variables, inputs)}`, on which sets.
+
+    `apply_fn` receives a CV checkpoint's variables as saved by `Task.cv_variables` and must
+    differentiate only trainable parameters (non-parameter state held fixed).
+    """
+
+    networks: dict[str, Callable]
+    sets: dict[str, ProbeSet]
+
+
+@dataclasses.dataclass
+class ProbeContext:
+    """What a probe may use besides config and data: the run's checkpoints and artifacts."""
+
+    run_id: str
+    cv_epochs: list[int]
+    restore: Callable[[int], Any]  # epoch -> the CV checkpoint's variables
+    load_arrays: Callable[[str], dict | None]  # artifact path -> arrays of an .npz, or None
+    save_arrays: Callable[[str, dict], None]  # artifact path, arrays -> an .npz artifact
+    metric_history: Callable[[str], list[tuple[int, float]]]  # key -> [(step, value)]
+
+
+class Task:
+    """One paper model. Subclasses set the class attributes and implement the methods."""
+
+    name: str = ""
+    config_class: type[TaskConfig] = TaskConfig
+    defaults: dict = {}  # overrides of config_class's defaults for this task
+    summary: str = ""  # one line for --help
+    step_name: str = "epoch"  # what one training step of the metrics is (RL: update)
+    loss_metrics: tuple[str, ...] = ("train/loss", "test/loss")  # drawn in the evolution figure
+
+    # -- configuration ----------------------------------------------------------------------
+
+    def default_config(self) -> TaskConfig:
+        return self.config_class(task=self.name, **self.defaults)
+
+    def config(self, **overrides) -> TaskConfig:
+        """The task's default configuration with `overrides` (None values keep the default)."""
+        values = dataclasses.asdict(self.default_config())
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        values["task"] = self.name
+        return self.config_class(**values)
+
+    def config_from_dict(self, saved: dict) -> TaskConfig:
+        return self.config_class.from_dict(saved)
+
+    def run_name(self, config) -> str:
+        return config.task
+
+    # -- training ---------------------------------------------------------------------------
+
+    def load_data(self, config) -> Any:
+        """The data (ValueError with a fix for bad input: before any run or file is created)."""
+        raise NotImplementedError
+
+    def data_info(self, data) -> dict:
+        """JSON provenance of the data, saved as the run's data.json."""
+        return dict(getattr(data, "info", {}) or {})
+
+    def init_state(self, config, data) -> Any:
+        """The initial training state (a pytree: everything a resumed run needs)."""
+        raise NotImplementedError
+
+    def fit(self, config, data, state, start_epoch: int,
+            on_epoch: Callable[[int, Any, dict], None], progress: bool = True) -> Any:
+        """Train from `start_epoch` to config.epochs, calling on_epoch(epoch, state, metrics)
+        after epoch 0 (when start_epoch is 0) and after every epoch."""
+        raise NotImplementedError
+
+    def cv_variables(self, state) -> Any:
+        """What a CV checkpoint holds: the model variables (parameters and fixed state)."""
+        raise NotImplementedError
+
+    def abstract_variables(self, config, data) -> Any:
+        """Shapes and dtypes of cv_variables, to restore checkpoints into."""
+        import jax
+
+        return jax.eval_shape(lambda: self.cv_variables(self.init_state(config, data)))
+
+    # -- analysis ---------------------------------------------------------------------------
+
+    def probe(self, config, data, context: ProbeContext | None = None) -> Probe:
+        raise NotImplementedError
+
+    def default_probe_sets(self) -> tuple[str, ...]:
+        return ("train", "test")
+
+    def network_names(self, config) -> tuple[str, ...]:
+        """The names of the probe's networks, known without loading data."""
+        return (PRIMARY_NETWORK,)
+
+    def evolution_figure(self, config, history: Callable[[str], list], networks, probe_sets, title: str = ""):
+        """The run's evolution figure; `history(key)` gives a metric's (step, value) points."""
+        from ntk_tracking.figures import evolution_figure
+
+        keys = [metric_key(n, v, s) for n in networks for v in ("entropy", "trace") for s in probe_sets]
+        histories = {k: history(k) for k in keys + list(self.loss_metrics)}
+        return evolution_figure(histories, probe_sets, title=title, networks=networks,
+                                loss_keys=self.loss_metrics, xlabel=self.step_name)
+
+    def checkpoint_artifacts(self, config, data, variables, epoch: int) -> Iterable[tuple[str, Any]]:
+        """(artifact path, matplotlib figure) pairs the analyzer logs per checkpoint (VAE pictures)."""
+        return ()
+
+
+def metric_key(network: str, name: str, probe_set: str) -> str:
+    """`ntk/<variable>/<set>` for the primary network, `ntk/<network>/<variable>/<set>` otherwise."""
+    if network == PRIMARY_NETWORK:
+        return f"ntk/{name}/{probe_set}"
+    return f"ntk/{network}/{name}/{probe_set}"
+
+
+def stack_points(points: list) -> Any:
+    """One pytree from per-point pytrees, points first."""
+    import jax
+
+    return jax.tree_util.tree_map(lambda *a: np.stack(a), *points)
