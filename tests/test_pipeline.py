@@ -257,3 +257,23 @@ def test_config_json_of_an_older_version_still_loads():
     assert task.config_from_dict(saved) == task.default_config()
     with pytest.raises(ValueError, match="does not know"):
         task.config_from_dict({**saved, "future_field": 1})
+
+
+def test_analyzer_guard_records_the_check_and_stops_a_wrong_fast_path(store, monkeypatch, capsys):
+    """The first kernel is compared with ntvp: exact → recorded; a planted error → stopped, nothing logged."""
+    run_id = train_main("mnist_dense", TINY)
+    good = train_main("mnist_dense", TINY + ["--seed", "1"])
+    assert analyze_main([good] + TINY_ANALYSIS) == [0, 2, 4]
+    check = tracking.load_json_artifact(good, "analysis/settings.json")["check"]
+    assert check["ok"] and check["implementation"] == "structured" and check["reference"] == "ntvp"
+    assert check["relative_diff"] <= check["tolerance"]
+
+    from ntk_tracking.ntk import structured
+
+    exact = structured.contract
+    monkeypatch.setattr(structured, "contract", lambda fa, fb, full: exact(fa, fb, full) * 1.01)
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        analyze_main([run_id] + TINY_ANALYSIS)
+    assert "differs from the ntvp reference" in capsys.readouterr().err
+    assert not any(k.startswith("ntk/") for k in mlflow.MlflowClient().get_run(run_id).data.metrics)
