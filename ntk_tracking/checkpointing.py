@@ -63,8 +63,12 @@ def _on_default_device(abstract):
 class CheckpointStore:
     """Orbax checkpoints of one MLflow run, in its artifact store."""
 
-    def __init__(self, run_id: str, client: mlflow.MlflowClient | None = None):
+    def __init__(self, run_id: str, client: mlflow.MlflowClient | None = None,
+                 resume_interval_seconds: int | None = None):
+        """`resume_interval_seconds`: save_resume writes at most one resume step per interval
+        (and never while one is being written) unless forced; None writes every call."""
         self.run_id = run_id
+        self.resume_interval_seconds = resume_interval_seconds
         self._client = client or mlflow.MlflowClient()
         self._artifact_uri = self._client.get_run(run_id).info.artifact_uri
         self.remote = urlparse(self._artifact_uri).scheme not in ("", "file")
@@ -90,10 +94,12 @@ class CheckpointStore:
         """Starts saving model variables as the CV checkpoint of `epoch`; skips an existing one."""
         self._save("cv", epoch, ocp.args.Composite(variables=ocp.args.StandardSave(variables)))
 
-    def save_resume(self, epoch: int, state, meta: dict) -> None:
-        """Starts saving the full training state and its metadata; older resume steps go."""
-        self._save("resume", epoch, ocp.args.Composite(
-            state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)))
+    def save_resume(self, epoch: int, state, meta: dict, force: bool = False) -> bool:
+        """Starts saving the full training state and its metadata (older resume steps go), if
+        the resume interval allows or `force`; returns whether it saves."""
+        return self._save("resume", epoch, ocp.args.Composite(
+            state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
+            force=force or self.resume_interval_seconds is None)
 
     def latest_resume(self, abstract_state) -> tuple[object, dict] | None:
         """Restores the newest complete resume checkpoint as (state, meta), or None if none."""
@@ -104,6 +110,12 @@ class CheckpointStore:
             state=ocp.args.StandardRestore(_on_default_device(abstract_state)),
             meta=ocp.args.JsonRestore()))
         return restored["state"], restored["meta"]
+
+    def wait_cv(self) -> None:
+        """Blocks until every CV save started so far is committed locally."""
+        if "cv" in self._managers:
+            with self._locks["cv"]:
+                self._managers["cv"].wait_until_finished()
 
     def wait(self) -> None:
         """Blocks until every save is committed and, on a remote store, uploaded."""
@@ -158,29 +170,45 @@ class CheckpointStore:
             # Locally Orbax prunes old resume steps; on a remote store the uploader removes
             # each staged step itself, so Orbax must not delete one that is being uploaded.
             keep_latest = kind == "resume" and not self.remote
+            # Resume steps by wall-clock interval (Orbax's policy also skips a step while the
+            # previous one is still being written): short epochs stop paying for them.
+            interval = self.resume_interval_seconds if kind == "resume" else None
             options = ocp.CheckpointManagerOptions(
-                preservation_policy=checkpoint_managers.LatestN(1) if keep_latest else None)
+                preservation_policy=checkpoint_managers.LatestN(1) if keep_latest else None,
+                save_decision_policy=None if interval is None else
+                checkpoint_managers.ContinuousCheckpointingPolicy(minimum_interval_secs=interval))
             self._managers[kind] = ocp.CheckpointManager(
                 self._dir(kind), options=options, item_names=_ITEMS[kind])
         return self._managers[kind]
 
-    def _save(self, kind: str, epoch: int, args) -> None:
-        """Starts an asynchronous save of `epoch`, unless that step exists already."""
+    def _save(self, kind: str, epoch: int, args, force: bool = True) -> bool:
+        """Starts an asynchronous save of `epoch`, unless that step exists already or (not
+        `force`) the manager's save policy declines it; returns whether it saves."""
         if kind not in self._taken:
             self._taken[kind] = set(self._complete_steps(kind))
         step_dir = self._dir(kind) / str(epoch)
         if epoch in self._taken[kind] or (not self.remote and step_dir.exists()):
             log.info("%s checkpoint of epoch %d exists; not saving it again", kind, epoch)
-            return
-        # An interrupted save leaves a tmp dir that can make Orbax's save fail (openpi#566).
-        for stale in self._dir(kind).glob(f"{epoch}{TMP_SUFFIX}*"):
-            shutil.rmtree(stale)
+            return False
         with self._locks[kind]:
-            self._manager(kind).save(epoch, args=args, force=True)
+            manager = self._manager(kind)
+            if not force and not manager.should_save(epoch):
+                return False
+            if kind == "resume":
+                # Every earlier CV step must be committed before a resume step is: a run killed
+                # in between resumes from an epoch whose CV checkpoints all exist, and the
+                # epochs it replays write the later ones. (Orbax commits each manager's steps
+                # in order, but two managers' steps in no particular order.)
+                self.wait_cv()
+            # An interrupted save leaves a tmp dir that can make Orbax's save fail (openpi#566).
+            for stale in self._dir(kind).glob(f"{epoch}{TMP_SUFFIX}*"):
+                shutil.rmtree(stale)
+            manager.save(epoch, args=args, force=True)
         self._taken[kind].add(epoch)
         if self.remote:
             self._start_uploader()
             self._uploads.put((kind, epoch))
+        return True
 
     def _start_uploader(self) -> None:
         if self._uploader is None:

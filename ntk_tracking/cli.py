@@ -9,6 +9,8 @@ import sys
 
 from ntk_tracking.tasks import TASK_NAMES, get_task
 
+RESUME_INTERVAL_SECONDS = 60  # the tracked wrapper's default; kept here so --help needs no jax import
+
 
 def _fail(message: str) -> "NoReturn":  # noqa: F821
     from ntk_tracking.tracking import fail_launched_run
@@ -42,6 +44,10 @@ def train_parser(task: str) -> argparse.ArgumentParser:
         else:
             p.add_argument(*names, dest=field.name, type=kind, default=default, help=field.metadata.get("help"))
     p.add_argument("--experiment", default=None, help="MLflow experiment name (default: the active one)")
+    p.add_argument("--resume-interval-seconds", "--resume_interval_seconds", dest="resume_interval_seconds",
+                   type=int, default=RESUME_INTERVAL_SECONDS,
+                   help="write the resume checkpoint at most this often (and after the last epoch); "
+                   "0 = every epoch")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 
@@ -89,12 +95,14 @@ def prepare_training(task: str, argv=None):
 def train_main(task: str, argv=None) -> str:
     """A training entry point: prints and returns the run id."""
     args, config, dataset = prepare_training(task, argv)
+    if args.resume_interval_seconds < 0:
+        _fail(f"--resume-interval-seconds must be ≥ 0, got {args.resume_interval_seconds}")
     from ntk_tracking.tracking import RunError
     from ntk_tracking.train.tracked import run_training
 
     try:
         run_id = run_training(get_task(task), config, dataset, progress=not args.no_progress,
-                              experiment=args.experiment)
+                              experiment=args.experiment, resume_interval_seconds=args.resume_interval_seconds)
     except RunError as err:
         _fail(str(err))
     print(f"run {run_id} finished; measure its NTK with: ntk-tracking analyze {run_id}")

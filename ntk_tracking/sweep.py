@@ -48,7 +48,7 @@ _GRID_FIELDS = tuple(f for f, _, _ in GRID)
 # A scan in the spirit of the paper's width × depth × activation figures; the other axes default
 # to the task's single value.
 GRID_DEFAULTS = {"widths": "16,64,256", "depths": "1,2,4", "activations": "relu,tanh"}
-_NOT_PASSED = {"help", "experiment", "no_progress"}  # sweep-level options, not training values
+_NOT_PASSED = {"help", "experiment", "no_progress", "resume_interval_seconds"}  # sweep-level options, not training values
 _LOG_TAIL_LINES = 15
 
 

@@ -105,7 +105,11 @@ def test_analyzer_matches_direct_measurement(store):
     assert logged == pytest.approx(np.mean(traces), rel=1e-5)
 
 
-def test_resume_after_interruption_matches_uninterrupted(store, monkeypatch):
+@pytest.mark.parametrize("interval", [[], ["--resume-interval-seconds", "0"]], ids=["by-interval", "every-epoch"])
+def test_resume_after_interruption_matches_uninterrupted(store, monkeypatch, interval, capsys):
+    """By interval the resume step is epoch 0 and epochs 1–3 are replayed; every epoch it is
+    epoch 3, whose metrics come from the checkpoint's metadata. Either way: identical metrics."""
+    TINY = globals()["TINY"] + interval
     reference = train_main("mnist_dense", TINY)
     ref_final = {k: history(reference, k) for k in ("train/loss", "test/loss", "test/accuracy")}
 
@@ -127,7 +131,9 @@ def test_resume_after_interruption_matches_uninterrupted(store, monkeypatch):
     monkeypatch.setattr(tracking, "log_metrics", real_log)
 
     monkeypatch.setenv("MLFLOW_RUN_ID", interrupted)  # what `mlflow run --run-id` does
+    capsys.readouterr()
     assert train_main("mnist_dense", TINY) == interrupted
+    assert f"after epoch {3 if interval else 0}" in capsys.readouterr().out
     for key, ref in ref_final.items():
         resumed = history(interrupted, key)
         assert [s for s, _ in resumed] == [0, 1, 2, 3, 4], key  # no epoch logged twice

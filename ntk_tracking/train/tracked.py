@@ -25,11 +25,18 @@ def _check_same_config(saved: dict, config) -> None:
         )
 
 
-def run_training(task, config, dataset, progress: bool = True, experiment: str | None = None) -> str:
+RESUME_INTERVAL_SECONDS = 60  # a killed run loses at most about this much training, plus one epoch
+
+
+def run_training(task, config, dataset, progress: bool = True, experiment: str | None = None,
+                 resume_interval_seconds: int | None = RESUME_INTERVAL_SECONDS) -> str:
     """Train `task` with `config` on `dataset` inside an MLflow run (resuming it if it has a resume checkpoint).
 
     Under `mlflow run` (MLFLOW_RUN_ID set) the launched run is used; relaunching with
-    `--run-id` continues a killed run from its latest resume checkpoint.
+    `--run-id` continues a killed run from its latest resume checkpoint. The resume checkpoint
+    is written at most once per `resume_interval_seconds` (None or 0: every epoch) and always
+    after the last epoch; a resumed run replays the epochs since it, which training's
+    determinism (data order and randomness are functions of seed and epoch) makes identical.
     """
     if experiment:
         mlflow.set_experiment(experiment)
@@ -39,14 +46,15 @@ def run_training(task, config, dataset, progress: bool = True, experiment: str |
         run_id = active.info.run_id
         client = tracking.client()
         try:
-            _train_in_run(client, run_id, task, config, dataset, progress)
+            _train_in_run(client, run_id, task, config, dataset, progress, resume_interval_seconds or None)
         except BaseException as err:
             client.set_tag(run_id, "error", f"{type(err).__name__}: {err}"[:5000])
             raise
     return run_id
 
 
-def _train_in_run(client, run_id: str, task, config, dataset, progress: bool) -> None:
+def _train_in_run(client, run_id: str, task, config, dataset, progress: bool,
+                  resume_interval_seconds: int | None) -> None:
     saved = tracking.load_json_artifact(run_id, tracking.CONFIG_ARTIFACT)
     if saved is not None:  # fields added since the run started take their defaults
         _check_same_config(dataclasses.asdict(task.config_from_dict(saved)), config)
@@ -58,7 +66,7 @@ def _train_in_run(client, run_id: str, task, config, dataset, progress: bool) ->
         tracking.log_json_artifact(client, run_id, dataclasses.asdict(config), tracking.CONFIG_ARTIFACT)
         tracking.log_json_artifact(client, run_id, task.data_info(dataset), "data.json")
 
-    store = CheckpointStore(run_id, client)
+    store = CheckpointStore(run_id, client, resume_interval_seconds=resume_interval_seconds)
     state = task.init_state(config, dataset)
     logged = tracking.logged_steps(client, run_id, task.loss_metrics[0])
     start_epoch = 0
@@ -75,12 +83,11 @@ def _train_in_run(client, run_id: str, task, config, dataset, progress: bool) ->
     def on_epoch(epoch, state, metrics):
         if epoch in cv_epochs:
             store.save_cv(epoch, task.cv_variables(state))
-        store.save_resume(epoch, state, {"epoch": epoch, "metrics": metrics})
+        store.save_resume(epoch, state, {"epoch": epoch, "metrics": metrics}, force=epoch == config.epochs)
         if epoch not in logged:  # a resumed run repeats no logged epoch
             tracking.log_metrics(client, run_id, metrics, epoch)
 
     try:
         task.fit(config, dataset, state, start_epoch, on_epoch, progress=progress)
     finally:
-        store.wait()
-        store.close()
+        store.close()  # waits for pending saves and uploads
