@@ -14,6 +14,8 @@ _MODULES = {
     "fuel_efficiency": "ntk_tracking.tasks.supervised",
     "mnist_dense": "ntk_tracking.tasks.supervised",
     "mnist_cnn": "ntk_tracking.tasks.supervised",
+    "cifar_resnet": "ntk_tracking.tasks.cifar_resnet",
+    "mnist_vae": "ntk_tracking.tasks.mnist_vae",
 }
 
 TASK_NAMES = tuple(sorted(_MODULES))
