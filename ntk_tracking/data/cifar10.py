@@ -48,8 +48,9 @@ def load_images(name: str, *, train_size: int | None = None, test_size: int | No
     path = os.path.expanduser(name)
     if not os.path.exists(path):
         raise ValueError(f"No such file or folder: {name!r}. CIFAR-10 can come from: {OPTIONS}")
-    _refuse_pickles(path)
     binary = _binary_folder(path)
+    if binary is None:
+        _refuse_pickles(path)
     if binary is not None:
         train, test = _read_binary(binary)
         source = f"CIFAR-10 binary release: {os.path.abspath(binary)}"
@@ -161,7 +162,7 @@ def _hf_arrays(name: str, ds):
     shapes = {im.shape for im in images}
     if len(shapes) > 1:
         raise ValueError(f"{name!r}: images must all have one size, found {sorted(shapes)[:4]}")
-    labels = np.asarray(ds[:]["label"])
+    labels = np.asarray(list(ds.with_format(None)["label"]))
     if not np.issubdtype(labels.dtype, np.integer) or (labels.size and labels.min() < 0):
         raise ValueError(f"{name!r}: labels must be non-negative integers, got {labels.dtype}")
     return np.stack(images), labels.astype(np.int64)
