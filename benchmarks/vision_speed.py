@@ -64,7 +64,7 @@ def _timed(fn, repeats):
     return statistics.median(times)
 
 
-def worker(case: str, repeats: int) -> dict:
+def worker(case: str, repeats: int, implementation: str = "auto") -> dict:
     from ntk_tracking.ntk import NTK
     from ntk_tracking.ntk.measure import Measurement, draw_subsets
     from ntk_tracking.tasks import get_task
@@ -107,7 +107,7 @@ def worker(case: str, repeats: int) -> dict:
     variables = task.cv_variables(state)
     analysis = {}
     for network, apply_fn in probe.networks.items():
-        ntk = NTK(apply_fn)
+        ntk = NTK(apply_fn, implementation)
         x = probe.sets["train"].inputs
         t0 = time.perf_counter()
         jax.block_until_ready(ntk(variables, x[:M]))
@@ -132,15 +132,17 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES))
     p.add_argument("--repeats", type=int, default=3, help="timed calls per measurement (median)")
+    p.add_argument("--implementation", default="auto", help="NTK implementation (the analyzer's default: auto)")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.worker:
-        print("RESULT " + json.dumps(worker(args.worker, args.repeats)), flush=True)
+        print("RESULT " + json.dumps(worker(args.worker, args.repeats, args.implementation)), flush=True)
         return
     print(f"{'case':16} {'params':>10} {'s/step':>8} {'s/epoch (train+eval)':>22} {'s/checkpoint':>13} "
           f"{'peak GB':>8}  notes")
     for case in args.cases:
-        out = subprocess.run([sys.executable, __file__, "--worker", case, "--repeats", str(args.repeats)],
+        out = subprocess.run([sys.executable, __file__, "--worker", case, "--repeats", str(args.repeats),
+                              "--implementation", args.implementation],
                              capture_output=True, text=True)
         line = next((ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")), None)
         if line is None:

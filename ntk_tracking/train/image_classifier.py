@@ -86,10 +86,15 @@ def compiled(config, mean: tuple, std: tuple) -> tuple[Callable, Callable]:
 
 
 def make_train_epoch(config, mean, std) -> Callable:
-    """A jitted epoch: lax.scan over uint8 batches with augmentation keyed by (seed, epoch, step)."""
+    """train_epoch(state, xs, ys, epoch): jitted steps over uint8 batches, noise keyed by (seed, epoch, step).
 
-    def train_step(state: TrainState, batch):
-        x, y, rng = batch
+    The steps run in a Python loop rather than lax.scan: XLA's CPU backend runs convolution
+    gradients inside a scan about 25× slower than in a plain jitted step (measured at ResNet18
+    width ¼), and per-step dispatch costs nothing next to a step.
+    """
+
+    @jax.jit
+    def train_step(state: TrainState, x, y, rng):
         if config.augment:
             x = random_crop_flip(rng, x)
         x = preprocess(x, mean, std)
@@ -104,14 +109,23 @@ def make_train_epoch(config, mean, std) -> Callable:
         state = state.apply_gradients(grads=grads).replace(batch_stats=batch_stats)
         return state, {"loss": loss, "grad_norm": optax.tree.norm(grads)}
 
+    @functools.partial(jax.jit, static_argnums=1)
+    def step_keys(epoch, steps):
+        return jax.random.split(jax.random.fold_in(jax.random.fold_in(jax.random.PRNGKey(config.seed), epoch), 0),
+                                steps)
+
     @jax.jit
+    def summary(state, metrics):
+        metrics = jax.tree_util.tree_map(lambda *v: jnp.mean(jnp.stack(v)), *metrics)
+        return dict(metrics, param_norm=optax.tree.norm(state.params))
+
     def train_epoch(state, xs, ys, epoch):
-        keys = jax.random.fold_in(jax.random.fold_in(jax.random.PRNGKey(config.seed), epoch), 0)
-        keys = jax.random.split(keys, xs.shape[0])
-        state, metrics = jax.lax.scan(train_step, state, (xs, ys, keys))
-        metrics = jax.tree_util.tree_map(jnp.mean, metrics)
-        metrics["param_norm"] = optax.tree.norm(state.params)
-        return state, metrics
+        keys = step_keys(epoch, len(xs))
+        metrics = []
+        for i in range(len(xs)):
+            state, m = train_step(state, xs[i], ys[i], keys[i])
+            metrics.append(m)
+        return state, summary(state, metrics)
 
     return train_epoch
 
