@@ -12,6 +12,7 @@ from ntk_tracking.tasks.base import (PRIMARY_NETWORK, Probe, ProbeContext, Probe
 
 _MODULES = {
     "fuel_efficiency": "ntk_tracking.tasks.supervised",
+    "greek_pos": "ntk_tracking.tasks.greek_pos",
     "mnist_dense": "ntk_tracking.tasks.supervised",
     "mnist_cnn": "ntk_tracking.tasks.supervised",
 }
