@@ -30,12 +30,12 @@ class GreekPosConfig(TaskConfig):
     num_heads: int = option(4, "attention heads (must divide model_dim)")
     num_layers: int = option(2, "transformer blocks")
     mlp_dim: int = option(256, "hidden width of each block's MLP")
-    dropout_rate: float = option(0.1, "dropout on embeddings and residual branches")
+    dropout_rate: float = option(0.3, "dropout on embeddings and residual branches")
     attention_dropout_rate: float = option(0.1, "dropout on attention weights")
-    word_dropout: float = option(0.2, "training: chance that a token's word and folded-form ids become unknown")
+    word_dropout: float = option(0.3, "training: chance that a token's word and folded-form ids become unknown")
     # Optimizer.
     learning_rate: float = option(1e-3, "AdamW peak learning rate (linear warmup, cosine decay to 1 %)")
-    weight_decay: float = option(0.01, "AdamW weight decay")
+    weight_decay: float = option(0.1, "AdamW weight decay")
     warmup_epochs: float = option(1.0, "epochs of linear learning-rate warmup")
     batch_size: int = option(32, "sentences per training step")
     # NTK probe.
