@@ -34,12 +34,12 @@ class GreekPosConfig(TaskConfig):
     attention_dropout_rate: float = option(0.1, "dropout on attention weights")
     word_dropout: float = option(0.3, "training: chance that a token's word and folded-form ids become unknown")
     # Optimizer.
-    learning_rate: float = option(1e-3, "AdamW peak learning rate (linear warmup, cosine decay to 1 %)")
+    learning_rate: float = option(1e-3, "AdamW peak learning rate (linear warmup, cosine decay to a hundredth of it)")
     weight_decay: float = option(0.1, "AdamW weight decay")
     warmup_epochs: float = option(1.0, "epochs of linear learning-rate warmup")
     batch_size: int = option(32, "sentences per training step")
     # NTK probe.
-    probe_max_tokens: int = option(32, "NTK probe points: sentence pieces of at most this many tokens, padded to it")
+    probe_max_tokens: int = option(16, "NTK probe points: sentence pieces of at most this many tokens, padded to it")
 
     def checks(self):
         finite = math.isfinite
