@@ -14,6 +14,7 @@ _MODULES = {
     "fuel_efficiency": "ntk_tracking.tasks.supervised",
     "mnist_dense": "ntk_tracking.tasks.supervised",
     "mnist_cnn": "ntk_tracking.tasks.supervised",
+    "molpcba_gnn": "ntk_tracking.tasks.molpcba",
 }
 
 TASK_NAMES = tuple(sorted(_MODULES))
