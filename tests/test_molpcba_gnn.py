@@ -331,12 +331,12 @@ def test_ntk_matches_a_float64_brute_force_with_padding_present(fixture_paths, x
 
 def test_tiny_config_learns(fixture_paths):
     task = get_task("molpcba_gnn")
-    cfg = config(dataset=fixture_paths["ogb"], epochs=8, latent_size=16, dropout_rate=0.0, learning_rate=1e-2)
+    cfg = config(dataset=fixture_paths["ogb"], epochs=6, learning_rate=2e-2)
     data = task.load_data(cfg)
     history = []
     task.fit(cfg, data, task.init_state(cfg, data), 0, lambda e, s, m: history.append(m), progress=False)
     losses = [m["train/loss"] for m in history]
-    assert len(history) == 9 and losses[-1] < 0.8 * losses[0], losses
+    assert len(history) == 7 and losses[-1] < 0.8 * losses[0], losses
     assert history[-1]["train/mean_ap"] > history[0]["train/mean_ap"]
     assert all(np.isfinite(m["test/mean_ap"]) for m in history)
 
@@ -347,7 +347,7 @@ def test_train_checkpoint_analyze_through_mlflow(fixture_paths, tmp_path, monkey
 
     use_tracking_store(monkeypatch, tmp_path)
     try:
-        argv = ["--dataset", fixture_paths["ogb"], "--epochs", "2", "--latent-size", "8", "--message-passing-steps",
+        argv = ["--dataset", fixture_paths["ogb"], "--epochs", "1", "--latent-size", "8", "--message-passing-steps",
                 "2", "--mlp-layers", "1", "--batch-size", "4", "--probe-pool", "8", "--eval-valid", "yes",
                 "--no-progress"]
         run_id = train_main("molpcba_gnn", argv)
@@ -355,10 +355,10 @@ def test_train_checkpoint_analyze_through_mlflow(fixture_paths, tmp_path, monkey
         metrics = client.get_run(run_id).data.metrics
         for key in ("train/loss", "test/loss", "train/mean_ap", "test/mean_ap", "valid/mean_ap"):
             steps = [m.step for m in client.get_metric_history(run_id, key)]
-            assert sorted(steps) == [0, 1, 2], key
+            assert sorted(steps) == [0, 1], key
         assert not any(k.startswith("ntk/") for k in metrics)
-        assert CheckpointStore(run_id, client).cv_epochs() == [0, 1, 2]
-        assert analyze_main([run_id, "--subsets", "2", "--points", "3", "--no-progress"]) == [0, 1, 2]
+        assert CheckpointStore(run_id, client).cv_epochs() == [0, 1]
+        assert analyze_main([run_id, "--subsets", "2", "--points", "3", "--no-progress"]) == [0, 1]
         metrics = client.get_run(run_id).data.metrics
         for split in ("train", "test"):
             assert 0 < metrics[f"ntk/entropy/{split}"] <= np.log(3) + 1e-9

@@ -7,6 +7,7 @@ serves every batch because every batch is padded to the same budget.
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from typing import Callable
@@ -29,10 +30,15 @@ class TrainState(train_state.TrainState):
 
 
 def create_model(config, num_outputs: int, deterministic: bool = True) -> GraphConvNet:
-    return GraphConvNet(num_outputs=num_outputs, latent_size=config.latent_size,
-                        num_mlp_layers=config.mlp_layers, message_passing_steps=config.message_passing_steps,
-                        dropout_rate=config.dropout_rate, skip_connections=True, layer_norm=True,
-                        deterministic=deterministic)
+    """The GCN the config describes (skip connections and LayerNorm on, as in the flax example)."""
+    return _create(_model_key(config), num_outputs, deterministic)
+
+
+def _create(key: tuple, num_outputs: int, deterministic: bool = True) -> GraphConvNet:
+    latent_size, mlp_layers, steps, dropout_rate = key
+    return GraphConvNet(num_outputs=num_outputs, latent_size=latent_size, num_mlp_layers=mlp_layers,
+                        message_passing_steps=steps, dropout_rate=dropout_rate, skip_connections=True,
+                        layer_norm=True, deterministic=deterministic)
 
 
 def create_train_state(config, num_outputs: int, example: jraph.GraphsTuple) -> TrainState:
@@ -56,9 +62,19 @@ def masked_bce(logits, graphs: jraph.GraphsTuple) -> tuple[jax.Array, jax.Array]
     return jnp.sum(jnp.where(mask, loss, 0.0)), jnp.sum(mask)
 
 
+def _model_key(config) -> tuple:
+    """The fields the network depends on: runs differing only elsewhere share compiled steps."""
+    return (config.latent_size, config.mlp_layers, config.message_passing_steps, config.dropout_rate)
+
+
 def make_train_step(config, num_outputs: int) -> Callable:
     """train_step(state, graphs, key) -> (state, metrics), jitted."""
-    model = create_model(config, num_outputs, deterministic=False)
+    return _train_step(_model_key(config), num_outputs)
+
+
+@functools.lru_cache(maxsize=8)
+def _train_step(key: tuple, num_outputs: int) -> Callable:
+    model = _create(key, num_outputs, deterministic=False)
 
     @jax.jit
     def train_step(state: TrainState, graphs: jraph.GraphsTuple, key):
@@ -76,7 +92,12 @@ def make_train_step(config, num_outputs: int) -> Callable:
 
 def make_predict(config, num_outputs: int) -> Callable:
     """predict(params, graphs) -> logits (n_graph, T), jitted, dropout off."""
-    model = create_model(config, num_outputs)
+    return _predict(_model_key(config), num_outputs)
+
+
+@functools.lru_cache(maxsize=8)
+def _predict(key: tuple, num_outputs: int) -> Callable:
+    model = _create(key, num_outputs)
     return jax.jit(lambda params, graphs: model.apply({"params": params}, graphs))
 
 
