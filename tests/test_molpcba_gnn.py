@@ -277,11 +277,11 @@ def test_padding_changes_no_metric_no_loss_and_no_kernel_entry(fixture_paths):
     bigger = gc.evaluate(predict, state.params, data.test, Budget(budget.n_node * 2, budget.n_edge * 3, 3), "test")
     assert base == pytest.approx(bigger, rel=1e-5)
     # The NTK: same kernel whatever the padding holds.
-    points = padded_points(data.test.subset(np.arange(5)))
+    points = padded_points(data.test.subset(np.arange(3)))
     fn = get_ntk_fn(cfg)
     variables = {"params": state.params}
-    k1 = NTK(fn, "jacobian")(variables, points)
-    k2 = NTK(fn, "jacobian")(variables, scramble_padding(points, 1))
+    ntk = NTK(fn, "jacobian")
+    k1, k2 = ntk(variables, points), ntk(variables, scramble_padding(points, 1))
     np.testing.assert_allclose(np.asarray(k2), np.asarray(k1), rtol=1e-5)
 
 
@@ -310,7 +310,7 @@ def test_default_model_has_the_flax_examples_695936_parameters():
 def test_ntk_matches_a_float64_brute_force_with_padding_present(fixture_paths, x64, implementation):
     data = load_molpcba(fixture_paths["ogb"])
     cfg = config(virtual_node=True)
-    graphs = with_virtual_nodes(data.train.subset(np.arange(4)))
+    graphs = with_virtual_nodes(data.train.subset(np.arange(3)))
     points = jax.tree_util.tree_map(lambda a: a.astype(np.float64) if a.dtype.kind == "f" else a,
                                     padded_points(graphs))
     assert (points["n_node"][:, 1] > 0).all() and (points["n_edge"][:, 1] >= 0).all()

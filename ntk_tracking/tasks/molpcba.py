@@ -126,10 +126,14 @@ class MolPCBATask(Task):
         return {"params": state.params}
 
     def probe(self, config, data: MolPCBAData, context=None) -> Probe:
-        from ntk_tracking.data.graph_batches import padded_points
+        from ntk_tracking.data.graph_batches import Budget, padded_points, point_budget
 
-        sets = {name: ProbeSet(padded_points(_first(graphs, config.probe_pool, config.seed + 1)))
-                for name, graphs in (("train", data.molecules.train), ("test", data.molecules.test))}
+        pools = {name: _first(graphs, config.probe_pool, config.seed + 1)
+                 for name, graphs in (("train", data.molecules.train), ("test", data.molecules.test))}
+        # One padded shape for both sets: one compiled kernel serves them.
+        budgets = [point_budget(g) for g in pools.values()]
+        budget = Budget(max(b.n_node for b in budgets), max(b.n_edge for b in budgets), 2)
+        sets = {name: ProbeSet(padded_points(g, budget)) for name, g in pools.items()}
         return Probe(networks={"model": ntk_apply_fn(config, data.num_tasks)}, sets=sets)
 
 
