@@ -5,6 +5,7 @@ import pathlib
 import sys
 
 import mlflow
+import pytest
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
@@ -16,3 +17,16 @@ def use_tracking_store(mp, path) -> None:
     uri = f"sqlite:///{path}/mlflow.db"
     mp.setenv("MLFLOW_TRACKING_URI", uri)
     mlflow.set_tracking_uri(uri)
+
+
+@pytest.fixture(scope="session")
+def shared_tracking_server(tmp_path_factory):
+    """One real `mlflow server` (SQLite + proxied artifacts) for every test of the session that
+    asks for it; started on first use, stopped at the end. Yields a tests.servers.MlflowServer."""
+    from servers import MlflowServer
+
+    server = MlflowServer(tmp_path_factory.mktemp("shared-server")).start()
+    try:
+        yield server.wait_until_healthy()
+    finally:
+        server.stop()
