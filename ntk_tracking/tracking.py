@@ -113,7 +113,7 @@ def redact_uri(uri: str | None) -> str:
     if parts.password is None and "@" not in parts.netloc:
         return uri
     user, _, host = parts.netloc.rpartition("@")
-    name = user.split(":", 1)[0]
+    name = user.split(":", 1)[0] if parts.password is not None else ""  # a lone user part may be a token
     return urlunsplit(parts._replace(netloc=f"{name}:***@{host}" if name else f"***@{host}"))
 
 
