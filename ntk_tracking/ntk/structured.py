@@ -5,8 +5,19 @@ with δ the output cotangent, so its NTK contribution is
     Θ_W(i, j) = Σ_o Σ_{t,s} (a_it · a_js)(δ_iot · δ_jos),   Θ_b(i, j) = Σ_o (Σ_t δ_iot)·(Σ_s δ_jos),
 which costs activations and cotangents instead of a per-point copy of W. The other parameters
 (convolutions, embeddings, norms, Dense layers this cannot see) keep their per-point Jacobian.
-Dense calls are found with `flax.linen.intercept_methods`; their parameters are matched to the
-leaves of `params` by identity, so a call whose kernel is not a leaf of `params` falls back.
+
+A parameter leaf is *claimed* (structured) only when that is provably exact:
+1. every candidate call is a plain `nn.Dense.__call__` (no custom ``dot_general``, no dtype
+   casts), made at the top level of ``apply_fn`` (not inside a vmap/scan/remat of its own), whose
+   kernel and bias are, by identity, leaves of ``params``; and
+2. the claimed leaves reach the output *only* through those calls. This is proved on the jaxpr:
+   in a copy of ``apply_fn`` where the candidate calls compute ``a · stop_gradient(W) +
+   stop_gradient(b)``, the JVP with tangents on the candidate leaves is traced and dead code is
+   eliminated; a leaf whose tangent input is still used has another path to the output (weight
+   tying, a regulariser term, a read through ``module.variables``, a use inside a transform) and
+   falls back to the per-point Jacobian, together with every call that uses it.
+Calls are matched between traces by (module scope path, occurrence), and the factor function
+checks at trace time that it saw exactly the claimed calls.
 """
 
 from __future__ import annotations
@@ -16,6 +27,8 @@ import math
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from flax.linen.dtypes import promote_dtype as _flax_promote_dtype
+from jax._src.interpreters import partial_eval as pe
 
 _HIGHEST = jax.lax.Precision.HIGHEST
 
@@ -24,73 +37,185 @@ def _is_dense_call(context) -> bool:
     return type(context.module) is nn.Dense and context.method_name == "__call__"
 
 
-def discover(apply_fn, params, x1) -> tuple[tuple, tuple]:
-    """Per Dense call, in call order: (kernel leaf index, bias leaf index or -1), or None if the
-    call cannot be structured; and each call's output shape for one point."""
-    calls, shapes = [], []
+def _call_key(context, counter: dict) -> tuple:
+    """(scope path, n): the n-th Dense call of this module in one run of apply_fn."""
+    scope = context.module.scope
+    path = tuple(scope.path) if scope is not None else ()
+    n = counter.get(path, 0)
+    counter[path] = n + 1
+    return path, n
+
+
+def _dense_dims(ndim: int):
+    return (((ndim - 1,), (0,)), ((), ()))
+
+
+def _plain_dense(mod, a, kernel, bias) -> bool:
+    """The call computes exactly lax.dot_general(a, kernel) + bias, in one dtype."""
+    if not (mod.dot_general is None or mod.dot_general is jax.lax.dot_general):
+        return False
+    if mod.dot_general_cls is not None or mod.promote_dtype is not _flax_promote_dtype:
+        return False
+    dtypes = {getattr(v, "dtype", None) for v in (a, kernel) + ((bias,) if mod.use_bias else ())}
+    if len(dtypes) != 1 or None in dtypes:
+        return False
+    (dtype,) = dtypes
+    if not jnp.issubdtype(dtype, jnp.floating):
+        return False
+    if mod.dtype is not None and jnp.dtype(mod.dtype) != dtype:
+        return False
+    return getattr(a, "ndim", 0) >= 1 and kernel.ndim == 2
+
+
+def _candidates(apply_fn, params, x1) -> dict:
+    """Dense calls that pass the local checks: key -> (kernel leaf, bias leaf or -1, out shape)."""
+    found: dict = {}
+    bad: set = set()  # keys of calls that fail: they keep their leaves live in the proof
 
     def traced(p, x):
         ids = {id(leaf): i for i, leaf in enumerate(jax.tree_util.tree_leaves(p))}
-        # Calls inside a transformation of apply_fn's own (vmap, scan) see other tracers: their
-        # inputs cannot leave that transformation, so those calls fall back to the Jacobian.
+        # Calls inside a transformation of apply_fn's own (vmap, scan, remat) see other tracers:
+        # their inputs cannot leave that transformation, so those calls fall back.
         top = getattr(jax.tree_util.tree_leaves(x)[0], "_trace", None)
+        counter: dict = {}
 
         def interceptor(next_fun, args, kwargs, context):
             y = next_fun(*args, **kwargs)
             if _is_dense_call(context):
+                key = _call_key(context, counter)
                 mod = context.module
-                k = ids.get(id(mod.get_variable("params", "kernel")))
-                b = ids.get(id(mod.get_variable("params", "bias"))) if mod.use_bias else -1
+                kernel = mod.get_variable("params", "kernel")
+                bias = mod.get_variable("params", "bias") if mod.use_bias else None
+                k = ids.get(id(kernel))
+                b = ids.get(id(bias)) if mod.use_bias else -1
                 usable = (k is not None and b is not None and len(args) == 1 and not kwargs
-                          and top is not None and getattr(args[0], "_trace", None) is top)
-                calls.append((k, b) if usable else None)
-                shapes.append(y.shape)
+                          and top is not None and getattr(args[0], "_trace", None) is top
+                          and _plain_dense(mod, args[0], kernel, bias))
+                if usable:
+                    found[key] = (k, b, tuple(y.shape))
+                else:
+                    bad.add(key)
             return y
 
         with nn.intercept_methods(interceptor):
             return apply_fn(p, x)
 
     jax.eval_shape(traced, params, x1)
-    return tuple(calls), tuple(shapes)
+    # A leaf claimed in two roles (kernel of one call, bias of another; or one kernel with two
+    # different biases) would be counted twice in the factors: such leaves fall back.
+    roles: dict = {}
+    for k, b, _ in found.values():
+        for i, role in ((k, ("k", k, b)), (b, ("b", k, b))):
+            if i >= 0:
+                roles.setdefault(i, set()).add(role)
+    mixed = {i for i, r in roles.items() if len(r) > 1}
+    return {key: c for key, c in found.items() if c[0] not in mixed and c[1] not in mixed}
 
 
-def point_factors(apply_fn, params, xi, mi, calls, shapes):
+def _leaves_with_other_paths(apply_fn, params, x1, claims: dict) -> set:
+    """Candidate leaves whose tangent reaches the output other than through the claimed calls."""
+    leaves, treedef = jax.tree_util.tree_flatten(params)
+    cand = sorted({i for k, b, _ in claims.values() for i in (k, b) if i >= 0})
+    if not cand:
+        return set()
+    mismatched: set = set()
+
+    def g(cand_leaves):
+        full = list(leaves)
+        for i, leaf in zip(cand, cand_leaves):
+            full[i] = leaf
+        counter: dict = {}
+
+        def interceptor(next_fun, args, kwargs, context):
+            if not _is_dense_call(context):
+                return next_fun(*args, **kwargs)
+            key = _call_key(context, counter)
+            if key not in claims:
+                return next_fun(*args, **kwargs)
+            k, b, _ = claims[key]
+            mod = context.module
+            if mod.get_variable("params", "kernel") is not full[k] or (
+                    b >= 0 and mod.get_variable("params", "bias") is not full[b]):
+                mismatched.update({k, b} - {-1})  # not the leaf seen before: refuse
+                return next_fun(*args, **kwargs)
+            a = args[0]
+            y = jax.lax.dot_general(a, jax.lax.stop_gradient(full[k]), _dense_dims(a.ndim),
+                                    precision=mod.precision)
+            if b >= 0:
+                y = y + jnp.reshape(jax.lax.stop_gradient(full[b]), (1,) * (y.ndim - 1) + (-1,))
+            return y
+
+        with nn.intercept_methods(interceptor):
+            return apply_fn(jax.tree_util.tree_unflatten(treedef, full), x1)
+
+    primals = [leaves[i] for i in cand]
+    closed = jax.make_jaxpr(lambda c, t: jax.jvp(g, (c,), (t,))[1])(primals, primals)
+    _, used = pe.dce_jaxpr(closed.jaxpr, [True] * len(closed.jaxpr.outvars))
+    n = len(cand)
+    return {i for i, u in zip(cand, used[n:2 * n]) if u} | mismatched
+
+
+def discover(apply_fn, params, x1) -> tuple:
+    """The provably structured Dense calls of apply_fn, as a hashable tuple of
+    (call key, kernel leaf index, bias leaf index or -1, output shape for one point)."""
+    claims = _candidates(apply_fn, params, x1)
+    while claims:  # dropping a call makes its leaves live again: repeat until none is refused
+        refused = _leaves_with_other_paths(apply_fn, params, x1, claims)
+        if not refused:
+            break
+        claims = {key: c for key, c in claims.items() if c[0] not in refused and c[1] not in refused}
+    return tuple((key,) + c for key, c in claims.items())
+
+
+def claimed_leaves(calls) -> list[int]:
+    """Indices (in tree_leaves order) of the parameter leaves the structured calls cover."""
+    return sorted({i for _, k, b, _ in calls for i in (k, b) if i >= 0})
+
+
+def point_factors(apply_fn, params, xi, mi, calls):
     """One point's factors: flat Jacobians of the other leaves, and (A, D) per Dense kernel."""
     leaves, treedef = jax.tree_util.tree_flatten(params)
-    dense = sorted({i for c in calls if c for i in c if i >= 0})
+    dense = claimed_leaves(calls)
     rest = [i for i in range(len(leaves)) if i not in dense]
+    index = {key: j for j, (key, *_) in enumerate(calls)}
 
     def f(rest_leaves, eps):
         full = list(leaves)
-        for i in dense:  # held fixed: their derivative comes through eps
+        for i in dense:  # held fixed: their derivative comes through eps (exclusive use proved)
             full[i] = jax.lax.stop_gradient(leaves[i])
         for i, leaf in zip(rest, rest_leaves):
             full[i] = leaf
-        acts, count = [], [0]
+        acts, counter = [None] * len(calls), {}
 
         def interceptor(next_fun, args, kwargs, context):
             y = next_fun(*args, **kwargs)
             if _is_dense_call(context):
-                c = count[0]
-                count[0] += 1
-                if calls[c] is not None:
-                    acts.append(args[0])
-                    return y + eps[c]
+                j = index.get(_call_key(context, counter))
+                if j is not None:
+                    _, k, b, _ = calls[j]
+                    mod = context.module
+                    if acts[j] is not None or mod.get_variable("params", "kernel") is not full[k] or (
+                            b >= 0 and mod.get_variable("params", "bias") is not full[b]):
+                        raise RuntimeError("structured NTK: a Dense call does not match its "
+                                           "discovery; use implementation='jacobian'")
+                    acts[j] = args[0]
+                    return y + eps[j]
             return y
 
         xb = jax.tree_util.tree_map(lambda a: a[None], xi)
         with nn.intercept_methods(interceptor):
             out = apply_fn(jax.tree_util.tree_unflatten(treedef, full), xb)[0] * mi
+        if any(a is None for a in acts):  # a claimed call was not made: its leaf would be lost
+            raise RuntimeError("structured NTK: a claimed Dense call was not seen when computing "
+                               "the factors; use implementation='jacobian'")
         return out, acts
 
-    eps = [jnp.zeros(s, leaves[0].dtype) if c is not None else jnp.zeros((), leaves[0].dtype)
-           for c, s in zip(calls, shapes)]
+    eps = [jnp.zeros(c[3], leaves[c[1]].dtype) for c in calls]
     (j_rest, deltas), acts = jax.jacrev(f, argnums=(0, 1), has_aux=True)([leaves[i] for i in rest], eps)
     n_out = math.prod(mi.shape)
     rest_flat = [j.reshape(n_out, -1) for j in j_rest]
-    groups: dict[int, list] = {}
-    used = [c for c in calls if c is not None]
-    for (k, b), a, d in zip(used, acts, [d for c, d in zip(calls, deltas) if c is not None]):
+    groups: dict = {}
+    for (_, k, b, _), a, d in zip(calls, acts, deltas):
         a = a.reshape(-1, a.shape[-1])  # (positions, d_in)
         d = d.reshape(n_out, -1, d.shape[-1])  # (outputs, positions, d_out)
         groups.setdefault((k, b), []).append((a, d))
