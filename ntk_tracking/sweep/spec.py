@@ -151,7 +151,9 @@ def sweep_parser(task: str = "mnist_dense") -> argparse.ArgumentParser:
             fixed.add_argument(*action.option_strings, dest=dest, default=action.default, help=action.help or dest,
                                type=_or_default(action.type or str, action.default))
     run = p.add_argument_group("the sweep")
-    run.add_argument("--workers", type=int, default=1, help="children trained at once (one process each)")
+    run.add_argument("--workers", type=int, default=1,
+                     help="local executor: children trained at once (one process each); on Ray the "
+                     "cluster's resources decide")
     run.add_argument("--executor", default="local",
                      help="where children train: local (subprocesses here) or ray (Ray tasks on a cluster)")
     run.add_argument("--ray-address", "--ray_address", dest="ray_address", default="",
