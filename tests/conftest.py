@@ -37,3 +37,15 @@ def metric_history(run_id, key) -> list[tuple[int, float]]:
     """[(step, value)] of a metric, by step."""
     return [(m.step, m.value) for m in sorted(mlflow.MlflowClient().get_metric_history(run_id, key),
                                               key=lambda m: (m.step, m.timestamp))]
+
+@pytest.fixture(scope="session")
+def shared_tracking_server(tmp_path_factory):
+    """One real `mlflow server` (SQLite + proxied artifacts) for every test of the session that
+    asks for it; started on first use, stopped at the end. Yields a tests.servers.MlflowServer."""
+    from servers import MlflowServer
+
+    server = MlflowServer(tmp_path_factory.mktemp("shared-server")).start()
+    try:
+        yield server.wait_until_healthy()
+    finally:
+        server.stop()
