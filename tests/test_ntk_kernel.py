@@ -300,7 +300,8 @@ def test_padding_nodes_do_not_change_graph_kernel(x64):
 
 STRUCTURED = {
     "mlp": {f"Dense_{i}/{w}" for i in range(3) for w in ("kernel", "bias")},
-    "cnn": {f"Dense_{i}/{w}" for i in range(2) for w in ("kernel", "bias")},  # not the convs
+    "cnn": {f"{layer}_{i}/{w}" for layer in ("Conv", "Dense") for i in range(2)
+            for w in ("kernel", "bias")},
     "tagger": {f"Dense_{i}/{w}" for i in range(3) for w in ("kernel", "bias")},  # not Embed
     "batchnorm": {f"Dense_{i}/{w}" for i in range(2) for w in ("kernel", "bias")},
     "graph": set(),  # every Dense call sits inside apply_fn's own vmap: exact fallback

@@ -443,6 +443,59 @@ def pattern_tree_tied_kernel_only():
     return apply_fn, params, x, expected
 
 
+class Convs(nn.Module):
+    """A convolution with given settings, then a Dense head."""
+
+    conv: dict
+    tie: bool = False
+
+    @nn.compact
+    def __call__(self, x):
+        c = nn.Conv(**self.conv)
+        h = jnp.tanh(c(x))
+        out = nn.Dense(2)(h.reshape(h.shape[0], -1))
+        if self.tie:  # the conv kernel also scales the output
+            out = out * jnp.sum(c.variables["params"]["kernel"])
+        return out
+
+
+HEAD = {"Dense_0/kernel", "Dense_0/bias"}
+CONV = {"Conv_0/kernel", "Conv_0/bias"}
+IMAGE = (5, 5, 2)
+CONV_CASES = {
+    # name: (conv settings, input shape per point, structured?)
+    "same": (dict(features=3, kernel_size=(3, 3)), IMAGE, True),
+    "valid_stride2": (dict(features=3, kernel_size=(3, 3), strides=2, padding="VALID"), IMAGE, True),
+    "explicit_padding": (dict(features=3, kernel_size=(2, 3), padding=((1, 0), (2, 1))), IMAGE, True),
+    "kernel_dilation": (dict(features=3, kernel_size=(2, 2), kernel_dilation=2), IMAGE, True),
+    "input_dilation": (dict(features=3, kernel_size=(3, 3), input_dilation=2, strides=2,
+                                  padding=((1, 1), (0, 2))), IMAGE, True),
+    "strided_same": (dict(features=3, kernel_size=(3, 3), strides=(2, 1)), IMAGE, True),
+    "conv1d": (dict(features=3, kernel_size=(3,), strides=2), (7, 2), True),
+    "conv3d": (dict(features=2, kernel_size=(2, 2, 2)), (3, 3, 3, 2), True),
+    "no_bias": (dict(features=3, kernel_size=(3, 3), use_bias=False), IMAGE, True),
+    "small_pairwise": (dict(features=8, kernel_size=(3, 3), padding="VALID"), (4, 4, 2), True),
+    "grouped": (dict(features=4, kernel_size=(3, 3), feature_group_count=2), IMAGE, False),
+    "circular": (dict(features=3, kernel_size=(3, 3), padding="CIRCULAR"), IMAGE, False),
+    "causal": (dict(features=3, kernel_size=(3,), padding="CAUSAL"), (7, 2), False),
+    "masked": (dict(features=3, kernel_size=(2, 2), mask=np.tril(np.ones((2, 2, 2, 3)))), IMAGE, False),
+}
+
+
+def _conv_pattern(case, tie=False):
+    settings, shape, ok = CONV_CASES[case]
+    x = _x(shape=shape)
+    conv = CONV if ok and not tie else set()
+    if not settings.get("use_bias", True):
+        conv = {"Conv_0/kernel"} & conv
+    return (*_flax(Convs(settings, tie), x), x, conv | HEAD)
+
+
+for _case in CONV_CASES:
+    globals()[f"pattern_conv_{_case}"] = functools.partial(_conv_pattern, _case)
+pattern_conv_tied = functools.partial(_conv_pattern, "same", tie=True)
+
+
 PATTERNS = {name[len("pattern_"):]: fn for name, fn in sorted(globals().items())
             if name.startswith("pattern_")}
 
