@@ -394,7 +394,46 @@ def pattern_no_bias():
 
 def pattern_dense_general():
     x = _x()
-    return (*_flax(Overrides("dense_general"), x), x, {"Dense_0/kernel", "Dense_0/bias"})
+    return (*_flax(Overrides("dense_general"), x), x,
+            {"DenseGeneral_0/kernel", "DenseGeneral_0/bias", "Dense_0/kernel", "Dense_0/bias"})
+
+
+class General(nn.Module):
+    settings: dict
+    tie: bool = False
+
+    @nn.compact
+    def __call__(self, x):
+        layer = nn.DenseGeneral(**self.settings)
+        h = jnp.tanh(layer(x))
+        out = nn.Dense(2)(h.reshape(h.shape[0], -1))
+        if self.tie:
+            out = out + jnp.sum(layer.variables["params"]["bias"] ** 2)
+        return out
+
+
+GENERAL = {"DenseGeneral_0/kernel", "DenseGeneral_0/bias"}
+GENERAL_CASES = {
+    # name: (settings, input shape per point, structured?)
+    "two_axes": (dict(features=(2, 3), axis=(-2, -1)), (4, 3), True),
+    "middle_axis": (dict(features=3, axis=1), (4, 2, 3), True),
+    "reordered_axes": (dict(features=(3, 2), axis=(2, 1)), (4, 2, 3), True),
+    "no_bias": (dict(features=(2, 2), axis=-1, use_bias=False), (4, 3), True),
+}
+
+
+def _general_pattern(case, tie=False):
+    settings, shape, ok = GENERAL_CASES[case]
+    x = _x(shape=shape)
+    claimed = GENERAL if ok and not tie else set()
+    if not settings.get("use_bias", True):
+        claimed = claimed - {"DenseGeneral_0/bias"}
+    return (*_flax(General(settings, tie), x), x, claimed | HEAD)
+
+
+for _case in GENERAL_CASES:
+    globals()[f"pattern_general_{_case}"] = functools.partial(_general_pattern, _case)
+pattern_general_bias_tied = functools.partial(_general_pattern, "two_axes", tie=True)
 
 
 def pattern_kwarg_call():

@@ -1,18 +1,22 @@
-"""Structured derivatives for flax `nn.Dense` layers: their Jacobian is never formed.
+"""Structured derivatives for flax linear layers: their Jacobian is never formed.
 
-For a Dense layer y = a W + b applied at positions t of one point, ∂f_o/∂W = Σ_t a_t ⊗ δ_ot
-with δ the output cotangent, so its NTK contribution is
+For a layer y = a W + b applied at positions t of one point (nn.Dense; nn.DenseGeneral with
+the contracted axes flattened; nn.Conv with a = the input patches, neural-tangents'
+patches ⊗ I rule), ∂f_o/∂W = Σ_t a_t ⊗ δ_ot with δ the output cotangent, so its NTK
+contribution is
     Θ_W(i, j) = Σ_o Σ_{t,s} (a_it · a_js)(δ_iot · δ_jos),   Θ_b(i, j) = Σ_o (Σ_t δ_iot)·(Σ_s δ_jos),
-which costs activations and cotangents instead of a per-point copy of W. The other parameters
-(convolutions, embeddings, norms, Dense layers this cannot see) keep their per-point Jacobian.
+which costs activations and cotangents instead of a per-point copy of W (or, where that is
+cheaper, the per-point gradient Σ_t a_t ⊗ δ_ot is formed from them directly). The other
+parameters (embeddings, norms, layers this cannot see) keep their per-point Jacobian.
 
 A parameter leaf is *claimed* (structured) only when that is provably exact:
-1. every candidate call is a plain `nn.Dense.__call__` (no custom ``dot_general``, no dtype
-   casts), made at the top level of ``apply_fn`` (not inside a vmap/scan/remat of its own), whose
+1. every candidate call is a plain `__call__` of one of those module types (exact type; no
+   custom ``dot_general``/``conv_general_dilated``, no dtype casts, no feature groups or mask),
+   made at the top level of ``apply_fn`` (not inside a vmap/scan/remat of its own), whose
    kernel and bias are, by identity, leaves of ``params``; and
 2. the claimed leaves reach the output *only* through those calls. This is proved on the jaxpr:
-   in a copy of ``apply_fn`` where the candidate calls compute ``a · stop_gradient(W) +
-   stop_gradient(b)``, the JVP with tangents on the candidate leaves is traced and dead code is
+   in a copy of ``apply_fn`` where the candidate calls run their own module on
+   ``stop_gradient`` of their kernel and bias, the JVP with tangents on the candidate leaves is traced and dead code is
    eliminated; a leaf whose tangent input is still used has another path to the output (weight
    tying, a regulariser term, a read through ``module.variables``, a use inside a transform) and
    falls back to the per-point Jacobian, together with every call that uses it.
@@ -35,7 +39,7 @@ from jax._src.interpreters import partial_eval as pe
 _HIGHEST = jax.lax.Precision.HIGHEST
 
 
-_RULE_TYPES = (nn.Dense, nn.Conv)
+_RULE_TYPES = (nn.Dense, nn.Conv, nn.DenseGeneral)
 
 
 def _is_rule_call(context) -> bool:
@@ -104,8 +108,35 @@ def _conv_rule(mod, a, kernel, bias):
                     broadcast(mod.kernel_dilation))
 
 
+def _dense_general_rule(mod, a, kernel, bias):
+    """nn.DenseGeneral without batch_dims: y = a (contracted axes moved last, flattened) ·
+    kernel (flattened to (in, out)) + bias. Its rule: ("dense_general", (axes, n features))."""
+    if not (mod.dot_general is None or mod.dot_general is jax.lax.dot_general):
+        return None
+    if mod.dot_general_cls is not None or not _one_dtype(mod, a, kernel, bias):
+        return None
+    as_tuple = lambda v: tuple(v) if isinstance(v, (tuple, list)) else (v,)  # noqa: E731
+    if as_tuple(mod.batch_dims):
+        return None
+    ndim = getattr(a, "ndim", 0)
+    axes = tuple(int(ax) % ndim for ax in as_tuple(mod.axis)) if ndim else ()
+    n_features = len(as_tuple(mod.features))
+    if not axes or len(set(axes)) != len(axes) or kernel.ndim != len(axes) + n_features:
+        return None
+    return "dense_general", (axes, n_features)
+
+
+_RULES = {nn.Dense: _dense_rule, nn.Conv: _conv_rule, nn.DenseGeneral: _dense_general_rule}
+
+
 def _rule(mod, a, kernel, bias):
-    return (_dense_rule if type(mod) is nn.Dense else _conv_rule)(mod, a, kernel, bias)
+    return _RULES[type(mod)](mod, a, kernel, bias)
+
+
+def _out_features(kind, static, shape) -> int:
+    """The size of the rule's output feature axis (the kernel's flattened output side)."""
+    n = static[1] if kind == "dense_general" else 1
+    return math.prod(shape[len(shape) - n:])
 
 
 def _patches(a, kind, static):
@@ -115,6 +146,10 @@ def _patches(a, kind, static):
         a = jax.lax.conv_general_dilated_patches(
             a, size, strides, padding, lhs_dilation=lhs_dilation, rhs_dilation=rhs_dilation,
             dimension_numbers=_conv_dimension_numbers(a.shape), precision=_HIGHEST)
+    elif kind == "dense_general":
+        axes = static[0]
+        a = jnp.moveaxis(a, axes, tuple(range(a.ndim - len(axes), a.ndim)))
+        return a.reshape(-1, math.prod(a.shape[a.ndim - len(axes):]))
     return a.reshape(-1, a.shape[-1])
 
 
@@ -288,8 +323,8 @@ def point_factors(apply_fn, params, xi, mi, calls, block: int = 1):
     n_out = math.prod(mi.shape)
     rest_flat = [j.reshape(n_out, -1) for j in j_rest]
     groups: dict = {}
-    for (_, k, b, *_), a, d in zip(calls, acts, deltas):
-        d = d.reshape(n_out, -1, d.shape[-1])  # (outputs, positions, d_out)
+    for (_, k, b, shape, kind, static), a, d in zip(calls, acts, deltas):
+        d = d.reshape(n_out, -1, _out_features(kind, static, shape))  # (outputs, positions, d_out)
         groups.setdefault((k, b), []).append((a, d))  # a: (positions, d_in)
     # Calls sharing a kernel concatenate along positions: their cross terms are then included.
     factors = []
