@@ -535,6 +535,43 @@ for _case in CONV_CASES:
 pattern_conv_tied = functools.partial(_conv_pattern, "same", tie=True)
 
 
+class Embedder(nn.Module):
+    """Tokens (B, L) -> (B, L, 2) through an embedding; `kind` ties or reuses it."""
+
+    kind: str = "plain"
+
+    @nn.compact
+    def __call__(self, tokens):
+        embed = nn.Embed(6, 3)
+        h = embed(tokens)
+        if self.kind == "twice":  # the same table on shifted tokens: one structured group
+            h = h * embed((tokens + 1) % 6)
+        if self.kind == "attend":  # tied output layer: logits against the table
+            return embed.attend(jnp.tanh(nn.Dense(3)(h)))
+        return nn.Dense(2)(jnp.tanh(h))
+
+
+def _tokens(negative=False):
+    tokens = np.random.default_rng(7).integers(0, 6, size=(M, 4))
+    if negative:  # jnp.take counts negative ids from the end
+        tokens[:, 0] -= 6
+    return tokens.astype(np.int32)
+
+
+def _embed_pattern(kind="plain", negative=False):
+    x = _tokens(negative)
+    module = Embedder(kind)
+    params = _f64(module.init(jax.random.PRNGKey(0), x[:1])["params"])
+    claimed = {"Dense_0/kernel", "Dense_0/bias"} | ({"Embed_0/embedding"} if kind != "attend" else set())
+    return (lambda p, x: module.apply({"params": p}, x)), params, x, claimed
+
+
+pattern_embed = _embed_pattern
+pattern_embed_negative_ids = functools.partial(_embed_pattern, negative=True)
+pattern_embed_twice = functools.partial(_embed_pattern, "twice")
+pattern_embed_tied_attend = functools.partial(_embed_pattern, "attend")
+
+
 PATTERNS = {name[len("pattern_"):]: fn for name, fn in sorted(globals().items())
             if name.startswith("pattern_")}
 

@@ -2,12 +2,12 @@
 
 For a layer y = a W + b applied at positions t of one point (nn.Dense; nn.DenseGeneral with
 the contracted axes flattened; nn.Conv with a = the input patches, neural-tangents'
-patches ⊗ I rule), ∂f_o/∂W = Σ_t a_t ⊗ δ_ot with δ the output cotangent, so its NTK
+patches ⊗ I rule; nn.Embed with a = one_hot(ids)), ∂f_o/∂W = Σ_t a_t ⊗ δ_ot with δ the output cotangent, so its NTK
 contribution is
     Θ_W(i, j) = Σ_o Σ_{t,s} (a_it · a_js)(δ_iot · δ_jos),   Θ_b(i, j) = Σ_o (Σ_t δ_iot)·(Σ_s δ_jos),
 which costs activations and cotangents instead of a per-point copy of W (or, where that is
 cheaper, the per-point gradient Σ_t a_t ⊗ δ_ot is formed from them directly). The other
-parameters (embeddings, norms, layers this cannot see) keep their per-point Jacobian.
+parameters (norms, layers this cannot see) keep their per-point Jacobian.
 
 A parameter leaf is *claimed* (structured) only when that is provably exact:
 1. every candidate call is a plain `__call__` of one of those module types (exact type; no
@@ -39,7 +39,7 @@ from jax._src.interpreters import partial_eval as pe
 _HIGHEST = jax.lax.Precision.HIGHEST
 
 
-_RULE_TYPES = (nn.Dense, nn.Conv, nn.DenseGeneral)
+_RULE_TYPES = (nn.Dense, nn.Conv, nn.DenseGeneral, nn.Embed)
 
 
 def _is_rule_call(context) -> bool:
@@ -126,7 +126,22 @@ def _dense_general_rule(mod, a, kernel, bias):
     return "dense_general", (axes, n_features)
 
 
-_RULES = {nn.Dense: _dense_rule, nn.Conv: _conv_rule, nn.DenseGeneral: _dense_general_rule}
+def _embed_rule(mod, ids, table, _):
+    """nn.Embed.__call__: y = one_hot(ids) · table (jnp.take: negative ids count from the end,
+    ids out of range give NaN rows whose derivative is zero, as a zero one-hot row)."""
+    if mod.promote_dtype is not _flax_promote_dtype or mod.num_embeddings < 2:
+        return None
+    if not jnp.issubdtype(getattr(ids, "dtype", jnp.float32), jnp.integer):
+        return None
+    if not jnp.issubdtype(table.dtype, jnp.floating) or table.ndim != 2:
+        return None
+    if mod.dtype is not None and jnp.dtype(mod.dtype) != table.dtype:
+        return None
+    return "embed", (int(table.shape[0]), str(table.dtype))
+
+
+_RULES = {nn.Dense: _dense_rule, nn.Conv: _conv_rule, nn.DenseGeneral: _dense_general_rule,
+          nn.Embed: _embed_rule}
 
 
 def _rule(mod, a, kernel, bias):
@@ -146,6 +161,10 @@ def _patches(a, kind, static):
         a = jax.lax.conv_general_dilated_patches(
             a, size, strides, padding, lhs_dilation=lhs_dilation, rhs_dilation=rhs_dilation,
             dimension_numbers=_conv_dimension_numbers(a.shape), precision=_HIGHEST)
+    elif kind == "embed":
+        n, dtype = static
+        a = jnp.where(a < 0, a + n, a)  # out of range: a zero row (jax.nn.one_hot)
+        return jax.nn.one_hot(a.reshape(-1), n, dtype=dtype)
     elif kind == "dense_general":
         axes = static[0]
         a = jnp.moveaxis(a, axes, tuple(range(a.ndim - len(axes), a.ndim)))
@@ -153,9 +172,17 @@ def _patches(a, kind, static):
     return a.reshape(-1, a.shape[-1])
 
 
+def _param_names(mod):
+    """(kernel name, bias name or None) of a rule's module."""
+    if type(mod) is nn.Embed:
+        return "embedding", None
+    return "kernel", ("bias" if mod.use_bias else None)
+
+
 def _params_of(mod):
-    kernel = mod.get_variable("params", "kernel")
-    bias = mod.get_variable("params", "bias") if mod.use_bias else None
+    kernel_name, bias_name = _param_names(mod)
+    kernel = mod.get_variable("params", kernel_name)
+    bias = mod.get_variable("params", bias_name) if bias_name else None
     return kernel, bias
 
 
@@ -178,7 +205,7 @@ def _candidates(apply_fn, params, x1) -> dict:
                 mod = context.module
                 kernel, bias = _params_of(mod)
                 k = ids.get(id(kernel))
-                b = ids.get(id(bias)) if mod.use_bias else -1
+                b = ids.get(id(bias)) if _param_names(mod)[1] else -1
                 if (k is not None and b is not None and len(args) == 1 and not kwargs
                         and top is not None and getattr(args[0], "_trace", None) is top):
                     rule = _rule(mod, args[0], kernel, bias)
@@ -234,9 +261,10 @@ def _leaves_with_other_paths(apply_fn, params, x1, claims: dict) -> set:
             if kernel is not full[k] or (b >= 0 and bias is not full[b]):
                 mismatched.update({k, b} - {-1})  # not the leaf seen before: refuse
                 return next_fun(*args, **kwargs)
-            cut = {"kernel": jax.lax.stop_gradient(full[k])}
+            kernel_name, bias_name = _param_names(mod)
+            cut = {kernel_name: jax.lax.stop_gradient(full[k])}
             if b >= 0:
-                cut["bias"] = jax.lax.stop_gradient(full[b])
+                cut[bias_name] = jax.lax.stop_gradient(full[b])
             inside[0] = True
             try:
                 return mod.clone(parent=None).apply({"params": cut}, *args)
