@@ -300,8 +300,10 @@ def test_padding_nodes_do_not_change_graph_kernel(x64):
 
 STRUCTURED = {
     "mlp": {f"Dense_{i}/{w}" for i in range(3) for w in ("kernel", "bias")},
-    "cnn": {f"Dense_{i}/{w}" for i in range(2) for w in ("kernel", "bias")},  # not the convs
-    "tagger": {f"Dense_{i}/{w}" for i in range(3) for w in ("kernel", "bias")},  # not Embed
+    "cnn": {f"{layer}_{i}/{w}" for layer in ("Conv", "Dense") for i in range(2)
+            for w in ("kernel", "bias")},
+    "tagger": {f"Dense_{i}/{w}" for i in range(3) for w in ("kernel", "bias")}
+    | {"Embed_0/embedding"},
     "batchnorm": {f"Dense_{i}/{w}" for i in range(2) for w in ("kernel", "bias")},
     "graph": set(),  # every Dense call sits inside apply_fn's own vmap: exact fallback
 }

@@ -394,7 +394,46 @@ def pattern_no_bias():
 
 def pattern_dense_general():
     x = _x()
-    return (*_flax(Overrides("dense_general"), x), x, {"Dense_0/kernel", "Dense_0/bias"})
+    return (*_flax(Overrides("dense_general"), x), x,
+            {"DenseGeneral_0/kernel", "DenseGeneral_0/bias", "Dense_0/kernel", "Dense_0/bias"})
+
+
+class General(nn.Module):
+    settings: dict
+    tie: bool = False
+
+    @nn.compact
+    def __call__(self, x):
+        layer = nn.DenseGeneral(**self.settings)
+        h = jnp.tanh(layer(x))
+        out = nn.Dense(2)(h.reshape(h.shape[0], -1))
+        if self.tie:
+            out = out + jnp.sum(layer.variables["params"]["bias"] ** 2)
+        return out
+
+
+GENERAL = {"DenseGeneral_0/kernel", "DenseGeneral_0/bias"}
+GENERAL_CASES = {
+    # name: (settings, input shape per point, structured?)
+    "two_axes": (dict(features=(2, 3), axis=(-2, -1)), (4, 3), True),
+    "middle_axis": (dict(features=3, axis=1), (4, 2, 3), True),
+    "reordered_axes": (dict(features=(3, 2), axis=(2, 1)), (4, 2, 3), True),
+    "no_bias": (dict(features=(2, 2), axis=-1, use_bias=False), (4, 3), True),
+}
+
+
+def _general_pattern(case, tie=False):
+    settings, shape, ok = GENERAL_CASES[case]
+    x = _x(shape=shape)
+    claimed = GENERAL if ok and not tie else set()
+    if not settings.get("use_bias", True):
+        claimed = claimed - {"DenseGeneral_0/bias"}
+    return (*_flax(General(settings, tie), x), x, claimed | HEAD)
+
+
+for _case in GENERAL_CASES:
+    globals()[f"pattern_general_{_case}"] = functools.partial(_general_pattern, _case)
+pattern_general_bias_tied = functools.partial(_general_pattern, "two_axes", tie=True)
 
 
 def pattern_kwarg_call():
@@ -441,6 +480,96 @@ def pattern_tree_tied_kernel_and_bias():
 def pattern_tree_tied_kernel_only():
     apply_fn, params, x, expected = _tree_tied(False)
     return apply_fn, params, x, expected
+
+
+class Convs(nn.Module):
+    """A convolution with given settings, then a Dense head."""
+
+    conv: dict
+    tie: bool = False
+
+    @nn.compact
+    def __call__(self, x):
+        c = nn.Conv(**self.conv)
+        h = jnp.tanh(c(x))
+        out = nn.Dense(2)(h.reshape(h.shape[0], -1))
+        if self.tie:  # the conv kernel also scales the output
+            out = out * jnp.sum(c.variables["params"]["kernel"])
+        return out
+
+
+HEAD = {"Dense_0/kernel", "Dense_0/bias"}
+CONV = {"Conv_0/kernel", "Conv_0/bias"}
+IMAGE = (5, 5, 2)
+CONV_CASES = {
+    # name: (conv settings, input shape per point, structured?)
+    "same": (dict(features=3, kernel_size=(3, 3)), IMAGE, True),
+    "valid_stride2": (dict(features=3, kernel_size=(3, 3), strides=2, padding="VALID"), IMAGE, True),
+    "explicit_padding": (dict(features=3, kernel_size=(2, 3), padding=((1, 0), (2, 1))), IMAGE, True),
+    "kernel_dilation": (dict(features=3, kernel_size=(2, 2), kernel_dilation=2), IMAGE, True),
+    "input_dilation": (dict(features=3, kernel_size=(3, 3), input_dilation=2, strides=2,
+                                  padding=((1, 1), (0, 2))), IMAGE, True),
+    "strided_same": (dict(features=3, kernel_size=(3, 3), strides=(2, 1)), IMAGE, True),
+    "conv1d": (dict(features=3, kernel_size=(3,), strides=2), (7, 2), True),
+    "conv3d": (dict(features=2, kernel_size=(2, 2, 2)), (3, 3, 3, 2), True),
+    "no_bias": (dict(features=3, kernel_size=(3, 3), use_bias=False), IMAGE, True),
+    "small_pairwise": (dict(features=8, kernel_size=(3, 3), padding="VALID"), (4, 4, 2), True),
+    "grouped": (dict(features=4, kernel_size=(3, 3), feature_group_count=2), IMAGE, False),
+    "circular": (dict(features=3, kernel_size=(3, 3), padding="CIRCULAR"), IMAGE, False),
+    "causal": (dict(features=3, kernel_size=(3,), padding="CAUSAL"), (7, 2), False),
+    "masked": (dict(features=3, kernel_size=(2, 2), mask=np.tril(np.ones((2, 2, 2, 3)))), IMAGE, False),
+}
+
+
+def _conv_pattern(case, tie=False):
+    settings, shape, ok = CONV_CASES[case]
+    x = _x(shape=shape)
+    conv = CONV if ok and not tie else set()
+    if not settings.get("use_bias", True):
+        conv = {"Conv_0/kernel"} & conv
+    return (*_flax(Convs(settings, tie), x), x, conv | HEAD)
+
+
+for _case in CONV_CASES:
+    globals()[f"pattern_conv_{_case}"] = functools.partial(_conv_pattern, _case)
+pattern_conv_tied = functools.partial(_conv_pattern, "same", tie=True)
+
+
+class Embedder(nn.Module):
+    """Tokens (B, L) -> (B, L, 2) through an embedding; `kind` ties or reuses it."""
+
+    kind: str = "plain"
+
+    @nn.compact
+    def __call__(self, tokens):
+        embed = nn.Embed(6, 3)
+        h = embed(tokens)
+        if self.kind == "twice":  # the same table on shifted tokens: one structured group
+            h = h * embed((tokens + 1) % 6)
+        if self.kind == "attend":  # tied output layer: logits against the table
+            return embed.attend(jnp.tanh(nn.Dense(3)(h)))
+        return nn.Dense(2)(jnp.tanh(h))
+
+
+def _tokens(negative=False):
+    tokens = np.random.default_rng(7).integers(0, 6, size=(M, 4))
+    if negative:  # jnp.take counts negative ids from the end
+        tokens[:, 0] -= 6
+    return tokens.astype(np.int32)
+
+
+def _embed_pattern(kind="plain", negative=False):
+    x = _tokens(negative)
+    module = Embedder(kind)
+    params = _f64(module.init(jax.random.PRNGKey(0), x[:1])["params"])
+    claimed = {"Dense_0/kernel", "Dense_0/bias"} | ({"Embed_0/embedding"} if kind != "attend" else set())
+    return (lambda p, x: module.apply({"params": p}, x)), params, x, claimed
+
+
+pattern_embed = _embed_pattern
+pattern_embed_negative_ids = functools.partial(_embed_pattern, negative=True)
+pattern_embed_twice = functools.partial(_embed_pattern, "twice")
+pattern_embed_tied_attend = functools.partial(_embed_pattern, "attend")
 
 
 PATTERNS = {name[len("pattern_"):]: fn for name, fn in sorted(globals().items())

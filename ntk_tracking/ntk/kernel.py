@@ -321,7 +321,7 @@ class NTK:
         """Per-point structured factors (see structured.py) of points start:start+block."""
         x, mask = _block(x, start, block), _block(mask, start, block)
         return jax.vmap(
-            lambda xi, mi: structured.point_factors(self.apply_fn, params, xi, mi, calls)
+            lambda xi, mi: structured.point_factors(self.apply_fn, params, xi, mi, calls, block)
         )(x, mask)
 
     def _ntvp_tile(self, params, x, mask, start_a, start_b, block: int, full: bool = False,
