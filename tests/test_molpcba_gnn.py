@@ -358,7 +358,9 @@ def test_train_checkpoint_analyze_through_mlflow(fixture_paths, tmp_path, monkey
             assert sorted(steps) == [0, 1], key
         assert not any(k.startswith("ntk/") for k in metrics)
         assert CheckpointStore(run_id, client).cv_epochs() == [0, 1]
-        assert analyze_main([run_id, "--subsets", "2", "--points", "3", "--no-progress"]) == [0, 1]
+        # The fixture lives outside the working directory: the analyzer reads it only when allowed.
+        assert analyze_main([run_id, "--subsets", "2", "--points", "3", "--no-progress",
+                             "--allow-data-path", fixture_paths["ogb"]]) == [0, 1]
         metrics = client.get_run(run_id).data.metrics
         for split in ("train", "test"):
             assert 0 < metrics[f"ntk/entropy/{split}"] <= np.log(3) + 1e-9
