@@ -268,7 +268,17 @@ def test_bad_input_under_mlflow_run_ends_the_launched_run_failed(store, monkeypa
     assert "not a sweep" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("task", sorted(TASKS))
+def _scannable(task: str) -> bool:
+    """Tasks with the width × depth × activation × init fields the sweep grid scans."""
+    import dataclasses
+
+    from ntk_tracking.tasks import get_task
+
+    fields = {f.name for f in dataclasses.fields(get_task(task).config_class)}
+    return {"width", "depth", "activation", "init"} <= fields
+
+
+@pytest.mark.parametrize("task", sorted(t for t in TASKS if _scannable(t)))
 def test_children_get_every_training_option(task):
     """Each child's command line parses back to the grid point's config, defaults included."""
     spec, _ = sweep.parse_sweep(["--task", task, "--width", "8", "--depth", "2", "--activation", "tanh",
@@ -290,3 +300,8 @@ def test_children_get_every_training_option(task):
     spec, _ = sweep.parse_sweep(["--task", task])
     assert (spec.grid["width"], spec.grid["depth"], spec.grid["activation"]) == ([16, 64, 256], [1, 2, 4], ["relu", "tanh"])
     assert len(spec.points()) == 18
+
+
+def test_a_task_without_the_scanned_fields_is_refused_with_the_tasks_that_have_them():
+    with pytest.raises(ValueError, match="has no .*width.*sweep one of the tasks that have them"):
+        sweep.parse_sweep(["--task", "molpcba_gnn"])
