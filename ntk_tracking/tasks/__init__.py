@@ -15,6 +15,7 @@ _MODULES = {
     "greek_pos": "ntk_tracking.tasks.greek_pos",
     "mnist_dense": "ntk_tracking.tasks.supervised",
     "mnist_cnn": "ntk_tracking.tasks.supervised",
+    "molpcba_gnn": "ntk_tracking.tasks.molpcba",
 }
 
 TASK_NAMES = tuple(sorted(_MODULES))
