@@ -129,7 +129,7 @@ class NTK:
     def __call__(self, params, x, output_mask=None, full: bool = False) -> jax.Array:
         """The m×m kernel (outputs summed), or with ``full`` the (m·O)×(m·O) kernel."""
         m, out_shape, mask, act = self._prepare(params, x, output_mask)
-        impl, block, chunk = self._plan(params, m, out_shape, act)
+        impl, block, chunk = self._plan(params, m, out_shape, act, x)
         x = jax.tree_util.tree_map(jnp.asarray, x)
         k = -(-m // block)
         # The kernel is symmetric: compute the tiles (a, b ≥ a) only.
@@ -167,7 +167,7 @@ class NTK:
     def resolved_implementation(self, params, x, output_mask=None) -> str:
         """The implementation a call with these inputs uses ("auto" resolved)."""
         m, out_shape, _, act = self._prepare(params, x, output_mask)
-        return self._plan(params, m, out_shape, act)[0]
+        return self._plan(params, m, out_shape, act, x)[0]
 
     def structured_leaves(self, params, x, output_mask=None) -> list[str]:
         """Paths ('params/Dense_0/kernel') of the parameter leaves whose derivative a call with
@@ -249,13 +249,30 @@ class NTK:
         largest = int(max(1, min(m, self.memory_budget // max(per_point, 1))))
         return _balanced(m, largest)
 
-    def _plan(self, params, m, out_shape, act=0):
+    def _structured_point_bytes(self, params, x, out_shape, act) -> int:
+        """One point's structured factors: Jacobians of the leaves no structured rule claims
+        (held ~3 times) plus, per output, the activation cotangents the rules keep."""
+        claimed = set(structured.claimed_leaves(self._discover(params, x)))
+        leaves = jax.tree_util.tree_leaves(params)
+        rest = sum(int(np.size(leaf)) for i, leaf in enumerate(leaves) if i not in claimed)
+        itemsize = max(np.dtype(leaf.dtype).itemsize for leaf in leaves)
+        n_out = math.prod(out_shape)
+        return _JACOBIAN_COPIES * n_out * rest * itemsize + n_out * act
+
+    def _plan(self, params, m, out_shape, act=0, x=None):
         impl = self.implementation
         per_point = self._jacobian_point_bytes(params, out_shape, act)
+        if impl in ("auto", "structured") and x is not None:
+            # Planned from what the structured path holds, not from full per-point Jacobians:
+            # a model whose Jacobian would not fit can still be structured (a tagger's outputs).
+            per_point = self._structured_point_bytes(params, x, out_shape, act)
         if impl == "auto":  # structured = the Jacobian method wherever it finds no Dense layer
             impl = "structured" if per_point <= self.memory_budget else "ntvp"
-        if impl == "structured":  # planned as the Jacobian method: an upper bound on its memory
-            return impl, self._jacobian_block(params, m, out_shape, act), None
+        if impl == "structured":
+            if self.block_size is not None:
+                return impl, min(self.block_size, m), None
+            largest = int(max(1, min(m, self.memory_budget // max(per_point, 1))))
+            return impl, _balanced(m, largest), None
         if impl == "jacobian":
             if per_point > self.memory_budget and self.block_size is None:
                 warnings.warn(
