@@ -11,7 +11,8 @@ import numpy as np
 class Dataset:
     """Train and test arrays plus JSON-serializable provenance in `info`.
 
-    Images are float32 (n, h, w, 1); tabular features float32 (n, features). Labels are int32 (n,)
+    Images are float32 (n, h, w, 1), or uint8 (n, h, w, c) from `data.cifar10` (normalized on
+    device by the trainer); tabular features float32 (n, features). Labels are int32 (n,)
     for classification and float32 (n, 1) for regression.
     """
 

@@ -16,6 +16,8 @@ _MODULES = {
     "mnist_dense": "ntk_tracking.tasks.supervised",
     "mnist_cnn": "ntk_tracking.tasks.supervised",
     "molpcba_gnn": "ntk_tracking.tasks.molpcba",
+    "cifar_resnet": "ntk_tracking.tasks.cifar_resnet",
+    "mnist_vae": "ntk_tracking.tasks.mnist_vae",
 }
 
 TASK_NAMES = tuple(sorted(_MODULES))

@@ -1,0 +1,266 @@
+"""cifar_resnet: CIFAR-10 loaders on fixtures in each real format, the ResNet, its NTK, the loop, end to end."""
+
+from __future__ import annotations
+
+import math
+import pickle
+import time
+
+import jax
+import jax.numpy as jnp
+import mlflow
+import numpy as np
+import pytest
+from jax.flatten_util import ravel_pytree
+
+from ntk_tracking import NTK
+from ntk_tracking.data import cifar10
+from ntk_tracking.data.hub import HubUnreachableError
+from ntk_tracking.models.resnet import ResNet18, _ResNetTiny, stage_channels
+from ntk_tracking.tasks import get_task
+from ntk_tracking.tasks.cifar_resnet import inference_apply_fn
+from ntk_tracking.train import image_classifier
+from conftest import use_tracking_store
+
+N_TRAIN, N_TEST = 40, 20
+
+
+@pytest.fixture(autouse=True, scope="module")
+def fast_compile():
+    previous = jax.config.read("jax_disable_most_optimizations")
+    jax.config.update("jax_disable_most_optimizations", True)
+    yield
+    jax.config.update("jax_disable_most_optimizations", previous)
+
+
+@pytest.fixture
+def x64():
+    previous = jax.config.read("jax_enable_x64")
+    jax.config.update("jax_enable_x64", True)
+    yield
+    jax.config.update("jax_enable_x64", previous)
+
+
+def random_split(n, seed, side=32, channels=3, classes=10):
+    """Labels that a network can learn: the class sets the mean brightness of the image."""
+    rng = np.random.default_rng(seed)
+    labels = np.arange(n) % classes
+    base = (labels * (250 // classes))[:, None, None, None]
+    images = np.clip(base + rng.integers(0, 30, (n, side, side, channels)), 0, 255).astype(np.uint8)
+    return images, labels
+
+
+@pytest.fixture(scope="module")
+def splits():
+    return {"train": random_split(N_TRAIN, 1), "test": random_split(N_TEST, 2)}
+
+
+def hf_dict(splits, column="img"):
+    import datasets
+    from PIL import Image
+
+    features = datasets.Features({column: datasets.Image(),
+                                  "label": datasets.ClassLabel(names=list(cifar10.CLASSES))})
+    return datasets.DatasetDict({
+        name: datasets.Dataset.from_dict(
+            {column: [Image.fromarray(im.squeeze()) for im in images], "label": labels.tolist()}, features=features)
+        for name, (images, labels) in splits.items()})
+
+
+def write_parquet(folder, splits):
+    """The hub repository's layout: plain_text/{train,test}-00000-of-00001.parquet, PNG bytes."""
+    (folder / "plain_text").mkdir(parents=True)
+    for name, ds in hf_dict(splits).items():
+        ds.to_parquet(str(folder / "plain_text" / f"{name}-00000-of-00001.parquet"))
+    return folder
+
+
+def write_binary(folder, splits):
+    """cifar-10-batches-bin: 1 label byte + 3072 channel-major pixel bytes per record."""
+    folder = folder / "cifar-10-batches-bin"
+    folder.mkdir(parents=True)
+
+    def records(images, labels):
+        return np.concatenate([labels[:, None].astype(np.uint8),
+                               images.transpose(0, 3, 1, 2).reshape(len(labels), -1)], axis=1).tobytes()
+
+    images, labels = splits["train"]
+    for i, part in enumerate(np.array_split(np.arange(len(labels)), 5)):
+        (folder / f"data_batch_{i + 1}.bin").write_bytes(records(images[part], labels[part]))
+    (folder / "test_batch.bin").write_bytes(records(*splits["test"]))
+    return folder.parent
+
+
+@pytest.fixture(scope="module")
+def parquet_dir(tmp_path_factory, splits):
+    return write_parquet(tmp_path_factory.mktemp("hub"), splits)
+
+
+@pytest.mark.parametrize("fmt", ["parquet_folder", "parquet_file", "save_to_disk", "binary"])
+def test_every_local_format_loads_the_same_uint8_images(fmt, tmp_path, splits, parquet_dir):
+    if fmt == "parquet_folder":
+        path = parquet_dir
+    elif fmt == "parquet_file":  # one file: a single pool, split 80/20 by seed
+        path = parquet_dir / "plain_text" / "train-00000-of-00001.parquet"
+    elif fmt == "save_to_disk":
+        path = tmp_path / "saved"
+        hf_dict(splits).save_to_disk(str(path))
+    else:
+        path = write_binary(tmp_path, splits)
+    data = cifar10.load_images(str(path))
+    assert data.x_train.dtype == np.uint8 and data.x_train.shape[1:] == (32, 32, 3)
+    assert data.y_train.dtype == np.int32 and data.num_outputs == 10
+    if fmt == "parquet_file":
+        assert len(data.x_train) + len(data.x_test) == N_TRAIN
+        return
+    np.testing.assert_array_equal(data.x_train, splits["train"][0])
+    np.testing.assert_array_equal(data.y_train, splits["train"][1])
+    np.testing.assert_array_equal(data.x_test, splits["test"][0])
+    mean = data.info["normalization"]["mean"]
+    np.testing.assert_allclose(mean, (splits["train"][0] / 255).mean(axis=(0, 1, 2)), rtol=1e-6)
+
+
+def test_the_hub_name_reads_through_datasets(monkeypatch, splits):
+    import datasets
+
+    calls = []
+    monkeypatch.setattr(datasets, "load_dataset", lambda repo: calls.append(repo) or hf_dict(splits))
+    data = cifar10.load_images("uoft-cs/cifar10", train_size=20, test_size=10)
+    assert calls == ["uoft-cs/cifar10"] and data.x_train.shape == (20, 32, 32, 3)
+
+
+def test_offline_without_a_path_names_the_three_options(monkeypatch):
+    import datasets
+
+    def unreachable(repo):
+        raise ConnectionError("no network")
+
+    monkeypatch.setattr(datasets, "load_dataset", unreachable)
+    with pytest.raises(HubUnreachableError, match="cifar-10-batches-bin") as err:
+        cifar10.load_images("uoft-cs/cifar10")
+    assert isinstance(err.value, ValueError)
+    assert "save_to_disk" in str(err.value) and "parquet" in str(err.value) and "mnist5k" in str(err.value)
+
+
+def test_bad_inputs_raise_clear_value_errors(tmp_path, splits):
+    task = get_task("cifar_resnet")
+    with pytest.raises(ValueError, match="No such file or folder"):
+        task.load_data(task.config(dataset=str(tmp_path / "missing")))
+    big = {k: random_split(len(v[1]), 3, side=64) for k, v in splits.items()}
+    with pytest.raises(ValueError, match=r"shape \(64, 64, 3\)"):
+        task.load_data(task.config(dataset=str(write_parquet(tmp_path / "big", big))))
+    for width in (0.0, -1.0, math.nan):
+        with pytest.raises(ValueError, match="width must be a positive"):
+            task.load_data(task.config(dataset="mnist5k", width=width))
+    pickled = tmp_path / "cifar-10-batches-py"
+    pickled.mkdir()
+    (pickled / "data_batch_1").write_bytes(pickle.dumps({"data": [1]}))
+    for path in (pickled, tmp_path):
+        with pytest.raises(ValueError, match="unpickling"):
+            cifar10.load_images(str(path))
+    with pytest.raises(ValueError, match="unpickling"):
+        cifar10.load_images(str(pickled / "data_batch_1"))
+
+
+def test_mnist5k_smoke_test_data_is_uint8_digits():
+    data = get_task("cifar_resnet").load_data(get_task("cifar_resnet").config(dataset="mnist5k", train_size=100,
+                                                                               test_size=50))
+    assert data.x_train.dtype == np.uint8 and data.x_train.shape == (100, 28, 28, 1)
+    assert data.x_train.max() == 255 and data.x_train.min() == 0
+
+
+def test_resnet18_has_11_2_million_parameters_and_scales_with_width():
+    def count(width):
+        v = jax.eval_shape(lambda: ResNet18(width=width).init(jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3))))
+        return sum(math.prod(p.shape) for p in jax.tree_util.tree_leaves(v["params"])), v
+
+    n, variables = count(1.0)
+    assert n == 11_173_962
+    assert set(variables) == {"params", "batch_stats"}
+    assert count(0.25)[0] < n / 10
+    assert stage_channels(1 / 16, 4) == [4, 8, 16, 32]
+
+
+def test_random_crop_flip_takes_shifted_windows_of_the_padded_image():
+    x = jnp.asarray(np.random.default_rng(0).integers(1, 255, (6, 8, 8, 2)), jnp.uint8)
+    out = np.asarray(image_classifier.random_crop_flip(jax.random.PRNGKey(3), x))
+    padded = np.pad(np.asarray(x), ((0, 0), (4, 4), (4, 4), (0, 0)))
+    for i in range(len(x)):
+        windows = [w for dy in range(9) for dx in range(9) for w in
+                   (padded[i, dy:dy + 8, dx:dx + 8], padded[i, dy:dy + 8, dx:dx + 8][:, ::-1])]
+        assert any(np.array_equal(out[i], w) for w in windows)
+    assert not np.array_equal(out, np.asarray(x))
+
+
+@pytest.mark.parametrize("impl", ["jacobian", "ntvp", "structured"])
+def test_ntk_of_the_tiny_resnet_with_fixed_batchnorm_matches_float64_brute_force(impl, x64):
+    model = _ResNetTiny(num_classes=3, width=1 / 16)
+    x = np.random.default_rng(0).integers(0, 256, (3, 8, 8, 3)).astype(np.uint8)
+    variables = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 8, 8, 3)))
+    # Non-trivial running statistics, as after training.
+    _, updates = model.apply(variables, jnp.asarray(x, jnp.float32) / 255, train=True, mutable=["batch_stats"])
+    variables = jax.tree_util.tree_map(lambda a: jnp.asarray(a, jnp.float64),
+                                       {"params": variables["params"], "batch_stats": updates["batch_stats"]})
+    apply_fn = inference_apply_fn(model, [0.5, 0.4, 0.3], [0.2, 0.25, 0.3])
+    flat, unravel = ravel_pytree(variables["params"])
+
+    def f(theta):
+        return apply_fn({"params": unravel(theta), "batch_stats": variables["batch_stats"]}, x).reshape(-1)
+
+    jac = jax.jacfwd(f)(flat).reshape(3, -1, flat.size)
+    expected = np.einsum("iok,jok->ij", jac, jac)
+    kernel = np.asarray(NTK(apply_fn, impl, block_size=2)(variables, x))
+    assert kernel.dtype == np.float64
+    np.testing.assert_allclose(kernel, expected, rtol=1e-8, atol=1e-8 * np.abs(expected).max())
+
+
+def test_tiny_resnet_learns_and_a_resumed_run_repeats_an_uninterrupted_one():
+    task = get_task("cifar_resnet")
+    config = task.config(dataset="fixture", model="resnet_tiny", width=0.125, epochs=2, batch_size=20,
+                         learning_rate=0.05, warmup_epochs=0.5).validate()
+    # 8×8 images whose class sets their brightness: learnable in a few steps.
+    data = cifar10.uint8_dataset("fixture", random_split(120, 1, side=8, classes=4),
+                                 random_split(60, 2, side=8, classes=4), num_classes=4, source="test", train_size=None, test_size=None, seed=0)
+    state = task.init_state(config, data)
+    log, states = {}, {}
+
+    def record(epoch, s, metrics):
+        log[epoch], states[epoch] = metrics, s
+
+    final = task.fit(config, data, state, 0, record, progress=False)
+    assert sorted(log) == [0, 1, 2]
+    assert log[2]["train/loss"] < log[0]["train/loss"]
+    assert log[2]["test/accuracy"] >= 0.5 > log[0]["test/accuracy"]  # chance is 0.25
+    # Resume from the state after epoch 1: the same final variables, bit for bit.
+    resumed = task.fit(config, data, states[1], 1, lambda *a: None, progress=False)
+    for a, b in zip(jax.tree_util.tree_leaves(task.cv_variables(final)),
+                    jax.tree_util.tree_leaves(task.cv_variables(resumed))):
+        np.testing.assert_array_equal(a, b)
+
+
+@pytest.fixture
+def store(tmp_path, monkeypatch):
+    use_tracking_store(monkeypatch, tmp_path)
+    yield tmp_path
+    if mlflow.active_run():
+        mlflow.end_run()
+    mlflow.set_tracking_uri(None)
+
+
+def test_resnet18_train_checkpoint_analyze_end_to_end(store, splits):
+    from ntk_tracking.checkpointing import CheckpointStore
+    from ntk_tracking.cli import analyze_main, train_main
+
+    path = write_parquet(store / "cifar_hub", splits)
+    t0 = time.perf_counter()
+    run_id = train_main("cifar_resnet", ["--dataset", str(path), "--width", "0.0625", "--epochs", "1",
+                                         "--train-size", "20", "--test-size", "10", "--batch-size", "10",
+                                         "--no-progress"])
+    t1 = time.perf_counter()
+    client = mlflow.MlflowClient()
+    assert CheckpointStore(run_id, client).cv_epochs() == [0, 1]
+    assert [m.step for m in client.get_metric_history(run_id, "test/accuracy")] == [0, 1]
+    assert analyze_main([run_id, "--subsets", "1", "--points", "2", "--no-progress"]) == [0, 1]
+    print(f"train {t1 - t0:.1f} s, analyze {time.perf_counter() - t1:.1f} s")
+    metrics = client.get_run(run_id).data.metrics
+    assert metrics["ntk/trace/train"] > 0 and 0 < metrics["ntk/entropy/test"] <= np.log(2) + 1e-9
