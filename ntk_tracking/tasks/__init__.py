@@ -14,6 +14,7 @@ _MODULES = {
     "fuel_efficiency": "ntk_tracking.tasks.supervised",
     "mnist_dense": "ntk_tracking.tasks.supervised",
     "mnist_cnn": "ntk_tracking.tasks.supervised",
+    "pong_actor_critic": "ntk_tracking.tasks.pong_actor_critic",
 }
 
 TASK_NAMES = tuple(sorted(_MODULES))
