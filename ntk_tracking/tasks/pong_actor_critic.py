@@ -1,7 +1,7 @@
 """The RL study (paper §4, Fig. 3c): PPO with a CNN actor and a CNN critic on Pong.
 
     mlflow run . -e pong_actor_critic --env-manager local
-    python -m pipelines.pong_actor_critic --epochs 400
+    python -m pipelines.pong_actor_critic --epochs 300
 
 One task epoch is one PPO update; metrics and checkpoints use step = update, and
 `train/episodes` maps updates to training episodes (the paper's x axis).
@@ -28,7 +28,7 @@ class PongConfig(TaskConfig):
     test_size: int | None = option(None, "unused by RL", cli=False)
     # Environment.
     env: str = option("Pong-fixed", "Pong-fixed (corrected, see README) or Pong-misc (gymnax's original)")
-    max_steps: int = option(1000, "episode step limit (return = steps the ball stays in play)")
+    max_steps: int = option(200, "episode step limit (return = steps the ball stays in play; gymnax: 1000)")
     # Agent.
     channels: int = option(4, "channels of the first convolution (the second has twice as many)")
     hidden: int = option(32, "units of the dense hidden layer of actor and critic")
@@ -37,7 +37,7 @@ class PongConfig(TaskConfig):
     num_steps: int = option(64, "steps per environment per rollout (one update)")
     num_minibatches: int = option(4, "minibatches per optimization epoch; must divide num_envs × num_steps")
     update_epochs: int = option(2, "optimization epochs over each rollout")
-    learning_rate: float = option(1e-3, "Adam step size")
+    learning_rate: float = option(2.5e-3, "Adam step size")
     anneal_lr: bool = option(True, "anneal the step size linearly to 0 over the updates")
     gamma: float = option(0.99, "discount factor")
     gae_lambda: float = option(0.95, "GAE λ")
@@ -91,7 +91,7 @@ class PongData:
 class PongActorCriticTask(Task):
     name = "pong_actor_critic"
     config_class = PongConfig
-    defaults = dict(epochs=400, cv_every=50, cv_log_points=16)
+    defaults = dict(epochs=300, cv_every=50, cv_log_points=16)
     summary = "a CNN actor-critic (PPO) learning Pong (paper §4, Fig. 3c)"
     step_name = "PPO update"
     loss_metrics = ("train/episode_return",)
