@@ -1,7 +1,7 @@
 """Does the default PPO agent learn the corrected Pong? Train (tracked, as a user would), evaluate,
 compare with random and the scripted tracker, optionally analyze the NTK, draw the figures.
 
-    nice python benchmarks/pong_learning.py --store /tmp/pong_bench [--analyze] [-- --epochs 300 ...]
+    nice python benchmarks/pong_learning.py --store pong_bench [--analyze] [-- --epochs 300 ...]
 
 Prints env steps, wall time, returns and, with --analyze, the per-checkpoint collective
 variables used in studies/pong_rl.md; writes docs/pong_learning.png (and docs/pong_rl_evolution.png).
