@@ -10,6 +10,7 @@ key — lives in the `Runner` pytree.
 
 from __future__ import annotations
 
+import functools
 import time
 from typing import Any, Callable, NamedTuple
 
@@ -20,7 +21,7 @@ import optax
 from flax.training.train_state import TrainState
 from tqdm.auto import tqdm
 
-from ntk_tracking.envs.pong import evaluate_policy
+from ntk_tracking.envs.pong import evaluate_policy, make_env
 from ntk_tracking.models import actor_critic
 
 
@@ -194,6 +195,19 @@ def make_evaluate(config, env, env_params, num_envs: int):
     return evaluate
 
 
+@functools.lru_cache(maxsize=8)
+def _compiled(config):
+    """One compiled update and evaluation per configuration (resumed runs in one process reuse them)."""
+    env, env_params = make_env(config.env, config.max_steps)
+    return make_update(config, env, env_params), make_evaluate(config, env, env_params, config.eval_envs)
+
+
+def _is_default_env(config, data) -> bool:
+    """Whether `data` is what load_data builds from `config` (then the cached functions apply)."""
+    env, env_params = make_env(config.env, config.max_steps)
+    return type(data.env) is type(env) and data.params == env_params
+
+
 def fit(config, data, runner: Runner, start_epoch: int, on_epoch: Callable[[int, Runner, dict], None],
         progress: bool = True, eval_epochs=()) -> Runner:
     """PPO updates start_epoch+1 … config.epochs (one update per task epoch), calling on_epoch after each.
@@ -201,8 +215,8 @@ def fit(config, data, runner: Runner, start_epoch: int, on_epoch: Callable[[int,
     Update 0 reports the initial policy's evaluation return; `eval/episode_return` is measured
     at `eval_epochs` with a key that is a function of (seed, epoch), so resumed runs repeat it.
     """
-    update = make_update(config, data.env, data.params)
-    evaluate = make_evaluate(config, data.env, data.params, config.eval_envs)
+    update, evaluate = _compiled(config) if _is_default_env(config, data) else (
+        make_update(config, data.env, data.params), make_evaluate(config, data.env, data.params, config.eval_envs))
     eval_epochs = set(eval_epochs)
 
     def eval_return(runner, epoch):
