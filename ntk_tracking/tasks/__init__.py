@@ -18,6 +18,7 @@ _MODULES = {
     "molpcba_gnn": "ntk_tracking.tasks.molpcba",
     "cifar_resnet": "ntk_tracking.tasks.cifar_resnet",
     "mnist_vae": "ntk_tracking.tasks.mnist_vae",
+    "pong_actor_critic": "ntk_tracking.tasks.pong_actor_critic",
 }
 
 TASK_NAMES = tuple(sorted(_MODULES))
