@@ -20,6 +20,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from ntk_tracking import tracking
+from ntk_tracking.confine import check_data_paths
 from ntk_tracking.checkpointing import CheckpointError, CheckpointStore
 from ntk_tracking.ntk import IMPLEMENTATIONS, NTK, Measurement, check_against_ntvp, draw_subsets
 from ntk_tracking.tasks import PRIMARY_NETWORK, TASK_NAMES, ProbeContext, get_task
@@ -70,7 +71,10 @@ def metric_key(name: str, split: str, network: str = PRIMARY_NETWORK) -> str:
 class Analyzer:
     """The collective variables of one training run, checkpoint by checkpoint."""
 
-    def __init__(self, run_id: str, settings: AnalysisSettings, mlflow_client=None):
+    def __init__(self, run_id: str, settings: AnalysisSettings, mlflow_client=None,
+                 data_paths: tuple[str, ...] = ()):
+        """`data_paths`: files or folders a run's config may name as data besides the current
+        directory (see ntk_tracking.confine)."""
         settings = settings.validate()
         self.client = mlflow_client or tracking.client()
         self.run_id = run_id
@@ -88,6 +92,7 @@ class Analyzer:
             )
         self.task = get_task(saved["task"])
         self.config = self.task.config_from_dict(saved)
+        check_data_paths(self.config, data_paths, run_id)
         known = self.task.default_probe_sets()
         if tuple(settings.splits) == AUTO_SPLITS:
             settings = dataclasses.replace(settings, splits=tuple(known))
@@ -265,6 +270,6 @@ class Analyzer:
 
 
 def analyze_run(run_id: str, settings: AnalysisSettings | None = None, follow: bool = False,
-                poll_seconds: float = 10.0, progress: bool = True) -> list[int]:
+                poll_seconds: float = 10.0, progress: bool = True, data_paths: tuple[str, ...] = ()) -> list[int]:
     """Analyze run `run_id`; returns the checkpoint epochs analyzed by this call."""
-    return Analyzer(run_id, settings or AnalysisSettings()).run(follow, poll_seconds, progress)
+    return Analyzer(run_id, settings or AnalysisSettings(), data_paths=data_paths).run(follow, poll_seconds, progress)

@@ -8,6 +8,7 @@ staging directory and each finished step is uploaded by a background thread.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import os
@@ -24,6 +25,7 @@ import orbax.checkpoint as ocp
 from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
 from mlflow.utils.file_utils import local_file_uri_to_path
 from orbax.checkpoint import checkpoint_managers
+from orbax.checkpoint._src import asyncio_utils as _ocp_asyncio
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +47,36 @@ class _DropOrbaxInfo(logging.Filter):
 
 
 _QUIET = _DropOrbaxInfo()
+
+
+def _run_sync_until_settled(coro):
+    """Orbax's one-shot event loop (`asyncio_utils._run_sync_via_new_loop`), closed only once
+    every task on it has settled.
+
+    Orbax runs each synchronous save or restore on a fresh event loop and closes it as soon as
+    the top coroutine returns. When one array read of a restore fails (a corrupt step), that
+    coroutine raises at once while the reads of the other arrays are still in flight in
+    TensorStore's threads; they finish after the loop is closed, and their completion callback
+    (`loop.call_soon_threadsafe`) raises `RuntimeError: Event loop is closed` as an unraisable
+    exception in a background thread. Here the loop first waits for those tasks, then closes.
+    """
+    loop = asyncio.new_event_loop()
+    try:
+        asyncio.set_event_loop(loop)
+        return loop.run_until_complete(coro)
+    finally:
+        try:
+            pending = asyncio.all_tasks(loop)
+            if pending:
+                loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
+        finally:
+            asyncio.set_event_loop(None)
+            loop.close()
+
+
+# Orbax's run_sync looks the helper up at call time; an Orbax without it keeps its own.
+if hasattr(_ocp_asyncio, "_run_sync_via_new_loop"):
+    _ocp_asyncio._run_sync_via_new_loop = _run_sync_until_settled
 
 
 def _on_default_device(abstract):

@@ -13,8 +13,9 @@ RESUME_INTERVAL_SECONDS = 60  # the tracked wrapper's default; kept here so --he
 
 
 def _fail(message: str) -> "NoReturn":  # noqa: F821
-    from ntk_tracking.tracking import fail_launched_run
+    from ntk_tracking.tracking import fail_launched_run, redact
 
+    message = redact(message)
     fail_launched_run(message)
     print(f"error: {message}", file=sys.stderr)
     raise SystemExit(2)
@@ -87,6 +88,9 @@ def prepare_training(task: str, argv=None):
     try:
         config = config_from_args(task, args)
         dataset = t.load_data(config)
+        from ntk_tracking.tracking import prepare_tracking
+
+        prepare_tracking()  # a dead server is named now, not after minutes of retries
     except ValueError as err:
         _fail(str(err))
     return args, config, dataset
@@ -127,6 +131,9 @@ def analyze_parser() -> argparse.ArgumentParser:
     p.add_argument("--implementation", default="auto", help="NTK implementation: structured, jacobian, ntvp or auto")
     p.add_argument("--memory-budget-mb", "--memory_budget_mb", dest="memory_budget_mb", type=int, default=0,
                    help="peak memory for kernel blocks in MiB; 0 = the engine default (4096)")
+    p.add_argument("--allow-data-path", "--allow_data_path", dest="allow_data_path", action="append", default=[],
+                   help="a file or folder outside the current directory that the run's recorded dataset "
+                   "may name (repeatable); without it such paths are refused")
     p.add_argument("--follow", action="store_true", help="keep analyzing while the training run writes checkpoints")
     p.add_argument("--poll-seconds", type=float, default=10.0, help="with --follow: seconds between looks")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -140,6 +147,7 @@ def analyze_main(argv=None) -> list[int] | dict[str, list[int]]:
     from ntk_tracking.analyze import AnalysisSettings, Analyzer
 
     try:
+        tracking.prepare_tracking()
         settings = AnalysisSettings(
             num_subsets=args.subsets, subset_size=args.points,
             splits=tuple(s.strip() for s in args.splits.split(",") if s.strip()),
@@ -157,11 +165,12 @@ def analyze_main(argv=None) -> list[int] | dict[str, list[int]]:
                 raise ValueError("--follow follows one training run; analyze a sweep once its children finished")
             if os.environ.get("MLFLOW_RUN_ID"):
                 tracking.client().set_tag(os.environ["MLFLOW_RUN_ID"], "ntk_tracking.analyzed_run", args.run_id)
-            analyzed = analyze_sweep(args.run_id, settings, progress=not args.no_progress)
+            analyzed = analyze_sweep(args.run_id, settings, progress=not args.no_progress,
+                                     data_paths=tuple(args.allow_data_path))
             print(f"analyzed {sum(map(len, analyzed.values()))} checkpoint(s) of {len(analyzed)} "
                   f"finished child run(s) of sweep {args.run_id}")
             return analyzed
-        analyzer = Analyzer(args.run_id, settings)
+        analyzer = Analyzer(args.run_id, settings, data_paths=tuple(args.allow_data_path))
         if os.environ.get("MLFLOW_RUN_ID"):  # launched by `mlflow run`: point its run at the analyzed one
             analyzer.client.set_tag(os.environ["MLFLOW_RUN_ID"], "ntk_tracking.analyzed_run", args.run_id)
         epochs = analyzer.run(follow=args.follow, poll_seconds=args.poll_seconds, progress=not args.no_progress)

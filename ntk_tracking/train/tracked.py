@@ -42,15 +42,49 @@ def run_training(task, config, dataset, progress: bool = True, experiment: str |
         mlflow.set_experiment(experiment)
     # A launched or resumed run (MLFLOW_RUN_ID) keeps its name; a new one is named by its architecture.
     name = None if os.environ.get("MLFLOW_RUN_ID") else task.run_name(config)
-    with mlflow.start_run(run_name=name) as active:
-        run_id = active.info.run_id
-        client = tracking.client()
-        try:
-            _train_in_run(client, run_id, task, config, dataset, progress, resume_interval_seconds or None)
-        except BaseException as err:
-            client.set_tag(run_id, "error", f"{type(err).__name__}: {err}"[:5000])
-            raise
+    run_id = mlflow.start_run(run_name=name).info.run_id
+    client = tracking.client()
+    try:
+        _train_in_run(client, run_id, task, config, dataset, progress, resume_interval_seconds or None)
+        mlflow.end_run()
+    except BaseException as err:
+        lost = not isinstance(err, KeyboardInterrupt) and _server_lost()
+        if not lost:
+            _quietly(client.set_tag, run_id, "error", tracking.redact(f"{type(err).__name__}: {err}")[:5000])
+        _quietly(mlflow.end_run, "KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED")
+        if lost:
+            raise TrackingServerLost(
+                f"lost the tracking server {tracking.redact_uri(mlflow.get_tracking_uri())} while training "
+                f"run {run_id} ({tracking.redact(f'{type(err).__name__}: {err}')[:300]}). Training "
+                "stopped; every epoch whose metrics and checkpoints reached the server is kept. Once "
+                f"the server is back, continue the run with MLFLOW_RUN_ID={run_id} and the same command "
+                f"(or `mlflow run . -e {config.task} --run-id {run_id}`): it resumes from its last resume "
+                "checkpoint and logs no epoch twice") from None
+        raise
     return run_id
+
+
+class TrackingServerLost(tracking.RunError):
+    """The tracking server stopped answering during training (the run can be relaunched)."""
+
+
+def _server_lost() -> bool:
+    """After a failure: whether an http(s) tracking server has stopped answering."""
+    if not tracking.is_http_uri(mlflow.get_tracking_uri()):
+        return False
+    try:
+        tracking.check_reachable(timeout=3.0)
+    except ValueError:
+        return True
+    return False
+
+
+def _quietly(call, *args) -> None:
+    """A best-effort tracking call while handling an error (the store may be gone)."""
+    try:
+        call(*args)
+    except Exception:  # noqa: BLE001 - the original error is the one to report
+        pass
 
 
 def _train_in_run(client, run_id: str, task, config, dataset, progress: bool,

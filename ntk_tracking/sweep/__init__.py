@@ -1,0 +1,29 @@
+"""Sweeps: a grid of training runs recorded as one MLflow parent run with a child run per point.
+
+    ntk-tracking sweep --task mnist_dense --widths 16,64,256 --depths 1,2,4 --activations relu,tanh
+    ntk-tracking sweep --widths 16,64 --depths 1,2 --executor ray --ray-address auto --cpus-per-run 2
+    mlflow run . -e sweep --env-manager local -P widths=16,64 -P depths=1,2 -P epochs=5
+    python -m pipelines.sweep --help
+
+Each child is a normal tracked training run: `python -m pipelines.<task>` in a subprocess with
+MLFLOW_RUN_ID set to the child, so it writes config.json, per-epoch metrics and CV checkpoints
+exactly as a training entry point does, and resumes from its resume checkpoint when relaunched.
+Children are created up front with a stable key tag; relaunching the sweep with the parent's id
+skips FINISHED children and reruns (resumes) the others. The subprocess runs on this machine
+(`--executor local`, the default) or inside a Ray task on a cluster (`--executor ray`).
+
+Modules: spec (grid and command line), plan (checks before any run exists), run (parent run,
+children, local executor), ray_executor, analysis, cli.
+"""
+
+from ntk_tracking.sweep.analysis import analyze_sweep
+from ntk_tracking.sweep.cli import sweep_main
+from ntk_tracking.sweep.plan import SweepPlan, find_children, is_sweep_run, plan_sweep
+from ntk_tracking.sweep.run import ChildResult, SweepResult, execute_sweep, print_summary, run_sweep
+from ntk_tracking.sweep.spec import (FAILED_TAG, GRID, GRID_DEFAULTS, KEY_TAG, KIND_TAG, PARENT_TAG, SPEC_ARTIFACT,
+                                     TASK_TAG, SweepSpec, child_key, parse_sweep, sweep_parser)
+
+__all__ = ["FAILED_TAG", "GRID", "GRID_DEFAULTS", "KEY_TAG", "KIND_TAG", "PARENT_TAG", "SPEC_ARTIFACT", "TASK_TAG",
+           "ChildResult", "SweepPlan", "SweepResult", "SweepSpec", "analyze_sweep", "child_key", "execute_sweep",
+           "find_children", "is_sweep_run", "parse_sweep", "plan_sweep", "print_summary", "run_sweep",
+           "sweep_main", "sweep_parser"]

@@ -1,0 +1,51 @@
+"""Analyzing a sweep: every finished child's pending checkpoints under one progress bar."""
+
+from __future__ import annotations
+
+import warnings
+
+from tqdm.auto import tqdm
+
+from ntk_tracking import tracking
+from ntk_tracking.sweep.plan import find_children, is_sweep_run
+from ntk_tracking.sweep.spec import KIND_TAG
+
+
+def analyze_sweep(parent_run_id: str, settings=None, progress: bool = True,
+                  mlflow_client=None, data_paths: tuple[str, ...] = ()) -> dict[str, list[int]]:
+    """Analyze every FINISHED child's pending checkpoints under one progress bar; child id -> epochs."""
+    from ntk_tracking.analyze import AnalysisSettings, Analyzer
+
+    client = mlflow_client or tracking.client()
+    if not is_sweep_run(parent_run_id, client):
+        raise tracking.RunError(f"run {parent_run_id} is not a sweep's parent run (no {KIND_TAG}=sweep tag)")
+    children = find_children(client, parent_run_id)
+    unfinished = sorted(k for k, r in children.items() if r.info.status != "FINISHED")
+    if unfinished:
+        print(f"sweep {parent_run_id}: not analyzing unfinished children {', '.join(unfinished)}")
+    settings = settings or AnalysisSettings()
+    # Every child is checked (settings, config) before any is measured.
+    analyzers = {k: Analyzer(r.info.run_id, settings, client, data_paths=data_paths)
+                 for k, r in sorted(children.items()) if r.info.status == "FINISHED"}
+    pending = {k: a.pending_epochs() for k, a in analyzers.items()}
+    for k, a in analyzers.items():
+        if not pending[k] and not a.store.cv_epochs():
+            warnings.warn(f"child {k} ({a.run_id}) has no CV checkpoints", RuntimeWarning, stacklevel=2)
+    bar = tqdm(total=sum(map(len, pending.values())), desc=f"NTK sweep {parent_run_id[:8]}",
+               unit="ckpt", disable=not progress)
+    analyzed = {}
+    try:
+        for key in list(analyzers):
+            analyzer = analyzers.pop(key)  # dropped after its child: measurements hold data
+            done = []
+            for epoch in pending[key]:
+                bar.set_postfix(child=key, epoch=epoch)
+                if analyzer.analyze_epoch(epoch) is not None:
+                    done.append(epoch)
+                bar.update(1)
+            if done:
+                analyzer.log_figure()
+            analyzed[analyzer.run_id] = done
+    finally:
+        bar.close()
+    return analyzed

@@ -1,0 +1,78 @@
+"""`ntk-tracking sweep …`: parse, plan, train every child, optionally analyze."""
+
+from __future__ import annotations
+
+import sys
+
+from ntk_tracking import tracking
+from ntk_tracking.confine import looks_like_path
+from ntk_tracking.sweep.analysis import analyze_sweep
+from ntk_tracking.sweep.plan import plan_sweep
+from ntk_tracking.sweep.run import execute_sweep, print_summary
+from ntk_tracking.sweep.spec import parse_sweep
+
+
+def _fail(message: str):
+    message = tracking.redact(message)
+    tracking.fail_launched_run(message)
+    print(f"error: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+def sweep_main(argv=None) -> str:
+    """`ntk-tracking sweep …`: returns the parent run id; exits 1 if a child did not finish."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        spec, args = parse_sweep(argv)
+        settings = None
+        if args.analyze:
+            from ntk_tracking.analyze import AnalysisSettings
+
+            settings = AnalysisSettings(
+                num_subsets=args.subsets, subset_size=args.points, seed=args.analysis_seed,
+                splits=tuple(s.strip() for s in args.splits.split(",") if s.strip()),
+                implementation=args.implementation).validate()
+        data_paths = tuple(v for v in (spec.fixed.get("dataset"),) if isinstance(v, str) and looks_like_path(v))
+        executor = None
+        if args.executor == "ray":
+            from ntk_tracking.sweep.ray_executor import RayExecutor, check_tracking_uri_for_ray
+
+            check_tracking_uri_for_ray()
+            executor = RayExecutor(args.ray_address, args.cpus_per_run, args.gpus_per_run,
+                                   None if settings is None else _analysis_argv(args, data_paths))
+        tracking.prepare_tracking()
+        plan = plan_sweep(spec, args.parent_run_id or None, args.experiment)
+        if executor is not None:
+            executor.prepare()
+    except ValueError as err:  # RunError included
+        _fail(str(err))
+    result = execute_sweep(plan, args.workers, progress=not args.no_progress, executor=executor)
+    print_summary(result, plan.client)
+    if executor is not None and settings is not None:
+        errors = executor.analysis_errors
+        print(f"analyzed every finished child on Ray" + (f"; {len(errors)} analysis failed" if errors else ""))
+        if errors:
+            raise SystemExit(1)
+    elif settings is not None:
+        try:
+            analyzed = analyze_sweep(result.parent_run_id, settings, progress=not args.no_progress,
+                                     mlflow_client=plan.client, data_paths=data_paths)
+        except ValueError as err:  # e.g. children analyzed earlier with other settings; training stands
+            print(f"error: analysis of sweep {result.parent_run_id}: {err}", file=sys.stderr)
+            raise SystemExit(2) from None
+        print(f"analyzed {sum(map(len, analyzed.values()))} checkpoint(s) of {len(analyzed)} finished children")
+    else:
+        print(f"measure the NTK of every finished child with: ntk-tracking analyze {result.parent_run_id}")
+    if result.failed:
+        raise SystemExit(1)
+    return result.parent_run_id
+
+
+
+def _analysis_argv(args, data_paths) -> list[str]:
+    """`ntk-tracking analyze` options of each child's analysis task (the sweep's settings)."""
+    argv = ["--subsets", str(args.subsets), "--points", str(args.points), "--splits", args.splits,
+            "--seed", str(args.analysis_seed), "--implementation", args.implementation, "--no-progress"]
+    for path in data_paths:
+        argv += ["--allow-data-path", path]
+    return argv

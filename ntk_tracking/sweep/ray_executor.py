@@ -1,0 +1,246 @@
+"""Children as Ray tasks: each runs the same training process as the local executor, on a cluster.
+
+    ntk-tracking sweep --widths 16,64 --depths 1,2 --executor ray --ray-address auto --cpus-per-run 2
+
+A Ray task starts `python -m pipelines.<task> …` with MLFLOW_RUN_ID set to its child, exactly as
+the local executor does, so the child logs its own metrics, checkpoints and (from the task) its
+log, and a relaunched child resumes from its resume checkpoint. The training process dies with
+the Ray worker that started it (PR_SET_DEATHSIG), so a worker lost mid-run leaves no orphan
+training the same run; Ray then retries the task (`MAX_RETRIES`), and the retry resumes. A
+training process killed by a signal (e.g. the OOM killer) is retried the same way; one that
+exits with an error is not (it would fail again). With analysis settings, each finished child's
+`ntk-tracking analyze` runs as a further Ray task with the same resources.
+
+Every worker reaches the tracking server itself, so the tracking URI must be an http(s) server
+(`mlflow server`), never a local sqlite or file store.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import mlflow
+
+from ntk_tracking import tracking
+from ntk_tracking.sweep.run import _Runner, child_variables, process_env
+MAX_RETRIES = 3  # Ray retries of a child whose worker or training process was killed
+MAX_IN_FLIGHT = 256  # children submitted at once (Ray queues them by resources)
+CONNECT_TIMEOUT_SECONDS = 10.0
+_CREDENTIALS = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN",
+                "MLFLOW_TRACKING_INSECURE_TLS", "MLFLOW_TRACKING_SERVER_CERT_PATH")
+_SERVER_HOWTO = (
+    "start a tracking server that every Ray node can reach, e.g. `mlflow server --host 0.0.0.0 "
+    "--port 5000 --backend-store-uri sqlite:///mlflow.db --artifacts-destination ./mlartifacts` "
+    "(a database such as postgresql://… and an object store such as s3://… for a real cluster), "
+    "then set MLFLOW_TRACKING_URI=http://<this host>:5000")
+
+
+class ChildProcessKilled(RuntimeError):
+    """A child's training process was killed by a signal: Ray retries the task."""
+
+
+def check_tracking_uri_for_ray(uri: str | None = None) -> None:
+    """ValueError unless the tracking URI is a server that workers on other machines can reach."""
+    uri = uri or mlflow.get_tracking_uri()
+    if not tracking.is_http_uri(uri):
+        raise ValueError(f"--executor ray needs a tracking server that every worker can reach, but the "
+                         f"tracking URI is {tracking.redact_uri(uri)!r} (a store on this machine); {_SERVER_HOWTO}")
+    host = urlsplit(uri).hostname or ""
+    if host in ("localhost", "127.0.0.1", "::1"):
+        print(f"note: the tracking URI {tracking.redact_uri(uri)} names this machine: fine for a "
+              "single-node Ray cluster, unreachable from other nodes", file=sys.stderr)
+
+
+def _check_address(address: str) -> None:
+    """ValueError within CONNECT_TIMEOUT_SECONDS if a HOST:PORT (or ray://HOST:PORT) does not accept."""
+    if address == "auto":
+        return
+    target = address.removeprefix("ray://")
+    host, sep, port = target.rpartition(":")
+    if not sep or not port.isdigit() or not host:
+        raise ValueError(f"--ray-address {address!r}: expected auto, HOST:PORT or ray://HOST:PORT "
+                         "(the head node's GCS port, 6379 by default)")
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=CONNECT_TIMEOUT_SECONDS):
+            pass
+    except OSError as err:
+        raise ValueError(f"cannot reach a Ray cluster at {address} within {CONNECT_TIMEOUT_SECONDS:.0f} s "
+                         f"({err}); start one with `ray start --head --port 6379` on the head node and "
+                         "`ray start --address HEAD:6379` on the others, or leave --ray-address empty "
+                         "to start Ray on this machine") from None
+
+
+def connect(address: str | None) -> None:
+    """Join the Ray cluster at `address` (auto, HOST:PORT, ray://…); empty: RAY_ADDRESS, else a
+    Ray started on this machine; an initialized Ray is kept. ValueError if it cannot be reached."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS") or None
+    if address is not None:
+        _check_address(address)
+    try:
+        ray.init(address=address, log_to_driver=False, configure_logging=False)
+    except (ConnectionError, RuntimeError) as err:
+        raise ValueError(f"cannot connect to the Ray cluster at {address or 'auto'}: {err}; start it "
+                         "with `ray start --head`, or leave --ray-address empty to start Ray here") from None
+
+
+def _die_with_parent() -> None:
+    """In the child process: be killed when the Ray worker that started it dies (Linux)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+def run_child_process(module_argv: list[str], variables: dict[str, str], run_id: str,
+                      log_artifact: str | None) -> tuple[int, str]:
+    """The body of a Ray task: `python -m <module_argv>` with `variables`; returns (exit status,
+    last log lines). Uploads the log to `log_artifact` of `run_id`; raises ChildProcessKilled
+    when a signal killed the process, so that Ray retries."""
+    from ntk_tracking.sweep.run import _LOG_TAIL_LINES, _tail
+
+    env = process_env(variables)
+    with tempfile.TemporaryDirectory(prefix="ntk-ray-child-") as tmp:
+        log_path = Path(tmp) / ("analyze.log" if module_argv[0] == "pipelines.analyze" else "train.log")
+        with open(log_path, "w") as log:
+            proc = subprocess.Popen([sys.executable, "-m", *module_argv], stdout=log, stderr=subprocess.STDOUT,
+                                    env=env, preexec_fn=_die_with_parent)
+            try:
+                returncode = proc.wait()
+            except KeyboardInterrupt:  # ray.cancel: let the child end its run and flush checkpoints
+                proc.send_signal(signal.SIGINT)
+                try:
+                    proc.wait(30)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                raise
+        if log_artifact is not None:
+            try:
+                mlflow.MlflowClient(variables["MLFLOW_TRACKING_URI"]).log_artifact(run_id, str(log_path), log_artifact)
+            except Exception as err:  # noqa: BLE001 - the outcome matters more than the log
+                print(f"could not upload the log of run {run_id}: {tracking.redact(str(err))}", file=sys.stderr)
+        tail = _tail(log_path, _LOG_TAIL_LINES)
+    if returncode < 0 and -returncode in (signal.SIGKILL, signal.SIGTERM, signal.SIGBUS, signal.SIGSEGV):
+        raise ChildProcessKilled(f"{returncode}\n{tail}")
+    return returncode, tail
+
+
+class RayExecutor:
+    """Where and with what resources children run on Ray; `analysis_argv`: analyze finished children."""
+
+    analyzes: bool
+
+    def __init__(self, address: str | None = None, cpus_per_run: float = 1.0, gpus_per_run: float = 0.0,
+                 analysis_argv: list[str] | None = None):
+        if not cpus_per_run > 0:
+            raise ValueError(f"--cpus-per-run must be > 0, got {cpus_per_run}")
+        if not gpus_per_run >= 0:
+            raise ValueError(f"--gpus-per-run must be ≥ 0, got {gpus_per_run}")
+        self.address, self.cpus, self.gpus = address or None, float(cpus_per_run), float(gpus_per_run)
+        self.analysis_argv = analysis_argv
+        self.analyzes = analysis_argv is not None
+        self.analysis_errors: list[str] = []
+
+    def prepare(self) -> None:
+        """Every check before any run is created: the tracking URI, the cluster and its resources."""
+        tracking.configure_http()
+        check_tracking_uri_for_ray()
+        tracking.check_reachable()
+        connect(self.address)
+        import ray
+
+        total = ray.cluster_resources()
+        for name, need in (("CPU", self.cpus), ("GPU", self.gpus)):
+            if need > total.get(name, 0.0):
+                raise ValueError(f"each child asks for {need:g} {name}(s) (--{name.lower()}s-per-run) but the "
+                                 f"Ray cluster has {total.get(name, 0.0):g} in all; ask for fewer or add nodes")
+
+    def describe(self) -> str:
+        return f"{self.cpus:g} CPU, {self.gpus:g} GPU per child"
+
+    def concurrency(self, jobs: int) -> int:
+        return min(jobs, MAX_IN_FLIGHT)
+
+    def runner(self, plan, log_root: Path, write) -> _Runner:
+        return _RayRunner(plan, log_root, write, self)
+
+
+class _RayRunner(_Runner):
+    """Each child's training (and analysis) as Ray tasks; the driver records outcomes only."""
+
+    uploads_logs = False
+
+    def __init__(self, plan, log_root: Path, write, executor: RayExecutor):
+        import ray
+
+        super().__init__(plan, log_root, write)
+        self.executor = executor
+        self.refs: set = set()
+        self.remote = ray.remote(run_child_process).options(
+            num_cpus=executor.cpus, num_gpus=executor.gpus, max_retries=MAX_RETRIES,
+            retry_exceptions=[ChildProcessKilled])
+        self.analysis_errors = executor.analysis_errors
+
+    def _call(self, module_argv: list[str], variables: dict, run_id: str, log_artifact: str) -> int | None:
+        import ray
+
+        ref = self.remote.remote(module_argv, {**variables, **_credentials()}, run_id, log_artifact)
+        with self.lock:
+            self.refs.add(ref)
+        try:
+            return ray.get(ref)[0]
+        except ray.exceptions.RayTaskError as err:
+            cause = err.cause if isinstance(err.cause, ChildProcessKilled) else None
+            if cause is None:
+                raise
+            return int(str(cause).split("\n", 1)[0])
+        except (ray.exceptions.WorkerCrashedError, ray.exceptions.NodeDiedError, ray.exceptions.TaskCancelledError):
+            return None
+        finally:
+            with self.lock:
+                self.refs.discard(ref)
+
+    def train(self, key: str, run_id: str, log_path: Path) -> int | None:
+        plan = self.plan
+        argv = [f"pipelines.{plan.spec.task}", *plan.spec.child_argv(plan.points[key])]
+        returncode = self._call(argv, child_variables(run_id, plan.experiment_id), run_id, "logs")
+        log_path.write_text("(the log is the run's artifact logs/train.log)\n")
+        return returncode
+
+    def run(self, key: str, run_id: str, train: bool = True):
+        result = super().run(key, run_id, train)
+        if self.executor.analyzes and result.status == "FINISHED" and not self.stopping.is_set():
+            argv = ["pipelines.analyze", run_id, *self.executor.analysis_argv]
+            code = self._call(argv, child_variables(None, self.plan.experiment_id), run_id, "logs")
+            if code != 0:
+                message = (f"analysis of child {key} ({run_id}) failed ({code}); see its artifact "
+                           "logs/analyze.log")
+                self.analysis_errors.append(message)
+                self.write(message)
+        return result
+
+    def stop(self, grace_seconds: float = 30.0) -> None:
+        import ray
+
+        self.stopping.set()
+        with self.lock:
+            refs = list(self.refs)
+        for ref in refs:
+            ray.cancel(ref)
+
+
+def _credentials() -> dict[str, str]:
+    """The driver's tracking credentials for workers that lack their own."""
+    return {k: os.environ[k] for k in _CREDENTIALS if k in os.environ}

@@ -1,0 +1,208 @@
+"""What a sweep trains: the grid, the fixed training options, and the sweep's command line."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import itertools
+import json
+
+from ntk_tracking import tracking
+from ntk_tracking.cli import config_from_args, train_parser
+from ntk_tracking.tasks import TASK_NAMES, get_task
+
+KIND_TAG = "ntk_tracking.kind"
+TASK_TAG = "ntk_tracking.task"
+KEY_TAG = "ntk_tracking.sweep_key"
+PARENT_TAG = "mlflow.parentRunId"
+FAILED_TAG = "ntk_tracking.sweep_failed"
+SPEC_ARTIFACT = "sweep.json"
+# (config field, sweep option, value type): one child per combination, in this order.
+GRID = (("width", "widths", int), ("depth", "depths", int), ("activation", "activations", str),
+        ("init", "inits", str), ("learning_rate", "learning_rates", float), ("seed", "seeds", int))
+_GRID_FIELDS = tuple(f for f, _, _ in GRID)
+# A scan in the spirit of the paper's width × depth × activation figures; the other axes default
+# to the task's single value.
+GRID_DEFAULTS = {"widths": "16,64,256", "depths": "1,2,4", "activations": "relu,tanh"}
+EXECUTORS = ("local", "ray")
+_NOT_PASSED = {"help", "experiment", "no_progress", "resume_interval_seconds"}  # sweep-level options, not training values
+_LOG_TAIL_LINES = 15
+
+
+def _scan_tasks() -> list[str]:
+    """Tasks whose config has every grid field (the architecture scans)."""
+    return [t for t in TASK_NAMES if all(hasattr(get_task(t).default_config(), f) for f in _GRID_FIELDS)]
+
+
+def child_key(point: dict) -> str:
+    """The stable name of a grid point, e.g. w64-d2-relu-lecun_normal-lr0.001-s0."""
+    return (f"w{point['width']}-d{point['depth']}-{point['activation']}-{point['init']}"
+            f"-lr{point['learning_rate']!r}-s{point['seed']}")
+
+
+def _training_options(task: str) -> dict[str, argparse.Action]:
+    """The training entry point's options by destination, as children receive them."""
+    return {a.dest: a for a in train_parser(task)._actions if a.dest not in _NOT_PASSED}
+
+
+@dataclasses.dataclass
+class SweepSpec:
+    """What a sweep trains: the task, the grid (field -> values) and the fixed training options."""
+
+    task: str
+    grid: dict[str, list]
+    fixed: dict[str, object]
+
+    def points(self) -> list[dict]:
+        """Every grid point as {field: value}, in grid order."""
+        values = itertools.product(*(self.grid[f] for f in _GRID_FIELDS))
+        return [dict(zip(_GRID_FIELDS, v)) for v in values]
+
+    def child_argv(self, point: dict) -> list[str]:
+        """The training entry point's command line for one grid point (every value explicit)."""
+        argv = []
+        for dest, action in _training_options(self.task).items():
+            value = point[dest] if dest in point else self.fixed[dest]
+            if action.nargs == 0:  # a flag
+                argv += [action.option_strings[0]] if value else []
+            else:
+                argv += [action.option_strings[0], repr(value) if isinstance(value, float) else str(value)]
+        return argv + ["--no-progress"]
+
+    def config(self, point: dict):
+        """The validated task config of one grid point (ValueError naming the point)."""
+        try:
+            return config_from_args(self.task, argparse.Namespace(**self.fixed, **point))
+        except ValueError as err:
+            raise ValueError(f"grid point {child_key(point)}: {err}") from None
+
+    def to_dict(self) -> dict:
+        """The sweep.json document (JSON types only)."""
+        return json.loads(json.dumps({"task": self.task, "grid": self.grid, "fixed": self.fixed}))
+
+
+def _parse_list(text: str, convert, option: str, default) -> list:
+    """A comma-separated option value; empty means the task's default."""
+    items = [s.strip() for s in str(text).split(",")]
+    if not any(items):
+        return [default]
+    if not all(items):
+        raise ValueError(f"--{option}: empty item in {text!r}")
+    try:
+        values = [convert(s) for s in items]
+    except ValueError:
+        raise ValueError(f"--{option}: {text!r} is not a comma-separated list of {convert.__name__}") from None
+    duplicates = sorted({str(v) for v in values if values.count(v) > 1})
+    if duplicates:
+        raise ValueError(f"--{option}: {', '.join(duplicates)} given more than once")
+    return values
+
+
+def _or_default(convert, default):
+    """An argparse type where '' means the task's default (MLproject passes unset values as '')."""
+
+    def parse(text):
+        return default if text == "" else convert(text)
+
+    parse.__name__ = getattr(convert, "__name__", "value")
+    return parse
+
+
+def _yes_no(text: str) -> bool:
+    if text.lower() in ("1", "true", "yes", "y", "on"):
+        return True
+    if text.lower() in ("", "0", "false", "no", "n", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected yes or no, got {text!r}")
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse whose usage errors also end a run launched by `mlflow run` FAILED."""
+
+    def error(self, message):
+        tracking.fail_launched_run(f"{self.prog}: {message}")
+        super().error(message)
+
+
+def sweep_parser(task: str = "mnist_dense") -> argparse.ArgumentParser:
+    """The sweep's options; training defaults come from `task`."""
+    d = get_task(task).default_config()
+    p = _Parser(
+        prog="ntk-tracking sweep", allow_abbrev=False,
+        description="Train every combination of the grid as a child run of one MLflow parent run "
+        "(nested runs). Relaunch with --parent-run-id (or `mlflow run --run-id`) to skip finished "
+        "children and resume the others. Grid lists are comma-separated; an empty value means the "
+        "task's default.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--task", default=task, help=f"one of {list(TASK_NAMES)}")
+    grid = p.add_argument_group("grid (one child run per combination)")
+    for field, option, convert in GRID:
+        names = [f"--{option.replace('_', '-')}", f"--{field.replace('_', '-')}", f"--{option}", f"--{field}"]
+        grid.add_argument(*dict.fromkeys(names), dest=option, help=f"{field} values",
+                          default=GRID_DEFAULTS.get(option, str(getattr(d, field))))
+    fixed = p.add_argument_group("training options, the same for every child")
+    for dest, action in _training_options(task).items():
+        if dest in _GRID_FIELDS:
+            continue
+        if action.nargs == 0:
+            fixed.add_argument(*action.option_strings, dest=dest, action="store_true", help=action.help)
+        else:
+            fixed.add_argument(*action.option_strings, dest=dest, default=action.default, help=action.help or dest,
+                               type=_or_default(action.type or str, action.default))
+    run = p.add_argument_group("the sweep")
+    run.add_argument("--workers", type=int, default=1,
+                     help="local executor: children trained at once (one process each); on Ray the "
+                     "cluster's resources decide")
+    run.add_argument("--executor", default="local",
+                     help="where children train: local (subprocesses here) or ray (Ray tasks on a cluster)")
+    run.add_argument("--ray-address", "--ray_address", dest="ray_address", default="",
+                     help="with --executor ray: the cluster (auto, HOST:PORT, ray://HOST:PORT); empty: "
+                     "RAY_ADDRESS, else a Ray started on this machine")
+    run.add_argument("--cpus-per-run", "--cpus_per_run", dest="cpus_per_run", type=float, default=1.0,
+                     help="with --executor ray: CPUs each child's Ray task asks for")
+    run.add_argument("--gpus-per-run", "--gpus_per_run", dest="gpus_per_run", type=float, default=0.0,
+                     help="with --executor ray: GPUs each child's Ray task asks for")
+    run.add_argument("--parent-run-id", "--parent_run_id", dest="parent_run_id", default="",
+                     help="relaunch this sweep; empty: MLFLOW_RUN_ID under `mlflow run`, else a new parent run")
+    run.add_argument("--experiment", default=None, help="MLflow experiment of a new sweep; unset: the active one")
+    run.add_argument("--no-progress", action="store_true", help="no progress bars")
+    analysis = p.add_argument_group("analysis afterwards (ntk-tracking analyze on every finished child)")
+    analysis.add_argument("--analyze", nargs="?", const=True, default=False, type=_yes_no,
+                          help="measure the NTK of every finished child after training")
+    analysis.add_argument("--subsets", type=int, default=20, help="K: measurement subsets per split")
+    analysis.add_argument("--points", type=int, default=20, help="m: points per subset")
+    analysis.add_argument("--splits", default="auto", help="comma-separated probe sets; auto = the task's own")
+    analysis.add_argument("--analysis-seed", "--analysis_seed", dest="analysis_seed", type=int, default=0,
+                          help="seed of the measurement subsets")
+    analysis.add_argument("--implementation", default="auto", help="NTK implementation: structured, jacobian, ntvp or auto")
+    return p
+
+
+def parse_sweep(argv) -> tuple[SweepSpec, argparse.Namespace]:
+    """The spec and the sweep-level options; ValueError for any bad value (argparse exits on syntax)."""
+    pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    pre.add_argument("--task", default="mnist_dense")
+    task = pre.parse_known_args(argv)[0].task
+    if task not in TASK_NAMES:
+        raise ValueError(f"unknown task {task!r}; choose one of {list(TASK_NAMES)}")
+    lacking = [f for f in _GRID_FIELDS if not hasattr(get_task(task).default_config(), f)]
+    if lacking:
+        raise ValueError(f"the sweep grid scans {list(_GRID_FIELDS)}, but task {task!r} has no "
+                         f"{lacking}; sweep one of the tasks that have them: {', '.join(_scan_tasks())}")
+    args = sweep_parser(task).parse_args(argv)
+    d = get_task(task).default_config()
+    grid = {field: _parse_list(getattr(args, option), convert, option.replace("_", "-"), getattr(d, field))
+            for field, option, convert in GRID}
+    fixed = {dest: getattr(args, dest) for dest in _training_options(task) if dest not in _GRID_FIELDS}
+    if args.workers < 1:
+        raise ValueError(f"--workers must be ≥ 1, got {args.workers}")
+    if args.executor not in EXECUTORS:
+        raise ValueError(f"unknown --executor {args.executor!r}; choose one of {list(EXECUTORS)}")
+    if args.executor == "local" and args.ray_address:
+        raise ValueError("--ray-address needs --executor ray")
+    if not args.cpus_per_run > 0:
+        raise ValueError(f"--cpus-per-run must be > 0, got {args.cpus_per_run:g}")
+    if not args.gpus_per_run >= 0:
+        raise ValueError(f"--gpus-per-run must be ≥ 0, got {args.gpus_per_run:g}")
+    return SweepSpec(task, grid, fixed), args

@@ -1,0 +1,68 @@
+"""A real `mlflow server` on loopback for tests: start, stop and restart on the same port and store."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class MlflowServer:
+    """`mlflow server` with a SQLite backend and proxied artifacts under `root`."""
+
+    def __init__(self, root: Path, port: int | None = None):
+        self.root, self.port = Path(root), port or free_port()
+        self.uri = f"http://127.0.0.1:{self.port}"
+        self.artifacts = self.root / "artifacts"
+        self.log_path = self.root / "server.log"
+        self.process: subprocess.Popen | None = None
+
+    def start(self) -> "MlflowServer":
+        command = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri",
+                   f"sqlite:///{self.root}/srv.db", "--artifacts-destination", str(self.artifacts),
+                   "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1"]
+        env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+        env["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] = "false"  # its job runner delays shutdown
+        with open(self.log_path, "ab") as log:
+            self.process = subprocess.Popen(command, cwd=self.root, env=env, stdout=log,
+                                            stderr=subprocess.STDOUT, start_new_session=True)
+        return self
+
+    def wait_until_healthy(self, timeout: float = 120) -> "MlflowServer":
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                urllib.request.urlopen(f"{self.uri}/health", timeout=1)
+                return self
+            except OSError:
+                if self.process.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(self.log_path.read_text()[-3000:])
+                time.sleep(0.3)
+
+    def stop(self) -> None:
+        """Stops the server and its workers (its own process group)."""
+        if self.process is not None and self.process.poll() is None:
+            os.killpg(self.process.pid, 15)
+            try:
+                self.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, 9)
+                self.process.wait()
+        self.process = None
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:  # the port is free again
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.5):
+                    time.sleep(0.2)
+            except OSError:
+                return

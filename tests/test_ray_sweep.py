@@ -1,0 +1,144 @@
+"""Sweeps on Ray: a local cluster, a real tracking server, a worker killed mid-child."""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import textwrap
+
+import mlflow
+import pytest
+
+from ntk_tracking.sweep import find_children, sweep_main
+
+ray = pytest.importorskip("ray")
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+TINY = ["--epochs", "2", "--train-size", "64", "--test-size", "32", "--batch-size", "16", "--no-progress"]
+GRID = ["--widths", "4,8", "--depths", "1,2", "--activations", "relu"] + TINY
+VICTIM = "w8-d2-relu-lecun_normal-lr0.001-s0"
+
+# Imported by every Python process the test's Ray workers start: in the victim child's training
+# process, kill the Ray worker that runs it (its parent) right after epoch 1's metrics are logged,
+# once per run (a marker file). The training process dies with its worker (PR_SET_DEATHSIG).
+KILL_WORKER = textwrap.dedent("""
+    import os, sys
+    if os.environ.get("NTK_TEST_KILL_DIR") and "--width" in sys.orig_argv and any(
+            a.startswith("pipelines.") for a in sys.orig_argv):
+        argv = sys.orig_argv
+        if argv[argv.index("--width") + 1] == "8" and argv[argv.index("--depth") + 1] == "2":
+            from ntk_tracking import tracking
+            marker = os.path.join(os.environ["NTK_TEST_KILL_DIR"], os.environ["MLFLOW_RUN_ID"])
+            real_log = tracking.log_metrics
+            def log_then_kill(client, run_id, metrics, step):
+                real_log(client, run_id, metrics, step)
+                if step == 1 and not os.path.exists(marker):
+                    open(marker, "w").write(str(os.getppid()))
+                    os.kill(os.getppid(), 9)
+                    import time; time.sleep(60)  # dies with the worker
+            tracking.log_metrics = log_then_kill
+""")
+
+
+@pytest.fixture(scope="module")
+def cluster(shared_tracking_server, tmp_path_factory):
+    """A 2-CPU Ray on this machine whose workers import this checkout and the kill hook."""
+    hooks = tmp_path_factory.mktemp("hooks")
+    (hooks / "sitecustomize.py").write_text(KILL_WORKER)
+    kill_dir = tmp_path_factory.mktemp("killed")
+    saved = {k: os.environ.get(k) for k in ("PYTHONPATH", "NTK_TEST_KILL_DIR", "JAX_PLATFORMS")}
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(hooks), str(ROOT), saved["PYTHONPATH"]]))
+    os.environ["NTK_TEST_KILL_DIR"] = str(kill_dir)
+    os.environ["JAX_PLATFORMS"] = "cpu"
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    try:
+        yield kill_dir
+    finally:
+        ray.shutdown()
+        for k, v in saved.items():
+            os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
+
+
+def _use_server(monkeypatch, server, tmp_path):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", server.uri)
+    mlflow.set_tracking_uri(server.uri)
+
+
+def history(client, run_id, key):
+    return [(m.step, m.value) for m in sorted(client.get_metric_history(run_id, key), key=lambda m: m.step)]
+
+
+def test_unreachable_ray_address_fails_fast(shared_tracking_server, tmp_path, monkeypatch, capsys):
+    import time
+
+    if ray.is_initialized():
+        pytest.skip("a Ray is already connected in this process")
+    _use_server(monkeypatch, shared_tracking_server, tmp_path)
+    t0 = time.monotonic()
+    with pytest.raises(SystemExit):
+        sweep_main(GRID + ["--executor", "ray", "--ray-address", "127.0.0.1:1", "--experiment", "never"])
+    assert time.monotonic() - t0 < 30
+    assert "cannot reach a Ray cluster at 127.0.0.1:1" in capsys.readouterr().err
+    assert mlflow.MlflowClient().get_experiment_by_name("never") is None
+
+
+def test_grid_on_ray_survives_a_killed_worker(cluster, shared_tracking_server, tmp_path, monkeypatch, capsys):
+    from ntk_tracking.cli import train_main
+
+    _use_server(monkeypatch, shared_tracking_server, tmp_path)
+    parent = sweep_main(GRID + ["--executor", "ray", "--cpus-per-run", "1", "--experiment", "ray-grid",
+                                "--analyze", "yes", "--subsets", "2", "--points", "4"])
+    client = mlflow.MlflowClient()
+    children = find_children(client, parent)
+    assert sorted(children) == sorted(f"w{w}-d{d}-relu-lecun_normal-lr0.001-s0" for w in (4, 8) for d in (1, 2))
+    assert client.get_run(parent).info.status == "FINISHED"
+    victim = children[VICTIM].info.run_id
+    assert (cluster / victim).exists(), "the worker of the victim child was not killed"
+    for key, run in children.items():
+        run_id = run.info.run_id
+        assert client.get_run(run_id).info.status == "FINISHED", key
+        for metric in ("train/loss", "test/loss"):
+            assert [s for s, _ in history(client, run_id, metric)] == [0, 1, 2], (key, metric)
+        assert [s for s, _ in history(client, run_id, "ntk/entropy/train")] == [0, 1, 2], key  # analyzed on Ray
+        logs = {a.path for a in client.list_artifacts(run_id, "logs")}
+        assert {"logs/train.log", "logs/analyze.log"} <= logs, key
+    assert "killed" not in client.get_run(victim).data.tags.get("error", "")
+
+    # The killed child's metrics equal an uninterrupted run's (the same config trained locally).
+    mlflow.set_experiment("ray-reference")
+    reference = train_main("mnist_dense", ["--width", "8", "--depth", "2", "--activation", "relu"] + TINY)
+    for metric in ("train/loss", "test/loss", "test/accuracy"):
+        assert [v for _, v in history(client, victim, metric)] == [v for _, v in history(client, reference, metric)]
+
+    # A relaunch skips the finished children (and finds nothing left to analyze).
+    capsys.readouterr()
+    assert sweep_main(GRID + ["--executor", "ray", "--parent-run-id", parent]) == parent
+    assert "4 finished already, 0 to train" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--executor", "spark"], "unknown --executor 'spark'"),
+    (["--executor", "ray", "--cpus-per-run", "0"], "--cpus-per-run must be > 0"),
+    (["--executor", "ray", "--gpus-per-run", "-1"], "--gpus-per-run must be ≥ 0"),
+    (["--ray-address", "127.0.0.1:1"], "--ray-address needs --executor ray"),
+    (["--task", "no_such_task", "--executor", "ray"], "unknown task 'no_such_task'"),
+])
+def test_bad_options_fail_before_any_run(extra, message, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:9")  # never contacted
+    with pytest.raises(SystemExit):
+        sweep_main(GRID + extra)
+    assert message in capsys.readouterr().err
+    assert os.listdir(tmp_path) == []
+
+
+def test_ray_refuses_a_local_store(tmp_path, monkeypatch, capsys):
+    from conftest import use_tracking_store
+
+    use_tracking_store(monkeypatch, tmp_path)
+    with pytest.raises(SystemExit):
+        sweep_main(GRID + ["--executor", "ray"])
+    err = capsys.readouterr().err
+    assert "needs a tracking server that every worker can reach" in err and "mlflow server" in err
+    assert os.listdir(tmp_path) == []
