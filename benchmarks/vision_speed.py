@@ -4,7 +4,7 @@
     python benchmarks/vision_speed.py --cases vae resnet18_k0.25 --repeats 3
 
 Each case runs in a fresh subprocess (its peak memory is that process's ru_maxrss: XLA's buffers
-are invisible to tracemalloc). Training: the task's own jitted epoch function (lax.scan over
+are invisible to tracemalloc). Training: the task's own epoch function (jitted steps over
 batches, augmentation on device) is compiled for `steps` batches of the default batch size, then
 timed `repeats` times; seconds per epoch = median per step × steps per epoch (extrapolated unless
 the whole epoch was timed), plus the per-epoch evaluation of the train and test splits,
