@@ -49,3 +49,26 @@ def shared_tracking_server(tmp_path_factory):
         yield server.wait_until_healthy()
     finally:
         server.stop()
+
+
+@pytest.fixture(scope="module")
+def fast_compile():
+    """Tiny models: XLA optimization passes cost more than they save (flax's tests do this).
+    Modules opt in with `pytestmark = pytest.mark.usefixtures("fast_compile")`."""
+    import jax
+
+    previous = jax.config.read("jax_disable_most_optimizations")
+    jax.config.update("jax_disable_most_optimizations", True)
+    yield
+    jax.config.update("jax_disable_most_optimizations", previous)
+
+
+@pytest.fixture
+def x64():
+    """Float64 for the duration of one test, restored afterwards."""
+    import jax
+
+    previous = jax.config.read("jax_enable_x64")
+    jax.config.update("jax_enable_x64", True)
+    yield
+    jax.config.update("jax_enable_x64", previous)

@@ -25,20 +25,7 @@ from conftest import use_tracking_store
 N_TRAIN, N_TEST = 40, 20
 
 
-@pytest.fixture(autouse=True, scope="module")
-def fast_compile():
-    previous = jax.config.read("jax_disable_most_optimizations")
-    jax.config.update("jax_disable_most_optimizations", True)
-    yield
-    jax.config.update("jax_disable_most_optimizations", previous)
-
-
-@pytest.fixture
-def x64():
-    previous = jax.config.read("jax_enable_x64")
-    jax.config.update("jax_enable_x64", True)
-    yield
-    jax.config.update("jax_enable_x64", previous)
+pytestmark = pytest.mark.usefixtures("fast_compile")  # conftest: tiny models compile faster
 
 
 def random_split(n, seed, side=32, channels=3, classes=10):

@@ -29,20 +29,7 @@ TINY = dict(model_dim=8, num_heads=2, num_layers=1, mlp_dim=8, max_length=8, pro
             batch_size=4, min_count=1, dropout_rate=0.0, attention_dropout_rate=0.0, word_dropout=0.0)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def fast_compile():
-    previous = jax.config.read("jax_disable_most_optimizations")
-    jax.config.update("jax_disable_most_optimizations", True)
-    yield
-    jax.config.update("jax_disable_most_optimizations", previous)
-
-
-@pytest.fixture
-def x64():
-    previous = jax.config.read("jax_enable_x64")
-    jax.config.update("jax_enable_x64", True)
-    yield
-    jax.config.update("jax_enable_x64", previous)
+pytestmark = pytest.mark.usefixtures("fast_compile")  # conftest: tiny models compile faster
 
 
 def token_line(i, form, upos="_", xpos="_"):

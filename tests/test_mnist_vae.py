@@ -17,20 +17,7 @@ from conftest import use_tracking_store
 TASK = get_task("mnist_vae")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def fast_compile():
-    previous = jax.config.read("jax_disable_most_optimizations")
-    jax.config.update("jax_disable_most_optimizations", True)
-    yield
-    jax.config.update("jax_disable_most_optimizations", previous)
-
-
-@pytest.fixture
-def x64():
-    previous = jax.config.read("jax_enable_x64")
-    jax.config.update("jax_enable_x64", True)
-    yield
-    jax.config.update("jax_enable_x64", previous)
+pytestmark = pytest.mark.usefixtures("fast_compile")  # conftest: tiny models compile faster
 
 
 def test_mnist5k_pixels_are_exactly_p_over_255():

@@ -16,22 +16,7 @@ M = 5  # measurement points: odd, so block sizes 2 and 3 leave a padded last blo
 IMPLS = ("jacobian", "ntvp", "structured")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def fast_compile():
-    """Tiny models: XLA optimization passes cost more than they save here (flax's tests do this)."""
-    previous = jax.config.read("jax_disable_most_optimizations")
-    jax.config.update("jax_disable_most_optimizations", True)
-    yield
-    jax.config.update("jax_disable_most_optimizations", previous)
-
-
-@pytest.fixture
-def x64():
-    """Float64 for the duration of one test, restored afterwards."""
-    previous = jax.config.read("jax_enable_x64")
-    jax.config.update("jax_enable_x64", True)
-    yield
-    jax.config.update("jax_enable_x64", previous)
+pytestmark = pytest.mark.usefixtures("fast_compile")  # conftest: tiny models compile faster
 
 
 # MODELS: each builder returns (apply_fn, params, x, output_mask) in the requested float dtype.

@@ -9,13 +9,7 @@ import pytest
 from ntk_tracking import NTK, Measurement, collective_variables, draw_subsets, empirical_ntk
 
 
-@pytest.fixture(autouse=True, scope="module")
-def fast_compile():
-    """Tiny models: XLA optimization passes cost more than they save here."""
-    previous = jax.config.read("jax_disable_most_optimizations")
-    jax.config.update("jax_disable_most_optimizations", True)
-    yield
-    jax.config.update("jax_disable_most_optimizations", previous)
+pytestmark = pytest.mark.usefixtures("fast_compile")  # conftest: tiny models compile faster
 
 
 # DRAWING SUBSETS

@@ -22,20 +22,7 @@ TINY = ["--epochs", "4", "--num-envs", "2", "--num-steps", "8", "--num-minibatch
 TINY_ANALYSIS = ["--subsets", "2", "--points", "4", "--no-progress"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def fast_compile():
-    previous = jax.config.read("jax_disable_most_optimizations")
-    jax.config.update("jax_disable_most_optimizations", True)
-    yield
-    jax.config.update("jax_disable_most_optimizations", previous)
-
-
-@pytest.fixture
-def x64():
-    previous = jax.config.read("jax_enable_x64")
-    jax.config.update("jax_enable_x64", True)
-    yield
-    jax.config.update("jax_enable_x64", previous)
+pytestmark = pytest.mark.usefixtures("fast_compile")  # conftest: tiny models compile faster
 
 
 @pytest.fixture
