@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import math
-
 import jax
 import numpy as np
 
@@ -17,9 +15,11 @@ class NTKMismatchError(ValueError):
 def check_against_ntvp(ntk: NTK, params, x, output_mask=None, raise_on_mismatch: bool = True) -> dict:
     """Compare `ntk` with an ntvp NTK on the same points; a JSON-ready summary.
 
-    The tolerance is float round-off of a sum over P parameters: each kernel entry is a dot
-    product of length P, whose error grows like sqrt(P)·eps relative to the largest entry.
-    100·sqrt(P)·eps leaves two orders of margin; a dropped term of a real kernel is far larger.
+    The tolerance is float round-off: each kernel entry is a sum over P parameters, which XLA
+    reduces in blocks, so the two implementations differ by a few eps relative to the largest
+    entry in practice (measured: 1e-7 relative in float32 on an 800k-parameter VAE). 2,000·eps
+    (2.4e-4 in float32) leaves over two orders of margin and still catches a term wrong by
+    0.03 % of the kernel; a bound growing with sqrt(P) would have excused 1 % errors.
     """
     reference = NTK(ntk.apply_fn, "ntvp", ntk.memory_budget)
     kernel = np.asarray(ntk(params, x, output_mask=output_mask), np.float64)
@@ -29,7 +29,7 @@ def check_against_ntvp(ntk: NTK, params, x, output_mask=None, raise_on_mismatch:
     n_params = sum(int(np.size(leaf)) for leaf in leaves)
     scale = float(np.max(np.abs(expected))) if expected.size else 0.0
     diff = float(np.max(np.abs(kernel - expected))) if expected.size else 0.0
-    tolerance = 100 * math.sqrt(max(n_params, 1)) * float(np.finfo(dtype).eps)
+    tolerance = 2000 * float(np.finfo(dtype).eps)
     relative = diff / scale if scale > 0 else diff
     result = {
         "implementation": ntk.resolved_implementation(params, x, output_mask),
