@@ -11,6 +11,16 @@ import pytest
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 
+@pytest.fixture(autouse=True)
+def no_mlflow_state_between_tests():
+    """MLflow keeps the active run and experiment in module globals; one test's must not reach the next
+    (an experiment id set against one store names nothing, or something else, in the next store)."""
+    yield
+    while mlflow.active_run():
+        mlflow.end_run()
+    mlflow.tracking.fluent._active_experiment_id = None
+
+
 def use_tracking_store(mp, path) -> None:
     """Point MLflow (this process and subprocesses) at a SQLite store in `path`, run from `path`."""
     mp.chdir(path)

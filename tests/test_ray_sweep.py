@@ -106,8 +106,8 @@ def test_grid_on_ray_survives_a_killed_worker(cluster, shared_tracking_server, t
     assert "killed" not in client.get_run(victim).data.tags.get("error", "")
 
     # The killed child's metrics equal an uninterrupted run's (the same config trained locally).
-    mlflow.set_experiment("ray-reference")
-    reference = train_main("mnist_dense", ["--width", "8", "--depth", "2", "--activation", "relu"] + TINY)
+    reference = train_main("mnist_dense", ["--width", "8", "--depth", "2", "--activation", "relu",
+                                           "--experiment", "ray-reference"] + TINY)
     for metric in ("train/loss", "test/loss", "test/accuracy"):
         assert [v for _, v in history(client, victim, metric)] == [v for _, v in history(client, reference, metric)]
 
