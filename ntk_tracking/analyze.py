@@ -162,7 +162,8 @@ class Analyzer:
         tracking.log_json_artifact(self.client, self.run_id, document, SETTINGS_ARTIFACT)
 
     def _check_engine(self, variables) -> None:
-        """On the run's first kernel: the chosen implementation against ntvp on one subset.
+        """On the run's first checkpoint: the first subset's kernel, as the measurement computed
+        it, against ntvp on the same points.
 
         A fast path that disagrees beyond float32 round-off stops the analysis before any
         number is logged (NTKMismatchError names both values)."""
@@ -171,7 +172,8 @@ class Analyzer:
             if name in results:
                 continue
             results[name] = check_against_ntvp(measurement.ntk, variables, measurement.inputs[0],
-                                               measurement.masks[0], raise_on_mismatch=True)
+                                               measurement.masks[0], raise_on_mismatch=True,
+                                               kernel=measurement.last_kernels[0])
         self.check = results if len(results) > 1 else results[next(iter(results))]
         self._write_settings()
 
@@ -200,13 +202,13 @@ class Analyzer:
         except CheckpointError as err:
             warnings.warn(f"skipping checkpoint {epoch}: {err}", RuntimeWarning, stacklevel=2)
             return None
-        if self.check is None:
-            self._check_engine(variables)
         metrics, spectra = {}, {}
         for (network, split), measurement in self._measurements.items():
             for name, value in measurement.run(variables):
                 metrics[metric_key(name, split, network)] = value
             spectra[split if network == PRIMARY_NETWORK else f"{network}.{split}"] = measurement.last_spectra
+        if self.check is None:
+            self._check_engine(variables)
         self._log_spectra(epoch, spectra)
         for path, fig in self.task.checkpoint_artifacts(self.config, self.data, variables, epoch):
             self._log_figure_file(fig, path)

@@ -428,6 +428,85 @@ def test_small_budget_kernel_is_exact(impl):
     assert rel_err(NTK(apply_fn, impl, memory_budget=4 * 2**20)(params, x), ref) <= 1e-5
 
 
+# 2b. THE K SUBSETS OF A PROBE SET AT ONCE
+
+SUBSETS = np.array([[0, 1, 2], [2, 3, 4], [4, 0, 1], [1, 3, 0]])  # K = 4 overlapping subsets of m = 3
+
+
+# Every model in one call; the tagger in two groups of two (6) and a padded group (9); one
+# subset at a time (block 2 < m) on the graph network.
+SUBSET_CASES = [(model, None) for model in BUILDERS] + [("tagger", 6), ("tagger", 9), ("graph", 2)]
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("model, block_size", SUBSET_CASES, ids=lambda v: str(v))
+def test_subset_kernels_match_brute_force(x64, model, impl, block_size):
+    """subset_kernels equals the brute-force kernel restricted to each subset: all groups in one
+    call (None), two groups of two (6), a padded group (9), and one subset at a time (2 < m)."""
+    apply_fn, params, x, mask = BUILDERS[model](jnp.float64)
+    jac = reference_jacobian(model)
+    ntk = NTK(apply_fn, impl, block_size=block_size)
+    kernels = ntk.subset_kernels(params, x, SUBSETS, output_mask=mask)
+    assert kernels.shape == (4, 3, 3) and kernels.dtype == jnp.float64
+    for kernel, idx in zip(kernels, SUBSETS):
+        assert rel_err(kernel, contract(jac[idx])) <= 1e-8
+    if model in FULL_TOO:
+        full = ntk.subset_kernels(params, x, SUBSETS, output_mask=mask, full=True)
+        for kernel, idx in zip(full, SUBSETS):
+            assert rel_err(kernel, contract(jac[idx], full=True)) <= 1e-8
+    grouped = impl != "ntvp" and (block_size or 99) >= 3
+    assert bool(ntk._grouped_fns) == grouped, "the one-call path was (not) taken"
+
+
+def test_subset_kernels_bad_subsets():
+    apply_fn, params, x, _ = build_mlp(jnp.float32)
+    ntk = NTK(apply_fn)
+    with pytest.raises(ValueError, match="must lie in"):
+        ntk.subset_kernels(params, x, np.array([[0, M]]))
+    with pytest.raises(ValueError, match=r"\(K, m\) index array"):
+        ntk.subset_kernels(params, x, np.arange(3))
+
+
+TWO_DEVICES = """
+import jax, jax.numpy as jnp, numpy as np, sys
+jax.config.update("jax_enable_x64", True)
+sys.path.insert(0, "tests")
+from test_ntk_kernel import BUILDERS, SUBSETS
+from ntk_tracking import NTK
+assert len(jax.local_devices()) == 2, jax.local_devices()
+for model in ("mlp", "tagger", "graph"):
+    apply_fn, params, x, mask = BUILDERS[model](jnp.float64)
+    for impl in ("structured", "jacobian"):
+        ntk = NTK(apply_fn, impl)
+        kernels = np.asarray(ntk.subset_kernels(params, x, SUBSETS, output_mask=mask))
+        assert [key[-1] for key in ntk._grouped_fns] == [2], ntk._grouped_fns  # sharded over both
+        one = NTK(apply_fn, impl)
+        single = np.stack([np.asarray(one(params, x[idx] if not isinstance(x, dict) else
+                                         jax.tree_util.tree_map(lambda a: np.asarray(a)[idx], x),
+                                         output_mask=None if mask is None else mask[idx]))
+                           for idx in SUBSETS])
+        err = np.max(np.abs(kernels - single)) / np.max(np.abs(single))
+        assert err <= 1e-12, (model, impl, err)
+print("ok")
+"""
+
+
+def test_subset_kernels_on_two_devices_equal_one_device():
+    """With two (forced host) devices the subsets are split across them; the kernels equal the
+    one-device, one-subset-at-a-time kernels."""
+    import os
+    import pathlib
+    import subprocess
+    import sys
+
+    root = pathlib.Path(__file__).resolve().parents[1]
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu",
+               PYTHONPATH=os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")])))
+    proc = subprocess.run([sys.executable, "-c", TWO_DEVICES], cwd=root, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-3000:]
+
+
 # 3. COMPILED ONCE; DIAGONAL AND TRACE
 
 

@@ -12,8 +12,10 @@ class NTKMismatchError(ValueError):
     """The chosen NTK implementation disagrees with the ntvp reference beyond round-off."""
 
 
-def check_against_ntvp(ntk: NTK, params, x, output_mask=None, raise_on_mismatch: bool = True) -> dict:
-    """Compare `ntk` with an ntvp NTK on the same points; a JSON-ready summary.
+def check_against_ntvp(ntk: NTK, params, x, output_mask=None, raise_on_mismatch: bool = True,
+                       kernel=None) -> dict:
+    """Compare `ntk` (or `kernel`, what it computed on these points) with an ntvp NTK on the same
+    points; a JSON-ready summary.
 
     The tolerance is float round-off: each kernel entry is a sum over P parameters, which XLA
     reduces in blocks, so the two implementations differ by a few eps relative to the largest
@@ -22,7 +24,9 @@ def check_against_ntvp(ntk: NTK, params, x, output_mask=None, raise_on_mismatch:
     0.03 % of the kernel; a bound growing with sqrt(P) would have excused 1 % errors.
     """
     reference = NTK(ntk.apply_fn, "ntvp", ntk.memory_budget)
-    kernel = np.asarray(ntk(params, x, output_mask=output_mask), np.float64)
+    if kernel is None:
+        kernel = ntk(params, x, output_mask=output_mask)
+    kernel = np.asarray(kernel, np.float64)
     expected = np.asarray(reference(params, x, output_mask=output_mask), np.float64)
     leaves = jax.tree_util.tree_leaves(params)
     dtype = np.result_type(*[np.asarray(leaf).dtype for leaf in leaves if np.issubdtype(np.asarray(leaf).dtype, np.floating)] or [np.float32])

@@ -122,6 +122,7 @@ class NTK:
         self._factors = jax.jit(self._structured_block, static_argnames=("block", "full", "calls"))
         self._contract_factors = jax.jit(structured.contract, static_argnames=("full",))
         self._discovered: dict = {}
+        self._grouped_fns: dict = {}
         self._apply_jit = jax.jit(apply_fn)  # its traces are cached: shapes and activations
 
     # -- public -----------------------------------------------------------------------------
@@ -163,6 +164,79 @@ class NTK:
         # Rows are (padded point, output), point-major; padding sits at the end.
         n_keep = m * math.prod(out_shape) if full else m
         return self._assemble(tuple(map(tuple, upper)), n_keep=n_keep)
+
+    def subset_kernels(self, params, x, subsets, output_mask=None, full: bool = False) -> jax.Array:
+        """The kernels of K subsets of the points of ``x`` at once: shape (K, m, m), or with
+        ``full`` (K, m·O, m·O); ``subsets`` is a (K, m) index array (see ``draw_subsets``).
+
+        Equal to ``[self(params, x[idx]) for idx in subsets]``. The Jacobian and structured paths
+        compute per-point factors for as many subsets as the memory budget allows and contract
+        them within each subset, all K in one compiled call (``lax.map`` over groups of subsets);
+        with several devices (``jax.local_devices()``) the subsets are split across them. Where one
+        subset alone exceeds the budget, or for ``ntvp``, the subsets are computed one by one.
+        """
+        subsets = np.asarray(subsets)
+        if subsets.ndim != 2 or subsets.shape[0] < 1 or subsets.shape[1] < 1:
+            raise ValueError(f"subsets must be a (K, m) index array, got shape {subsets.shape}")
+        n_subsets, m = subsets.shape
+        n = num_points(x)
+        if subsets.min() < 0 or subsets.max() >= n:
+            raise ValueError(f"subset indices must lie in [0, {n}), got {subsets.min()}…{subsets.max()}")
+
+        def take(tree, idx):
+            return None if tree is None else jax.tree_util.tree_map(lambda a: np.asarray(a)[idx], tree)
+
+        one = self._prepare(params, take(x, subsets[0]), take(output_mask, subsets[0]))
+        impl, block, _ = self._plan(params, n_subsets * m, one[1], one[3], take(x, subsets[0]))
+        if impl == "ntvp" or block < m:
+            return jnp.stack([self(params, take(x, idx), take(output_mask, idx), full=full)
+                              for idx in subsets])
+        devices = jax.local_devices()
+        per_group = max(1, min(block // m, -(-n_subsets // len(devices))))
+        groups = -(-n_subsets // (per_group * len(devices))) * len(devices)
+        order = np.resize(subsets, (groups * per_group, m))  # padded with repeats, cropped below
+        points = take(x, order.reshape(-1))
+        mask = self._prepare(params, points, take(output_mask, order.reshape(-1)))[2]
+        calls = self._discover(params, points) if impl == "structured" else ()
+        fn = self._grouped(impl, per_group, m, full, calls, len(devices))
+        return fn(params, jax.tree_util.tree_map(jnp.asarray, points), mask)[:n_subsets]
+
+    def _grouped(self, impl, per_group, m, full, calls, n_devices):
+        key = impl, per_group, m, full, calls, n_devices
+        if key not in self._grouped_fns:
+            local = functools.partial(self._subset_groups, impl=impl, per_group=per_group, m=m,
+                                      full=full, calls=calls)
+            if n_devices > 1:
+                mesh = jax.sharding.Mesh(np.asarray(jax.local_devices()), ("subsets",))
+                spec = jax.sharding.PartitionSpec("subsets")
+                local = jax.shard_map(local, mesh=mesh, in_specs=(jax.sharding.PartitionSpec(), spec, spec),
+                                      out_specs=spec, check_vma=False)
+            self._grouped_fns[key] = jax.jit(local)
+        return self._grouped_fns[key]
+
+    def _subset_groups(self, params, points, mask, *, impl, per_group, m, full, calls):
+        """Kernels of consecutive m-point subsets, `per_group` subsets per step of a lax.map."""
+        size = per_group * m
+
+        def grouped(a):
+            return a.reshape((-1, size) + a.shape[1:])
+
+        def split(a):  # (per_group·m, …) -> (per_group, m, …)
+            return a.reshape((per_group, m) + a.shape[1:])
+
+        def group(args):
+            xg, mg = args
+            if impl == "structured":
+                factors = jax.vmap(lambda xi, mi: structured.point_factors(
+                    self.apply_fn, params, xi, mi, calls, m))(xg, mg)
+                factors = jax.tree_util.tree_map(split, factors)
+                return jax.vmap(lambda f: structured.contract(f, f, full))(factors)
+            jac = self._block_jacobian(params, xg, mg, 0, block=size, full=full)
+            jac = [j.reshape((per_group, -1, j.shape[-1])) for j in jac]
+            return jax.vmap(lambda ja: _contract(ja, ja))(jac)
+
+        out = jax.lax.map(group, (jax.tree_util.tree_map(grouped, points), grouped(mask)))
+        return out.reshape((-1,) + out.shape[2:])
 
     def resolved_implementation(self, params, x, output_mask=None) -> str:
         """The implementation a call with these inputs uses ("auto" resolved)."""

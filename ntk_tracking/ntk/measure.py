@@ -45,19 +45,33 @@ class Measurement:
 
     def __init__(self, ntk: NTK, x, subsets: np.ndarray, output_mask=None):
         self.ntk = ntk
-        self.subsets = np.asarray(subsets)
+        subsets = np.asarray(subsets)
         n = num_points(x)
-        if self.subsets.size and self.subsets.max() >= n:
-            raise ValueError(f"subset indices reach {self.subsets.max()}, but the split holds {n} points")
-        self.inputs = [take(x, idx) for idx in self.subsets]
-        self.masks = [None if output_mask is None else take(output_mask, idx) for idx in self.subsets]
+        if subsets.size and subsets.max() >= n:
+            raise ValueError(f"subset indices reach {subsets.max()}, but the split holds {n} points")
+        # Only the measured points are kept, in subset order; subset i is rows i·m … (i+1)·m − 1.
+        self.points = take(x, subsets.reshape(-1))
+        self.point_mask = None if output_mask is None else take(output_mask, subsets.reshape(-1))
+        self.subsets = np.arange(subsets.size).reshape(subsets.shape)
         self.last_spectra: np.ndarray | None = None
+        self.last_kernels: np.ndarray | None = None  # (K, m, m), float64
+
+    @property
+    def inputs(self) -> list:
+        """The points of each subset."""
+        return [take(self.points, idx) for idx in self.subsets]
+
+    @property
+    def masks(self) -> list:
+        """The output mask of each subset (None without a mask)."""
+        return [None if self.point_mask is None else take(self.point_mask, idx) for idx in self.subsets]
 
     def run(self, params) -> Iterator[tuple[str, float]]:
+        kernels = self.ntk.subset_kernels(params, self.points, self.subsets, self.point_mask)
+        self.last_kernels = np.asarray(kernels, dtype=np.float64)
         values: dict[str, list[float]] = {}
         spectra = []
-        for xs, ms in zip(self.inputs, self.masks):
-            kernel = np.asarray(self.ntk(params, xs, output_mask=ms), dtype=np.float64)
+        for kernel in self.last_kernels:
             spectra.append(spectrum(kernel))
             for name, value in collective_variables(kernel).items():
                 values.setdefault(name, []).append(value)
