@@ -29,6 +29,23 @@ def client() -> mlflow.MlflowClient:
     return mlflow.MlflowClient()
 
 
+def experiment_id(name: str, mlflow_client=None) -> str:
+    """The id of the experiment `name`, created if it does not exist (race-safe)."""
+    mlflow_client = mlflow_client or client()
+    found = mlflow_client.get_experiment_by_name(name)
+    if found is not None:
+        if found.lifecycle_stage != "active":
+            raise RunError(f"experiment {name!r} is deleted; restore it (mlflow experiments restore) "
+                             "or choose another --experiment")
+        return found.experiment_id
+    try:
+        return mlflow_client.create_experiment(name)
+    except MlflowException as err:
+        if err.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
+        return mlflow_client.get_experiment_by_name(name).experiment_id
+
+
 def get_run(run_id: str, mlflow_client=None):
     """The run, or RunError naming the tracking store that lacks it."""
     mlflow_client = mlflow_client or client()

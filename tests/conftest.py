@@ -15,10 +15,19 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 def no_mlflow_state_between_tests():
     """MLflow keeps the active run and experiment in module globals; one test's must not reach the next
     (an experiment id set against one store names nothing, or something else, in the next store)."""
+    import os
+
+    routing = ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME", "MLFLOW_RUN_ID")
+    before = {k: os.environ[k] for k in routing if k in os.environ}
     yield
     while mlflow.active_run():
         mlflow.end_run()
     mlflow.tracking.fluent._active_experiment_id = None
+    after = {k: os.environ[k] for k in routing if k in os.environ}
+    leaked = sorted(k for k in after.keys() | before.keys() if after.get(k) != before.get(k))
+    for key in leaked:
+        os.environ.pop(key) if key not in before else os.environ.__setitem__(key, before[key])
+    assert not leaked, f"the test left MLflow's routing variables changed: {leaked}"
 
 
 def use_tracking_store(mp, path) -> None:

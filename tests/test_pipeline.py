@@ -9,6 +9,7 @@ import sys
 import time
 
 import mlflow
+from mlflow.entities import ViewType
 import numpy as np
 import pytest
 
@@ -168,6 +169,23 @@ def test_bad_training_parameters_create_no_run(store, capsys, bad, message):
     assert message in capsys.readouterr().err
     assert runs_in_store() == []
     assert not (store / "mlruns").exists() or not any((store / "mlruns").rglob("checkpoints"))
+
+
+def test_experiment_option_selects_the_experiment_and_leaves_no_global_state(store, capsys):
+    """--experiment creates/uses that experiment for this run only (conftest checks that no
+    MLFLOW_EXPERIMENT_ID is left in the environment); a deleted one is refused before any run."""
+    client = mlflow.MlflowClient()
+    run_id = train_main("mnist_dense", TINY + ["--experiment", "widths"])
+    assert client.get_run(run_id).info.experiment_id == client.get_experiment_by_name("widths").experiment_id
+    assert mlflow.tracking.fluent._get_experiment_id() == "0"  # the default experiment is still the default
+    client.delete_experiment(client.get_experiment_by_name("widths").experiment_id)
+    every = lambda: client.search_runs(  # noqa: E731
+        [e.experiment_id for e in client.search_experiments(view_type=ViewType.ALL)], run_view_type=ViewType.ALL)
+    before = len(every())
+    with pytest.raises(SystemExit):
+        train_main("mnist_dense", TINY + ["--experiment", "widths"])
+    assert "experiment 'widths' is deleted" in capsys.readouterr().err
+    assert len(every()) == before
 
 
 def test_analyzer_bad_inputs(store, capsys):

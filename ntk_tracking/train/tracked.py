@@ -38,11 +38,12 @@ def run_training(task, config, dataset, progress: bool = True, experiment: str |
     after the last epoch; a resumed run replays the epochs since it, which training's
     determinism (data order and randomness are functions of seed and epoch) makes identical.
     """
-    if experiment:
-        mlflow.set_experiment(experiment)
+    # The experiment by id, not mlflow.set_experiment: that would also set MLFLOW_EXPERIMENT_ID in
+    # this process's environment, where it would outlive the call.
+    experiment_id = tracking.experiment_id(experiment) if experiment else None
     # A launched or resumed run (MLFLOW_RUN_ID) keeps its name; a new one is named by its architecture.
     name = None if os.environ.get("MLFLOW_RUN_ID") else task.run_name(config)
-    run_id = mlflow.start_run(run_name=name).info.run_id
+    run_id = mlflow.start_run(run_name=name, experiment_id=experiment_id).info.run_id
     client = tracking.client()
     try:
         _train_in_run(client, run_id, task, config, dataset, progress, resume_interval_seconds or None)
