@@ -323,15 +323,28 @@ class NTK:
         largest = int(max(1, min(m, self.memory_budget // max(per_point, 1))))
         return _balanced(m, largest)
 
-    def _structured_point_bytes(self, params, x, out_shape, act) -> int:
+    def _structured_point_bytes(self, params, x, out_shape, act, m: int) -> int:
         """One point's structured factors: Jacobians of the leaves no structured rule claims
         (held ~3 times) plus, per output, the activation cotangents the rules keep."""
-        claimed = set(structured.claimed_leaves(self._discover(params, x)))
+        calls = self._discover(params, x)
+        claimed = set(structured.claimed_leaves(calls))
         leaves = jax.tree_util.tree_leaves(params)
         rest = sum(int(np.size(leaf)) for i, leaf in enumerate(leaves) if i not in claimed)
         itemsize = max(np.dtype(leaf.dtype).itemsize for leaf in leaves)
         n_out = math.prod(out_shape)
-        return _JACOBIAN_COPIES * n_out * rest * itemsize + n_out * act
+        # A structured layer keeps its inputs and output cotangents or, where that is cheaper to
+        # contract (structured._pairwise_cheaper, judged at the full m points), its per-point gradient.
+        layers = 0
+        for _, k, _, shape, kind, static in calls:
+            d_out = max(structured._out_features(kind, static, shape), 1)
+            positions = math.prod(shape) // d_out
+            kernel = int(np.size(leaves[k]))
+            d_in = kernel // d_out
+            if structured._pairwise_cheaper(positions, d_in, d_out, n_out, m):
+                layers += positions * (d_in + n_out * d_out)
+            else:
+                layers += n_out * kernel
+        return (_JACOBIAN_COPIES * n_out * rest + layers) * itemsize + n_out * act
 
     def _plan(self, params, m, out_shape, act=0, x=None):
         impl = self.implementation
@@ -339,7 +352,7 @@ class NTK:
         if impl in ("auto", "structured") and x is not None:
             # Planned from what the structured path holds, not from full per-point Jacobians:
             # a model whose Jacobian would not fit can still be structured (a tagger's outputs).
-            per_point = self._structured_point_bytes(params, x, out_shape, act)
+            per_point = self._structured_point_bytes(params, x, out_shape, act, m)
         if impl == "auto":  # structured = the Jacobian method wherever it finds no Dense layer
             impl = "structured" if per_point <= self.memory_budget else "ntvp"
         if impl == "structured":
