@@ -173,7 +173,7 @@ class Analyzer:
                 continue
             results[name] = check_against_ntvp(measurement.ntk, variables, measurement.inputs[0],
                                                measurement.masks[0], raise_on_mismatch=True,
-                                               kernel=measurement.last_kernels[0])
+                                               kernel=measurement.last_kernels[0], from_subsets=True)
         self.check = results if len(results) > 1 else results[next(iter(results))]
         self._write_settings()
 

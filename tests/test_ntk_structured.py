@@ -624,6 +624,42 @@ def test_guard_stops_a_wrong_implementation():
     assert not result["ok"] and result["relative_diff"] > result["tolerance"]
 
 
+class OffInFloat32(NTK):
+    """Off by 1 % in float32 only, as two float32 evaluations of a ReLU network differ when a
+    pre-activation within round-off of 0 falls on either side of the kink."""
+
+    def __call__(self, params, x, *args, **kwargs):
+        kernel = super().__call__(params, x, *args, **kwargs)
+        return kernel * 1.01 if kernel.dtype == np.float32 else kernel
+
+
+def test_guard_rechecks_a_float32_mismatch_in_float64():
+    """A float32-only difference passes on its float64 recheck (recorded); a persistent one stops."""
+    apply_fn, params, x, _, _ = build("mlp")
+    params, x = jax.tree_util.tree_map(lambda a: np.asarray(a, np.float32), (params, x))
+    x64 = jax.config.read("jax_enable_x64")
+    result = check_against_ntvp(OffInFloat32(apply_fn), params, x)
+    assert result["ok"] and result["relative_diff"] > result["tolerance"]
+    recheck = result["float64_recheck"]
+    assert recheck["ok"] and recheck["dtype"] == "float64" and recheck["relative_diff"] <= recheck["tolerance"] < 1e-9
+    assert json.loads(json.dumps(result)) == result
+    with pytest.raises(NTKMismatchError, match="in float64"):
+        check_against_ntvp(Perturbed(apply_fn), params, x)
+    assert jax.config.read("jax_enable_x64") == x64  # the recheck leaves the setting as it was
+
+
+def test_guard_recheck_of_the_subset_path_in_the_analyzer():
+    """The analyzer's form (a kernel from subset_kernels) is rechecked through subset_kernels."""
+    apply_fn, params, x, _, _ = build("mlp")
+    params, x = jax.tree_util.tree_map(lambda a: np.asarray(a, np.float32), (params, x))
+    ntk = NTK(apply_fn)
+    kernel = np.asarray(ntk.subset_kernels(params, x, np.arange(len(x))[None]))[0]
+    # A float32 kernel that is off (as at a kink) while the subset path is exact in float64: passes.
+    result = check_against_ntvp(ntk, params, x, kernel=kernel * 1.01, from_subsets=True)
+    assert result["ok"] and result["relative_diff"] > result["tolerance"]
+    assert result["float64_recheck"]["relative_diff"] < 1e-9
+
+
 def test_guard_stops_a_structured_path_that_drops_a_term(monkeypatch):
     """A structured contraction that forgets the last Dense layer's term is caught."""
     apply_fn, params, x, _, _ = build("mlp")
