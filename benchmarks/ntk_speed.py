@@ -39,8 +39,9 @@ it counts what computing the kernel added (XLA buffers, compiled code, Python te
 --protocol: the analyzer's time per checkpoint at the paper's protocol (K = 200 subsets of m = 20
 points per probe set, two probe sets; pong has one), one fresh subprocess per model, measured two
 ways after one warm-up call each: (a) one kernel per subset, `ntk(params, x[idx])` (the old way),
-and (b) `NTK.subset_kernels(params, x, subsets)` (all K in one compiled call, what the analyzer
-now does); both on one NTK object, with the probe pool and subsets the analyzer would draw
+and (b) `NTK.subset_kernels(params, x, subsets, group=K)` (the per-point factors of as many
+subsets as the memory budget allows at once, all K in one compiled call; the analyzer does (a)
+on one device, because (b) measured slower on CPU); both on one NTK object, with the probe pool and subsets the analyzer would draw
 (`draw_subsets`). --subsets K are timed and scaled linearly to 200 (default 200; fewer for the
 slow models, see --help); (a) also stops after half of --timeout and is scaled from the subsets
 it finished.
@@ -404,7 +405,7 @@ def _describe(x, mask) -> str:
 def protocol_worker(model_name: str, impl: str, m: int, n_subsets: int, memory_budget: int | None,
                     limit_s: float) -> dict:
     """The analyzer's time per probe set at K subsets of m points, (a) kernel by kernel and (b)
-    with subset_kernels, each after one warm-up call; (a) stops early past limit_s / 2."""
+    with subset_kernels(group=K), each after one warm-up call; (a) stops early past limit_s / 2."""
     import jax
     import numpy as np
 
@@ -436,10 +437,10 @@ def protocol_worker(model_name: str, impl: str, m: int, n_subsets: int, memory_b
     peak_a = _peak_kib()
     # (b) all subsets in one call.
     t0 = time.perf_counter()
-    jax.block_until_ready(ntk.subset_kernels(warm, x, subsets, mask))
+    jax.block_until_ready(ntk.subset_kernels(warm, x, subsets, mask, group=len(subsets)))
     first_b = time.perf_counter() - t0
     c0, t0 = _cpu_seconds(), time.perf_counter()
-    kernels_b = np.asarray(ntk.subset_kernels(params, x, subsets, mask))
+    kernels_b = np.asarray(ntk.subset_kernels(params, x, subsets, mask, group=len(subsets)))
     time_b, cpu_b = time.perf_counter() - t0, _cpu_seconds() - c0
     n_a = len(kernels_a)
     diff = np.max(np.abs(np.stack(kernels_a) - kernels_b[:n_a])) / np.max(np.abs(kernels_b[:n_a]))
@@ -498,7 +499,7 @@ def main(argv=None):
                              "configuration whose first call + one repeat overrun it is skipped "
                              "(--protocol: (a) stops after half of it and is scaled)")
     parser.add_argument("--protocol", action="store_true",
-                        help="seconds per analyzed checkpoint, kernel by kernel vs subset_kernels")
+                        help="seconds per analyzed checkpoint, kernel by kernel vs subset_kernels(group=K)")
     parser.add_argument("--subsets", type=int, default=None,
                         help=f"--protocol: subsets K timed per probe set, scaled to {PAPER_SUBSETS} "
                              f"(default {DEFAULT_SUBSETS}; {SLOW_SUBSETS})")
@@ -607,8 +608,8 @@ def protocol(models, args):
                 notes.append(f"{model_name}: its task has {sets} probe set(s) per checkpoint")
             seen[model_name] = r
     print()
-    print("(a) = one ntk(params, x[idx]) per subset (the old analyzer), (b) = NTK.subset_kernels(params,")
-    print("x, subsets) (all K subsets in one compiled call); each timed after one warm-up call (its")
+    print("(a) = one ntk(params, x[idx]) per subset (the analyzer on one device), (b) = NTK.subset_kernels(")
+    print("params, x, subsets, group=K) (all K subsets in one compiled call); each timed after one warm-up call (its")
     print("'1st s': trace + compile + one kernel / all K kernels) with new parameters. s/kernel = (a)'s")
     print("wall seconds per subset; s/ckpt = wall seconds per analyzed checkpoint of this network:")
     print(f"K = {PAPER_SUBSETS} subsets × its probe sets (2: train and test); a / b = speed-up of (b), wall;")

@@ -433,28 +433,29 @@ def test_small_budget_kernel_is_exact(impl):
 SUBSETS = np.array([[0, 1, 2], [2, 3, 4], [4, 0, 1], [1, 3, 0]])  # K = 4 overlapping subsets of m = 3
 
 
-# Every model in one call; the tagger in two groups of two (6) and a padded group (9); one
-# subset at a time (block 2 < m) on the graph network.
-SUBSET_CASES = [(model, None) for model in BUILDERS] + [("tagger", 6), ("tagger", 9), ("graph", 2)]
+# (model, block_size, group): every model with all subsets grouped in one call; the tagger in two
+# groups of two (block 6) and a padded group (block 9); one subset at a time on the graph network
+# (block 2 < m) and by default (group None).
+SUBSET_CASES = ([(model, None, 4) for model in BUILDERS]
+                + [("tagger", 6, 4), ("tagger", 9, 4), ("graph", 2, 4), ("tagger", None, None)])
 
 
 @pytest.mark.parametrize("impl", IMPLS)
-@pytest.mark.parametrize("model, block_size", SUBSET_CASES, ids=lambda v: str(v))
-def test_subset_kernels_match_brute_force(x64, model, impl, block_size):
-    """subset_kernels equals the brute-force kernel restricted to each subset: all groups in one
-    call (None), two groups of two (6), a padded group (9), and one subset at a time (2 < m)."""
+@pytest.mark.parametrize("model, block_size, group", SUBSET_CASES, ids=lambda v: str(v))
+def test_subset_kernels_match_brute_force(x64, model, impl, block_size, group):
+    """subset_kernels equals the brute-force kernel restricted to each subset, grouped or not."""
     apply_fn, params, x, mask = BUILDERS[model](jnp.float64)
     jac = reference_jacobian(model)
     ntk = NTK(apply_fn, impl, block_size=block_size)
-    kernels = ntk.subset_kernels(params, x, SUBSETS, output_mask=mask)
+    kernels = ntk.subset_kernels(params, x, SUBSETS, output_mask=mask, group=group)
     assert kernels.shape == (4, 3, 3) and kernels.dtype == jnp.float64
     for kernel, idx in zip(kernels, SUBSETS):
         assert rel_err(kernel, contract(jac[idx])) <= 1e-8
     if model in FULL_TOO:
-        full = ntk.subset_kernels(params, x, SUBSETS, output_mask=mask, full=True)
+        full = ntk.subset_kernels(params, x, SUBSETS, output_mask=mask, full=True, group=group)
         for kernel, idx in zip(full, SUBSETS):
             assert rel_err(kernel, contract(jac[idx], full=True)) <= 1e-8
-    grouped = impl != "ntvp" and (block_size or 99) >= 3
+    grouped = group is not None and impl != "ntvp" and (block_size or 99) >= 3
     assert bool(ntk._grouped_fns) == grouped, "the one-call path was (not) taken"
 
 
@@ -465,6 +466,8 @@ def test_subset_kernels_bad_subsets():
         ntk.subset_kernels(params, x, np.array([[0, M]]))
     with pytest.raises(ValueError, match=r"\(K, m\) index array"):
         ntk.subset_kernels(params, x, np.arange(3))
+    with pytest.raises(ValueError, match="group must be"):
+        ntk.subset_kernels(params, x, np.array([[0, 1]]), group=0)
 
 
 TWO_DEVICES = """

@@ -165,19 +165,25 @@ class NTK:
         n_keep = m * math.prod(out_shape) if full else m
         return self._assemble(tuple(map(tuple, upper)), n_keep=n_keep)
 
-    def subset_kernels(self, params, x, subsets, output_mask=None, full: bool = False) -> jax.Array:
-        """The kernels of K subsets of the points of ``x`` at once: shape (K, m, m), or with
-        ``full`` (K, m·O, m·O); ``subsets`` is a (K, m) index array (see ``draw_subsets``).
+    def subset_kernels(self, params, x, subsets, output_mask=None, full: bool = False,
+                       group: int | None = None) -> jax.Array:
+        """The kernels of K subsets of the points of ``x``: shape (K, m, m), or with ``full``
+        (K, m·O, m·O); ``subsets`` is a (K, m) index array (see ``draw_subsets``).
 
-        Equal to ``[self(params, x[idx]) for idx in subsets]``. The Jacobian and structured paths
-        compute per-point factors for as many subsets as the memory budget allows and contract
-        them within each subset, all K in one compiled call (``lax.map`` over groups of subsets);
-        with several devices (``jax.local_devices()``) the subsets are split across them. Where one
-        subset alone exceeds the budget, or for ``ntvp``, the subsets are computed one by one.
+        Equal to ``[self(params, x[idx]) for idx in subsets]``, which is what it computes on one
+        device by default. With several devices (``jax.local_devices()``: several GPUs) the
+        subsets are split across them (``jax.shard_map``), each device taking its share one
+        subset at a time in one compiled call (``lax.map``). ``group`` = g computes the per-point
+        factors of up to g subsets at once (as many as the memory budget allows) and contracts
+        them within each subset, all K in one compiled call: fewer dispatches, more memory. On
+        CPU it measured slower than one subset at a time (README), hence not the default. Where
+        one subset alone exceeds the budget, or for ``ntvp``, the subsets are computed one by one.
         """
         subsets = np.asarray(subsets)
         if subsets.ndim != 2 or subsets.shape[0] < 1 or subsets.shape[1] < 1:
             raise ValueError(f"subsets must be a (K, m) index array, got shape {subsets.shape}")
+        if group is not None and group < 1:
+            raise ValueError(f"group must be ≥ 1 subset, got {group}")
         n_subsets, m = subsets.shape
         n = num_points(x)
         if subsets.min() < 0 or subsets.max() >= n:
@@ -186,13 +192,16 @@ class NTK:
         def take(tree, idx):
             return None if tree is None else jax.tree_util.tree_map(lambda a: np.asarray(a)[idx], tree)
 
+        devices = jax.local_devices()
+        if group is None and len(devices) == 1:
+            return jnp.stack([self(params, take(x, idx), take(output_mask, idx), full=full)
+                              for idx in subsets])
         one = self._prepare(params, take(x, subsets[0]), take(output_mask, subsets[0]))
         impl, block, _ = self._plan(params, n_subsets * m, one[1], one[3], take(x, subsets[0]))
         if impl == "ntvp" or block < m:
             return jnp.stack([self(params, take(x, idx), take(output_mask, idx), full=full)
                               for idx in subsets])
-        devices = jax.local_devices()
-        per_group = max(1, min(block // m, -(-n_subsets // len(devices))))
+        per_group = max(1, min(group or 1, block // m, -(-n_subsets // len(devices))))
         groups = -(-n_subsets // (per_group * len(devices))) * len(devices)
         order = np.resize(subsets, (groups * per_group, m))  # padded with repeats, cropped below
         points = take(x, order.reshape(-1))
