@@ -459,6 +459,39 @@ def test_subset_kernels_match_brute_force(x64, model, impl, block_size, group):
     assert bool(ntk._grouped_fns) == grouped, "the one-call path was (not) taken"
 
 
+class EncoderDecoder(nn.Module):
+    def setup(self):
+        self.enc = nn.Dense(3)
+        self.scale = self.param("scale", nn.initializers.ones, (3,))
+        self.dec = nn.Dense(4)
+
+    def encode(self, x):
+        return jnp.tanh(self.enc(x)) * self.scale
+
+    def __call__(self, x):
+        return self.dec(self.encode(x))
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_leaves_no_tangent_reaches_are_skipped_exactly(x64, impl):
+    """The encoder's NTK of a model that also holds a decoder: the decoder's leaves are proved
+    inert (no tangent reaches the output) and skipped; the kernel equals the brute force."""
+    model = EncoderDecoder()
+    x = np.random.default_rng(5).normal(size=(M, 4))
+    params = _cast(_init(model, x[:1])["params"], jnp.float64)
+    apply_fn = lambda p, x: model.apply({"params": p}, x, method=model.encode)  # noqa: E731
+    ntk = NTK(apply_fn, impl)
+    paths = [path for path, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
+    inert = {"/".join(str(k.key) for k in paths[i]) for i in ntk._inert(params, x)}
+    assert inert == {"dec/kernel", "dec/bias"}
+    ref = contract(brute_force_jacobian(apply_fn, params, x))
+    assert rel_err(ntk(params, x), ref) <= 1e-8
+    assert rel_err(ntk.subset_kernels(params, x, SUBSETS, group=4)[1], ref[np.ix_(SUBSETS[1], SUBSETS[1])]) <= 1e-8
+    # Nothing reaches the output at all: the zero kernel, not an error.
+    zero = NTK(lambda p, x: x[:, :2] * 1.0, impl)(params, x)
+    assert zero.shape == (M, M) and not np.any(np.asarray(zero))
+
+
 def test_subset_kernels_bad_subsets():
     apply_fn, params, x, _ = build_mlp(jnp.float32)
     ntk = NTK(apply_fn)

@@ -119,7 +119,7 @@ class NTK:
         self._sq_norms = jax.jit(_squared_norms)
         self._ntvp = jax.jit(self._ntvp_tile, static_argnames=("block", "full", "chunk"))
         self._assemble = jax.jit(_assemble, static_argnames=("n_keep",))
-        self._factors = jax.jit(self._structured_block, static_argnames=("block", "full", "calls"))
+        self._factors = jax.jit(self._structured_block, static_argnames=("block", "full", "calls", "inert"))
         self._contract_factors = jax.jit(structured.contract, static_argnames=("full",))
         self._discovered: dict = {}
         self._grouped_fns: dict = {}
@@ -140,9 +140,9 @@ class NTK:
                 jac = functools.partial(self._jac, params, x, mask, block=block, full=full)
                 contract = self._contract
             else:
-                calls = self._discover(params, x)
+                calls, inert = self._discover(params, x), self._inert(params, x)
                 jac = functools.partial(self._factors, params, x, mask, block=block, full=full,
-                                        calls=calls)
+                                        calls=calls, inert=inert)
                 contract = functools.partial(self._contract_factors, full=full)
             ja = jac(0)
             for a in range(k):
@@ -206,15 +206,15 @@ class NTK:
         order = np.resize(subsets, (groups * per_group, m))  # padded with repeats, cropped below
         points = take(x, order.reshape(-1))
         mask = self._prepare(params, points, take(output_mask, order.reshape(-1)))[2]
-        calls = self._discover(params, points) if impl == "structured" else ()
-        fn = self._grouped(impl, per_group, m, full, calls, len(devices))
+        calls, inert = (self._discover(params, points), self._inert(params, points)) if impl == "structured" else ((), ())
+        fn = self._grouped(impl, per_group, m, full, calls, inert, len(devices))
         return fn(params, jax.tree_util.tree_map(jnp.asarray, points), mask)[:n_subsets]
 
-    def _grouped(self, impl, per_group, m, full, calls, n_devices):
-        key = impl, per_group, m, full, calls, n_devices
+    def _grouped(self, impl, per_group, m, full, calls, inert, n_devices):
+        key = impl, per_group, m, full, calls, inert, n_devices
         if key not in self._grouped_fns:
             local = functools.partial(self._subset_groups, impl=impl, per_group=per_group, m=m,
-                                      full=full, calls=calls)
+                                      full=full, calls=calls, inert=inert)
             if n_devices > 1:
                 mesh = jax.sharding.Mesh(np.asarray(jax.local_devices()), ("subsets",))
                 spec = jax.sharding.PartitionSpec("subsets")
@@ -223,7 +223,7 @@ class NTK:
             self._grouped_fns[key] = jax.jit(local)
         return self._grouped_fns[key]
 
-    def _subset_groups(self, params, points, mask, *, impl, per_group, m, full, calls):
+    def _subset_groups(self, params, points, mask, *, impl, per_group, m, full, calls, inert):
         """Kernels of consecutive m-point subsets, `per_group` subsets per step of a lax.map."""
         size = per_group * m
 
@@ -237,7 +237,7 @@ class NTK:
             xg, mg = args
             if impl == "structured":
                 factors = jax.vmap(lambda xi, mi: structured.point_factors(
-                    self.apply_fn, params, xi, mi, calls, m))(xg, mg)
+                    self.apply_fn, params, xi, mi, calls, m, inert))(xg, mg)
                 factors = jax.tree_util.tree_map(split, factors)
                 return jax.vmap(lambda f: structured.contract(f, f, full))(factors)
             jac = self._block_jacobian(params, xg, mg, 0, block=size, full=full)
@@ -336,9 +336,9 @@ class NTK:
         """One point's structured factors: Jacobians of the leaves no structured rule claims
         (held ~3 times) plus, per output, the activation cotangents the rules keep."""
         calls = self._discover(params, x)
-        claimed = set(structured.claimed_leaves(calls))
+        skipped = set(structured.claimed_leaves(calls)) | set(self._inert(params, x))
         leaves = jax.tree_util.tree_leaves(params)
-        rest = sum(int(np.size(leaf)) for i, leaf in enumerate(leaves) if i not in claimed)
+        rest = sum(int(np.size(leaf)) for i, leaf in enumerate(leaves) if i not in skipped)
         itemsize = max(np.dtype(leaf.dtype).itemsize for leaf in leaves)
         n_out = math.prod(out_shape)
         # A structured layer keeps its inputs and output cotangents or, where that is cheaper to
@@ -419,22 +419,35 @@ class NTK:
         rows = n * math.prod(mask.shape[1:]) if full else n
         return [leaf.reshape(rows, -1) for leaf in jax.tree_util.tree_leaves(jac)]
 
+    def _inert(self, params, x) -> tuple:
+        """Leaves no tangent of which reaches the output (structured.inert_leaves), once per shapes."""
+        key = ("inert",) + self._shapes_key(params, x)
+        if key not in self._discovered:
+            x1 = jax.tree_util.tree_map(lambda a: a[:1], x)
+            self._discovered[key] = structured.inert_leaves(self.apply_fn, params, x1)
+        return self._discovered[key]
+
     def _discover(self, params, x):
         """The provably exact Dense calls of apply_fn (structured.discover), once per shapes."""
-        key = jax.tree_util.tree_structure((params, x)), tuple(
-            (np.shape(a)[1:] if i else np.shape(a), str(a.dtype if hasattr(a, "dtype") else np.result_type(a)))
-            for i, tree in enumerate((params, x)) for a in jax.tree_util.tree_leaves(tree))
+        key = self._shapes_key(params, x)
         if key not in self._discovered:
             x1 = jax.tree_util.tree_map(lambda a: a[:1], x)
             self._discovered[key] = structured.discover(self.apply_fn, params, x1)
         return self._discovered[key]
 
+    @staticmethod
+    def _shapes_key(params, x) -> tuple:
+        """Tree structures, shapes (x without its point axis) and dtypes: what discovery depends on."""
+        return jax.tree_util.tree_structure((params, x)), tuple(
+            (np.shape(a)[1:] if i else np.shape(a), str(a.dtype if hasattr(a, "dtype") else np.result_type(a)))
+            for i, tree in enumerate((params, x)) for a in jax.tree_util.tree_leaves(tree))
+
     def _structured_block(self, params, x, mask, start, block: int, full: bool = False,
-                          calls=()):
+                          calls=(), inert=()):
         """Per-point structured factors (see structured.py) of points start:start+block."""
         x, mask = _block(x, start, block), _block(mask, start, block)
         return jax.vmap(
-            lambda xi, mi: structured.point_factors(self.apply_fn, params, xi, mi, calls, block)
+            lambda xi, mi: structured.point_factors(self.apply_fn, params, xi, mi, calls, block, inert)
         )(x, mask)
 
     def _ntvp_tile(self, params, x, mask, start_a, start_b, block: int, full: bool = False,

@@ -281,6 +281,24 @@ def _leaves_with_other_paths(apply_fn, params, x1, claims: dict) -> set:
     return {i for i, u in zip(cand, used[n:2 * n]) if u} | mismatched
 
 
+def inert_leaves(apply_fn, params, x1) -> tuple[int, ...]:
+    """Indices of the parameter leaves whose tangent never reaches the output (dead-code
+    elimination of the JVP): their Jacobian is exactly zero, so the kernel needs none. E.g. the
+    decoder's weights when the NTK is of the encoder alone, or statistics under stop_gradient."""
+    leaves, treedef = jax.tree_util.tree_flatten(params)
+    if not leaves:
+        return ()
+
+    def f(ls):
+        return apply_fn(jax.tree_util.tree_unflatten(treedef, ls), x1)
+
+    closed = jax.make_jaxpr(lambda p, t: jax.jvp(f, (p,), (t,))[1])(leaves, leaves)
+    n_out = len(closed.jaxpr.outvars)
+    _, used = pe.dce_jaxpr(closed.jaxpr, [True] * n_out)
+    n = len(leaves)
+    return tuple(i for i, u in enumerate(used[n:2 * n]) if not u)
+
+
 def discover(apply_fn, params, x1) -> tuple:
     """The provably structured calls of apply_fn, as a hashable tuple of (call key, kernel leaf
     index, bias leaf index or -1, output shape for one point, rule kind, rule settings)."""
@@ -308,17 +326,22 @@ def _pairwise_cheaper(positions: int, d_in: int, d_out: int, n_out: int, block: 
     return pairwise <= gradient
 
 
-def point_factors(apply_fn, params, xi, mi, calls, block: int = 1):
+def point_factors(apply_fn, params, xi, mi, calls, block: int = 1, inert: tuple = ()):
     """One point's factors: flat Jacobians of the other leaves (and of structured layers whose
-    gradient is cheaper than their Gram matrices), and (A, D, D_bias) per structured kernel."""
+    gradient is cheaper than their Gram matrices), and (A, D, D_bias) per structured kernel.
+    Leaves in `inert` (see inert_leaves) are held fixed and contribute nothing."""
     leaves, treedef = jax.tree_util.tree_flatten(params)
     dense = claimed_leaves(calls)
-    rest = [i for i in range(len(leaves)) if i not in dense]
+    rest = [i for i in range(len(leaves)) if i not in dense and i not in inert]
+    if not rest and not calls:  # nothing reaches the output: one (zero) Jacobian gives the zero kernel
+        rest, inert = [0], tuple(i for i in inert if i != 0)
     index = {c[0]: j for j, c in enumerate(calls)}
 
     def f(rest_leaves, eps):
         full = list(leaves)
         for i in dense:  # held fixed: their derivative comes through eps (exclusive use proved)
+            full[i] = jax.lax.stop_gradient(leaves[i])
+        for i in inert:  # no tangent reaches the output (proved): nothing to differentiate
             full[i] = jax.lax.stop_gradient(leaves[i])
         for i, leaf in zip(rest, rest_leaves):
             full[i] = leaf
