@@ -1,4 +1,4 @@
-"""A CNN actor-critic learning Pong with PPO (paper §4, Fig. 3c).
+"""An actor-critic learning Pong with PPO (paper §4, Fig. 3c).
 
     mlflow run . -e pong_actor_critic --env-manager local -P epochs=300
     python -m pipelines.pong_actor_critic --help

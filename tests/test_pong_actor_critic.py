@@ -104,11 +104,15 @@ def test_actor_and_critic_ntk_match_float64_brute_force(untrained_probe, x64, im
 # -- learning, through the loop itself ------------------------------------------------------
 
 def test_a_few_updates_fit_the_critic():
-    """Within seconds: the critic's value loss falls as it learns the scale of the returns."""
+    """Within seconds: the critic's value loss falls as it learns the scale of the returns.
+
+    With the CNN encoder: at this size the default "positions" encoder's losses fluctuate with the
+    episodes each 64-transition batch happens to end and do not halve within 12 updates."""
     from ntk_tracking.train.ppo import fit
 
     task = get_task(TASK)
-    config = tiny_config(epochs=12, num_envs=4, num_steps=16, update_epochs=4, learning_rate=1e-2, anneal_lr=False)
+    config = tiny_config(epochs=12, num_envs=4, num_steps=16, update_epochs=4, learning_rate=1e-2, anneal_lr=False,
+                         encoder="cnn")
     data = task.load_data(config)
     seen = {}
     fit(config, data, task.init_state(config, data), 0, lambda e, s, m: seen.__setitem__(e, m), progress=False)

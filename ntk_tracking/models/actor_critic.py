@@ -1,4 +1,15 @@
-"""The CNN actor and critic of the RL study (paper §4, Fig. 3c): two networks, no shared trunk."""
+"""The actor and critic of the RL study (paper §4, Fig. 3c): two networks, no shared trunk.
+
+Two encoders of the 30×40×3 Pong frame:
+
+- "positions" (the default): a parameter-free first step reads the positions the frame shows
+  (`pong_positions`: the left paddle's row, the ball's row and column now and one step earlier,
+  and their differences, the ball's velocity), then two dense ReLU layers and a linear head.
+- "cnn": two strided 3×3 convolutions, one dense layer and a linear head on the raw frame.
+
+Both see the same observation; the first only spares the network learning to locate one-pixel
+objects, which a CNN small enough for a CPU does not do within the budget (studies/pong_rl.md).
+"""
 
 from __future__ import annotations
 
@@ -6,6 +17,47 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+
+ENCODERS = ("positions", "cnn")
+
+
+def pong_positions(x):
+    """(..., H, W, 3) Pong frames -> (..., 7) features, no parameters: the left paddle's centre row
+    (channel 0, column 0), the ball's row and column (channel 1) and those one step earlier
+    (channel 2), each scaled to [-1, 1), then the ball's velocity (rows / 3, columns) per step.
+    Exact for one-pixel balls; an empty channel reads as row and column 0."""
+    height, width = x.shape[-3], x.shape[-2]
+    rows = jnp.arange(height, dtype=x.dtype)
+    cols = jnp.arange(width, dtype=x.dtype)
+    paddle = x[..., :, 0, 0]
+    paddle_row = jnp.sum(paddle * rows, -1) / jnp.maximum(jnp.sum(paddle, -1), 1)
+
+    def ball(channel):
+        frame = x[..., channel]
+        return jnp.sum(jnp.sum(frame, -1) * rows, -1), jnp.sum(jnp.sum(frame, -2) * cols, -1)
+
+    (row, col), (last_row, last_col) = ball(1), ball(2)
+    positions = jnp.stack([paddle_row / height, row / height, col / width, last_row / height,
+                           last_col / width], -1) * 2 - 1
+    velocity = jnp.stack([(row - last_row) / 3, col - last_col], -1)
+    return jnp.concatenate([positions, velocity], -1)
+
+
+class PongMLP(nn.Module):
+    """`pong_positions`, two dense ReLU layers of `hidden` units, a linear head: (..., H, W, 3) -> (..., out)."""
+
+    num_outputs: int
+    hidden: int = 256
+    head_scale: float = 1.0  # orthogonal init gain of the head (0.01: a near-uniform initial policy)
+
+    @nn.compact
+    def __call__(self, x):
+        init = nn.initializers.orthogonal(np.sqrt(2))
+        x = pong_positions(x)
+        for _ in range(2):
+            x = nn.relu(nn.Dense(self.hidden, kernel_init=init)(x))
+        return nn.Dense(self.num_outputs, kernel_init=nn.initializers.orthogonal(self.head_scale))(x)
 
 
 class PongCNN(nn.Module):
@@ -26,28 +78,36 @@ class PongCNN(nn.Module):
         return nn.Dense(self.num_outputs, kernel_init=nn.initializers.orthogonal(self.head_scale))(x)
 
 
-def actor(num_actions: int, channels=(8, 16), hidden: int = 64) -> PongCNN:
-    """The policy network: action logits."""
-    return PongCNN(num_actions, tuple(channels), hidden, head_scale=0.01)
+def _network(num_outputs: int, channels, hidden: int, encoder: str, head_scale: float) -> nn.Module:
+    if encoder == "positions":
+        return PongMLP(num_outputs, hidden, head_scale=head_scale)
+    if encoder == "cnn":
+        return PongCNN(num_outputs, tuple(channels), hidden, head_scale=head_scale)
+    raise ValueError(f"unknown encoder {encoder!r}; choose one of {list(ENCODERS)}")
 
 
-def critic(channels=(8, 16), hidden: int = 64) -> PongCNN:
+def actor(num_actions: int, channels=(8, 16), hidden: int = 64, encoder: str = "cnn") -> nn.Module:
+    """The policy network: action logits (`channels` apply to the "cnn" encoder only)."""
+    return _network(num_actions, channels, hidden, encoder, head_scale=0.01)
+
+
+def critic(channels=(8, 16), hidden: int = 64, encoder: str = "cnn") -> nn.Module:
     """The value network: one output (squeeze it for the value)."""
-    return PongCNN(1, tuple(channels), hidden, head_scale=1.0)
+    return _network(1, channels, hidden, encoder, head_scale=1.0)
 
 
-def init_params(key, num_actions: int, obs_shape, channels=(8, 16), hidden: int = 64) -> dict:
+def init_params(key, num_actions: int, obs_shape, channels=(8, 16), hidden: int = 64, encoder: str = "cnn") -> dict:
     """{"actor": params, "critic": params} from one key."""
     k_actor, k_critic = jax.random.split(key)
     x = jnp.zeros((1,) + tuple(obs_shape), jnp.float32)
-    return {"actor": actor(num_actions, channels, hidden).init(k_actor, x)["params"],
-            "critic": critic(channels, hidden).init(k_critic, x)["params"]}
+    return {"actor": actor(num_actions, channels, hidden, encoder).init(k_actor, x)["params"],
+            "critic": critic(channels, hidden, encoder).init(k_critic, x)["params"]}
 
 
-def ntk_apply_fns(num_actions: int, channels=(8, 16), hidden: int = 64) -> dict:
+def ntk_apply_fns(num_actions: int, channels=(8, 16), hidden: int = 64, encoder: str = "cnn") -> dict:
     """The NTK's networks over CV variables {"actor": {"params"}, "critic": {"params"}}:
     "actor" = the sum of the action logits, "critic" = the value (outputs lead with the point axis)."""
-    a, c = actor(num_actions, channels, hidden), critic(channels, hidden)
+    a, c = actor(num_actions, channels, hidden, encoder), critic(channels, hidden, encoder)
 
     def actor_fn(variables, x):
         return jnp.sum(a.apply(variables["actor"], x), axis=-1)

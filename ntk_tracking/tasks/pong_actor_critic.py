@@ -1,4 +1,4 @@
-"""The RL study (paper §4, Fig. 3c): PPO with a CNN actor and a CNN critic on Pong.
+"""The RL study (paper §4, Fig. 3c): PPO with an actor and a critic network on Pong.
 
     mlflow run . -e pong_actor_critic --env-manager local
     python -m pipelines.pong_actor_critic --epochs 300
@@ -30,14 +30,16 @@ class PongConfig(TaskConfig):
     env: str = option("Pong-fixed", "Pong-fixed (corrected, see README) or Pong-misc (gymnax's original)")
     max_steps: int = option(200, "episode step limit (return = steps the ball stays in play; gymnax: 1000)")
     # Agent.
-    channels: int = option(4, "channels of the first convolution (the second has twice as many)")
-    hidden: int = option(32, "units of the dense hidden layer of actor and critic")
+    encoder: str = option("positions", "positions (parameter-free read-out of paddle and ball positions, "
+                          "then two dense layers) or cnn (two strided convolutions, one dense layer)")
+    channels: int = option(4, "cnn encoder: channels of the first convolution (the second has twice as many)")
+    hidden: int = option(256, "units of each dense hidden layer of actor and critic")
     # PPO.
-    num_envs: int = option(16, "environments stepped in parallel (vmapped)")
-    num_steps: int = option(64, "steps per environment per rollout (one update)")
-    num_minibatches: int = option(4, "minibatches per optimization epoch; must divide num_envs × num_steps")
-    update_epochs: int = option(2, "optimization epochs over each rollout")
-    learning_rate: float = option(2.5e-3, "Adam step size")
+    num_envs: int = option(32, "environments stepped in parallel (vmapped)")
+    num_steps: int = option(128, "steps per environment per rollout (one update)")
+    num_minibatches: int = option(8, "minibatches per optimization epoch; must divide num_envs × num_steps")
+    update_epochs: int = option(4, "optimization epochs over each rollout")
+    learning_rate: float = option(5e-4, "Adam step size")
     anneal_lr: bool = option(True, "anneal the step size linearly to 0 over the updates")
     gamma: float = option(0.99, "discount factor")
     gae_lambda: float = option(0.95, "GAE λ")
@@ -51,6 +53,7 @@ class PongConfig(TaskConfig):
 
     def checks(self):
         from ntk_tracking.envs import ENVS
+        from ntk_tracking.models.actor_critic import ENCODERS
 
         batch = self.num_envs * self.num_steps
         finite = [("learning_rate", self.learning_rate), ("gamma", self.gamma), ("gae_lambda", self.gae_lambda),
@@ -58,6 +61,7 @@ class PongConfig(TaskConfig):
                   ("max_grad_norm", self.max_grad_norm)]
         return [
             (self.env in ENVS, f"unknown environment {self.env!r}; choose one of {list(ENVS)}"),
+            (self.encoder in ENCODERS, f"unknown encoder {self.encoder!r}; choose one of {list(ENCODERS)}"),
             (self.max_steps > 0, f"max_steps (episode step limit) must be positive, got {self.max_steps}"),
             (self.num_envs > 0, f"num_envs must be ≥ 1 environment, got {self.num_envs}"),
             (self.num_steps > 0, f"num_steps must be ≥ 1 step per rollout, got {self.num_steps}"),
@@ -92,12 +96,16 @@ class PongActorCriticTask(Task):
     name = "pong_actor_critic"
     config_class = PongConfig
     defaults = dict(epochs=300, cv_every=50, cv_log_points=16)
-    summary = "a CNN actor-critic (PPO) learning Pong (paper §4, Fig. 3c)"
+    summary = "an actor-critic (PPO) learning Pong (paper §4, Fig. 3c)"
     step_name = "PPO update"
     loss_metrics = ("train/episode_return",)
 
     def run_name(self, config) -> str:
         return f"{config.task}-{config.env}-s{config.seed}"
+
+    def config_from_dict(self, saved: dict):
+        """Runs saved before the `encoder` option existed used the CNN."""
+        return super().config_from_dict({"encoder": "cnn", **saved})
 
     def load_data(self, config) -> PongData:
         from ntk_tracking.envs import make_env
@@ -137,7 +145,8 @@ class PongActorCriticTask(Task):
             if context is not None:
                 context.save_arrays(PROBE_ARTIFACT, arrays)
         states = np.asarray(arrays["states"], np.float32)
-        fns = ntk_apply_fns(int(data.info["num_actions"]), (config.channels, 2 * config.channels), config.hidden)
+        fns = ntk_apply_fns(int(data.info["num_actions"]), (config.channels, 2 * config.channels), config.hidden,
+                            config.encoder)
         return Probe(networks=fns, sets={"states": ProbeSet(states)})
 
     def _collect_probe_states(self, config, data, context) -> dict:
