@@ -43,6 +43,7 @@ def _resnet_module():
     """models/resnet.py loaded on its own (it needs flax only), so the legacy env can use it."""
     spec = importlib.util.spec_from_file_location("resnet", ROOT / "ntk_tracking" / "models" / "resnet.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # flax modules are dataclasses: their module must be registered
     spec.loader.exec_module(module)
     return module
 
