@@ -8,14 +8,20 @@ import numpy as np
 JUMP_FACTOR = 2.0  # a return jump: the evaluation return at least doubles the untrained agent's
 
 
-def return_jump_step(points, factor: float = JUMP_FACTOR):
-    """The first step whose return is ≥ factor × the return at the first step (None if never)."""
+def return_jump_step(points, factor: float = JUMP_FACTOR, max_return: float | None = None):
+    """The first step whose return is ≥ factor × the return at the first step, or (when the
+    episode's best possible return `max_return` is known and lower) at least halfway from the
+    first step's return to it; None if never. Without the cap, an untrained agent already at
+    half the best possible return could only "jump" by becoming perfect."""
     points = sorted((s, v) for s, v in points if np.isfinite(v))
     if len(points) < 2:
         return None
     base = points[0][1]
+    threshold = factor * base
+    if max_return is not None and max_return > base:
+        threshold = min(threshold, base + (max_return - base) / 2)
     for step, value in points[1:]:
-        if value >= factor * base:
+        if value >= threshold:
             return step
     return None
 
@@ -28,7 +34,8 @@ def _episodes_at(histories, steps):
     return np.array([table.get(s, table[max([k for k in known if k <= s] or [0])]) for s in steps], float)
 
 
-def rl_evolution_figure(histories: dict, title: str = "", probe_set: str = "states"):
+def rl_evolution_figure(histories: dict, title: str = "", probe_set: str = "states",
+                        max_return: float | None = None):
     """histories: metric key -> [(update, value)]. Columns: actor, critic; rows: entropy, trace, return."""
     import matplotlib
 
@@ -38,7 +45,7 @@ def rl_evolution_figure(histories: dict, title: str = "", probe_set: str = "stat
     fig, axes = plt.subplots(3, 2, figsize=(10, 8), sharex=True, squeeze=False)
     returns = sorted(histories.get("eval/episode_return", []))
     train_returns = sorted(histories.get("train/episode_return", []))
-    jump = return_jump_step(returns)
+    jump = return_jump_step(returns, max_return=max_return)
     jump_x = None if jump is None else max(_episodes_at(histories, [jump])[0], 1.0)
 
     def x_of(points):

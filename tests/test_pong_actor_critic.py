@@ -188,3 +188,21 @@ def test_resume_after_interruption_matches_uninterrupted(store, monkeypatch, cap
     assert "after epoch 3" in capsys.readouterr().out
     for key in keys:
         assert history(interrupted, key) == ref[key], key
+
+
+@pytest.mark.parametrize("points, max_return, expected", [
+    # an untrained agent at half the cap: doubling would need a perfect policy; halfway to the cap counts
+    ([(0, 99.0), (45, 103.0), (66, 151.0), (300, 195.0)], 200.0, 66),
+    ([(0, 99.0), (45, 103.0), (66, 151.0), (300, 195.0)], None, None),
+    # far below the cap (gymnax's 1000 steps): doubling comes first
+    ([(0, 87.0), (10, 120.0), (20, 180.0), (40, 600.0)], 1000.0, 20),
+    ([(0, 87.0), (10, 120.0)], 1000.0, None),
+])
+def test_return_jump_is_doubling_or_halfway_to_the_best_return(points, max_return, expected):
+    from ntk_tracking.figures_rl import return_jump_step
+    from ntk_tracking.tasks.pong_actor_critic import probe_stages
+
+    assert return_jump_step(points, max_return=max_return) == expected
+    epochs = [s for s, _ in points]
+    middle = expected if expected is not None else epochs[len(epochs) // 2]
+    assert probe_stages(epochs, points, max_return=max_return) == sorted({epochs[0], middle, epochs[-1]})

@@ -156,7 +156,9 @@ class PongActorCriticTask(Task):
             stages = [0]
             variables = [self.cv_variables(self.init_state(config, data))]
         else:
-            stages = probe_stages(context.cv_epochs, context.metric_history("eval/episode_return"))
+            # +1 per step in play: the best possible return is the episode's step limit.
+            stages = probe_stages(context.cv_epochs, context.metric_history("eval/episode_return"),
+                                  max_return=config.max_steps)
             variables = [context.restore(e) for e in stages]
         per_stage = -(-config.probe_states // len(stages))
         collect = make_state_collector(config, data.env, data.params, per_stage)
@@ -169,18 +171,19 @@ class PongActorCriticTask(Task):
 
         keys = [f"ntk/{n}/{v}/{s}" for n in networks for v in ("entropy", "trace") for s in probe_sets]
         keys += ["train/episode_return", "eval/episode_return", "train/episodes"]
-        return rl_evolution_figure({k: history(k) for k in keys}, title=title)
+        return rl_evolution_figure({k: history(k) for k in keys}, title=title, max_return=config.max_steps)
 
 
-def probe_stages(cv_epochs, eval_history) -> list[int]:
+def probe_stages(cv_epochs, eval_history, max_return: float | None = None) -> list[int]:
     """Untrained (0), "occasionally successful" (the first CV checkpoint whose evaluation return
-    is at least twice the untrained one's; the middle checkpoint if none is) and the last."""
+    is at least twice the untrained one's, or halfway from it to `max_return` if that is lower;
+    the middle checkpoint if none is) and the last."""
     from ntk_tracking.figures_rl import return_jump_step
 
     epochs = sorted(cv_epochs)
     if not epochs:
         raise ValueError("the run has no CV checkpoints to collect probe states from")
-    jump = return_jump_step([(s, v) for s, v in eval_history if s in set(epochs)])
+    jump = return_jump_step([(s, v) for s, v in eval_history if s in set(epochs)], max_return=max_return)
     middle = jump if jump is not None else epochs[len(epochs) // 2]
     return sorted({epochs[0], middle, epochs[-1]})
 
