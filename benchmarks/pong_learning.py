@@ -74,7 +74,8 @@ def main() -> None:
               "train_wall_seconds": round(train_seconds, 1), "final_eval_return": final,
               "random_return": baselines["random"], "tracker_return": baselines["tracker"],
               "fraction_of_tracker": final / baselines["tracker"],
-              "first_return_jump_update": return_jump_step(history("eval/episode_return"))}
+              "first_return_jump_update": return_jump_step(history("eval/episode_return"),
+                                                             max_return=config.max_steps)}
     print(json.dumps(result, indent=2))
 
     docs = ROOT / "docs"
