@@ -107,7 +107,7 @@ def main() -> None:
             print(" ".join(str(round(v, 4)) if isinstance(v, float) else str(v) for v in row + [table[k][step] for k in keys]))
         fig = rl_evolution_figure({k: history(k) for k in keys + ["train/episode_return", "eval/episode_return",
                                                                   "train/episodes"]},
-                                  title=f"{config.env}, run {run_id[:8]}")
+                                  title=f"{config.env}, run {run_id[:8]}", max_return=config.max_steps)
         fig.savefig(docs / "pong_rl_evolution.png", dpi=110)
 
 
