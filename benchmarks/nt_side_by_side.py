@@ -50,30 +50,10 @@ def _resnet_module():
 
 def build(name: str):
     """The flax module of `name`: the same code in both environments."""
-    import flax.linen as nn
+    from reference_networks import NETWORKS
 
-    class MLP(nn.Module):
-        @nn.compact
-        def __call__(self, x, train: bool = False):
-            x = x.reshape(x.shape[0], -1)
-            for _ in range(3):
-                x = nn.relu(nn.Dense(512)(x))
-            return nn.Dense(10)(x)
-
-    class CNN(nn.Module):
-        @nn.compact
-        def __call__(self, x, train: bool = False):
-            x = nn.relu(nn.Conv(32, (3, 3), padding="VALID")(x))
-            x = nn.relu(nn.Conv(64, (3, 3), padding="VALID")(x))
-            x = nn.max_pool(x, (2, 2), (2, 2))
-            x = x.reshape(x.shape[0], -1)
-            x = nn.relu(nn.Dense(128)(x))
-            return nn.Dense(10)(x)
-
-    if name == "mlp":
-        return MLP()
-    if name == "cnn":
-        return CNN()
+    if name in NETWORKS:
+        return NETWORKS[name]()
     return _resnet_module().ResNet18(width=0.25 if name == "resnet18q" else 1.0)
 
 

@@ -109,30 +109,10 @@ def _count(tree) -> int:
 
 def _reference(model_name: str) -> Bench:
     """The two reference networks on 28×28×1 float32 inputs."""
-    import flax.linen as nn
     import numpy as np
+    from reference_networks import NETWORKS
 
-    class MLP(nn.Module):
-        @nn.compact
-        def __call__(self, x):
-            x = x.reshape(x.shape[0], -1)
-            for _ in range(3):
-                x = nn.relu(nn.Dense(512)(x))
-            return nn.Dense(10)(x)
-
-    class CNN(nn.Module):
-        """Keras' MNIST convnet: VALID 3×3 convolutions, 28→26→24, pool to 12×12×64."""
-
-        @nn.compact
-        def __call__(self, x):
-            x = nn.relu(nn.Conv(32, (3, 3), padding="VALID")(x))
-            x = nn.relu(nn.Conv(64, (3, 3), padding="VALID")(x))
-            x = nn.max_pool(x, (2, 2), (2, 2))
-            x = x.reshape(x.shape[0], -1)
-            x = nn.relu(nn.Dense(128)(x))
-            return nn.Dense(10)(x)
-
-    model = {"mlp": MLP, "cnn": CNN}[model_name]()
+    model = NETWORKS[model_name]()
     example = np.zeros((1, 28, 28, 1), np.float32)
 
     def points(n, seed):
