@@ -391,6 +391,7 @@ def protocol_worker(model_name: str, impl: str, m: int, n_subsets: int, memory_b
 
     from ntk_tracking import NTK
     from ntk_tracking.ntk import draw_subsets
+    from ntk_tracking.ntk.kernel import take
 
     bench = build(model_name)
     pool = bench.pool or n_subsets * m
@@ -398,9 +399,6 @@ def protocol_worker(model_name: str, impl: str, m: int, n_subsets: int, memory_b
     subsets = draw_subsets(pool, n_subsets, m, seed=0)
     warm, params = _param_sets(bench, 2)
     ntk = NTK(bench.apply_fn, impl, memory_budget=memory_budget)
-
-    def take(tree, idx):
-        return None if tree is None else jax.tree_util.tree_map(lambda a: np.asarray(a)[idx], tree)
 
     baseline_kib = _peak_kib()
     # (a) one kernel per subset.

@@ -2,6 +2,7 @@
 working tree's `ntk_tracking` import whatever way the project was installed."""
 
 import contextlib
+import os
 import pathlib
 import sys
 
@@ -15,8 +16,6 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 def no_mlflow_state_between_tests():
     """MLflow keeps the active run and experiment in module globals; one test's must not reach the next
     (an experiment id set against one store names nothing, or something else, in the next store)."""
-    import os
-
     routing = ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME", "MLFLOW_RUN_ID")
     before = {k: os.environ[k] for k in routing if k in os.environ}
     yield

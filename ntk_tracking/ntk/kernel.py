@@ -45,6 +45,11 @@ def num_points(x) -> int:
     return m
 
 
+def take(x, indices):
+    """Points `indices` of an array or pytree whose leaves lead with the point axis (None stays None)."""
+    return None if x is None else jax.tree_util.tree_map(lambda a: np.asarray(a)[indices], x)
+
+
 def _block(tree, start, block: int):
     """Points start:start+block of every leaf (traced ``start``), padded at the end with copies
     of the last point so every block has the same shape: one compilation for all blocks."""
@@ -189,16 +194,13 @@ class NTK:
         if subsets.min() < 0 or subsets.max() >= n:
             raise ValueError(f"subset indices must lie in [0, {n}), got {subsets.min()}…{subsets.max()}")
 
-        def take(tree, idx):
-            return None if tree is None else jax.tree_util.tree_map(lambda a: np.asarray(a)[idx], tree)
-
         devices = jax.local_devices()
-        if group is None and len(devices) == 1:
-            return jnp.stack([self(params, take(x, idx), take(output_mask, idx), full=full)
-                              for idx in subsets])
-        one = self._prepare(params, take(x, subsets[0]), take(output_mask, subsets[0]))
-        impl, block, _ = self._plan(params, n_subsets * m, one[1], one[3], take(x, subsets[0]))
-        if impl == "ntvp" or block < m:
+        one_by_one = group is None and len(devices) == 1
+        if not one_by_one:
+            first = self._prepare(params, take(x, subsets[0]), take(output_mask, subsets[0]))
+            impl, block, _ = self._plan(params, n_subsets * m, first[1], first[3], take(x, subsets[0]))
+            one_by_one = impl == "ntvp" or block < m
+        if one_by_one:
             return jnp.stack([self(params, take(x, idx), take(output_mask, idx), full=full)
                               for idx in subsets])
         per_group = max(1, min(group or 1, block // m, -(-n_subsets // len(devices))))
@@ -333,8 +335,9 @@ class NTK:
         return _balanced(m, largest)
 
     def _structured_point_bytes(self, params, x, out_shape, act, m: int) -> int:
-        """One point's structured factors: Jacobians of the leaves no structured rule claims
-        (held ~3 times) plus, per output, the activation cotangents the rules keep."""
+        """One point's structured factors: Jacobians of the leaves no rule claims and some tangent
+        reaches (held ~3 times), what each structured layer keeps, and per output the backward
+        pass's activation cotangents."""
         calls = self._discover(params, x)
         skipped = set(structured.claimed_leaves(calls)) | set(self._inert(params, x))
         leaves = jax.tree_util.tree_leaves(params)

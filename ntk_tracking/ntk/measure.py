@@ -4,10 +4,9 @@ from __future__ import annotations
 
 from typing import Iterator
 
-import jax
 import numpy as np
 
-from ntk_tracking.ntk.kernel import NTK, num_points
+from ntk_tracking.ntk.kernel import NTK, num_points, take
 from ntk_tracking.ntk.stats import collective_variables, spectrum
 
 
@@ -31,11 +30,6 @@ def draw_subsets(num_available: int, num_subsets: int, subset_size: int, seed: i
     return np.stack([rng.choice(num_available, subset_size, replace=False) for _ in range(num_subsets)])
 
 
-def take(x, indices):
-    """Points `indices` of an array or pytree whose leaves lead with the point axis."""
-    return jax.tree_util.tree_map(lambda a: np.asarray(a)[indices], x)
-
-
 class Measurement:
     """Collective variables of one network on fixed subsets of one data split.
 
@@ -51,7 +45,7 @@ class Measurement:
             raise ValueError(f"subset indices reach {subsets.max()}, but the split holds {n} points")
         # Only the measured points are kept, in subset order; subset i is rows i·m … (i+1)·m − 1.
         self.points = take(x, subsets.reshape(-1))
-        self.point_mask = None if output_mask is None else take(output_mask, subsets.reshape(-1))
+        self.point_mask = take(output_mask, subsets.reshape(-1))
         self.subsets = np.arange(subsets.size).reshape(subsets.shape)
         self.last_spectra: np.ndarray | None = None
         self.last_kernels: np.ndarray | None = None  # (K, m, m), float64
@@ -64,7 +58,7 @@ class Measurement:
     @property
     def masks(self) -> list:
         """The output mask of each subset (None without a mask)."""
-        return [None if self.point_mask is None else take(self.point_mask, idx) for idx in self.subsets]
+        return [take(self.point_mask, idx) for idx in self.subsets]
 
     def run(self, params) -> Iterator[tuple[str, float]]:
         kernels = self.ntk.subset_kernels(params, self.points, self.subsets, self.point_mask)
