@@ -286,10 +286,11 @@ def _pong(network: str) -> Bench:
     env, env_params = make_env(config.env, config.max_steps)
     num_actions, obs_shape = int(env.action_space(env_params).n), tuple(env.obs_shape)
     channels = (config.channels, 2 * config.channels)
-    apply_fn = ntk_apply_fns(num_actions, channels, config.hidden)[network]
+    apply_fn = ntk_apply_fns(num_actions, channels, config.hidden, config.encoder, config.dense_layers)[network]
 
     def init(key):  # the CV checkpoint: task.cv_variables
-        params = init_params(key, num_actions, obs_shape, channels, config.hidden)
+        params = init_params(key, num_actions, obs_shape, channels, config.hidden, config.encoder,
+                             config.dense_layers)
         return {"actor": {"params": params["actor"]}, "critic": {"params": params["critic"]}}
 
     def points(n, seed):  # rendered frames: a few lit pixels per channel (paddles, ball)

@@ -1,6 +1,6 @@
 """An actor-critic learning Pong with PPO (paper §4, Fig. 3c).
 
-    mlflow run . -e pong_actor_critic --env-manager local -P epochs=300
+    mlflow run . -e pong_actor_critic --env-manager local -P epochs=600
     python -m pipelines.pong_actor_critic --help
 """
 

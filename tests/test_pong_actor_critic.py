@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import mlflow
@@ -101,12 +103,29 @@ def test_actor_and_critic_ntk_match_float64_brute_force(untrained_probe, x64, im
         np.testing.assert_allclose(got, expected, rtol=1e-8, atol=1e-8 * float(jnp.max(jnp.abs(expected))))
 
 
+def test_runs_saved_by_earlier_versions_load_with_their_networks():
+    """Before `encoder` existed every run was a CNN; before `dense_layers` existed a CNN had one
+    dense layer and the positions encoder two. Their checkpoints restore only into those networks."""
+    task = get_task(TASK)
+    saved = dataclasses.asdict(task.default_config())
+    for key, value, expected in [(("encoder", "dense_layers"), None, ("cnn", 1)),
+                                 (("dense_layers",), "cnn", ("cnn", 1)),
+                                 (("dense_layers",), "positions", ("positions", 2))]:
+        old = {k: v for k, v in saved.items() if k not in key}
+        if value is not None:
+            old["encoder"] = value
+        config = task.config_from_dict(old)
+        assert (config.encoder, config.dense_layers) == expected
+    assert task.config_from_dict(saved) == task.default_config()
+
+
 # -- learning, through the loop itself ------------------------------------------------------
 
 def test_a_few_updates_fit_the_critic():
     """Within seconds: the critic's value loss falls as it learns the scale of the returns.
 
-    With the CNN encoder: at this size the default "positions" encoder's losses fluctuate with the
+    With the CNN encoder (the default, named so this test keeps it): at this size the "positions"
+    encoder's losses fluctuate with the
     episodes each 64-transition batch happens to end and do not halve within 12 updates."""
     from ntk_tracking.train.ppo import fit
 

@@ -36,6 +36,8 @@ from flax.linen.linear import _conv_dimension_numbers
 from flax.linen.linear import canonicalize_padding as _canonicalize_padding
 from jax._src.interpreters import partial_eval as pe
 
+from ntk_tracking.models.conv import sliced_conv
+
 _HIGHEST = jax.lax.Precision.HIGHEST
 
 
@@ -82,9 +84,10 @@ def _dense_rule(mod, a, kernel, bias):
 
 def _conv_rule(mod, a, kernel, bias):
     """nn.Conv with one batch axis, zero padding, no groups, no mask, the default
-    conv_general_dilated: y = patches(a) · kernel + bias (neural-tangents' patches ⊗ I rule).
+    conv_general_dilated or `sliced_conv` (the same values): y = patches(a) · kernel + bias
+    (neural-tangents' patches ⊗ I rule).
     Its rule: ("conv", (kernel size, strides, padding, input dilation, kernel dilation))."""
-    if not (mod.conv_general_dilated is None or mod.conv_general_dilated is jax.lax.conv_general_dilated):
+    if mod.conv_general_dilated not in (None, jax.lax.conv_general_dilated, sliced_conv):
         return None
     if mod.conv_general_dilated_cls is not None or mod.mask is not None:
         return None

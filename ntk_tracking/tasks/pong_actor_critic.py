@@ -1,7 +1,7 @@
 """The RL study (paper §4, Fig. 3c): PPO with an actor and a critic network on Pong.
 
     mlflow run . -e pong_actor_critic --env-manager local
-    python -m pipelines.pong_actor_critic --epochs 300
+    python -m pipelines.pong_actor_critic --epochs 600
 
 One task epoch is one PPO update; metrics and checkpoints use step = update, and
 `train/episodes` maps updates to training episodes (the paper's x axis).
@@ -30,16 +30,17 @@ class PongConfig(TaskConfig):
     env: str = option("Pong-fixed", "Pong-fixed (corrected, see README) or Pong-misc (gymnax's original)")
     max_steps: int = option(200, "episode step limit (return = steps the ball stays in play; gymnax: 1000)")
     # Agent.
-    encoder: str = option("positions", "positions (parameter-free read-out of paddle and ball positions, "
-                          "then two dense layers) or cnn (two strided convolutions, one dense layer)")
-    channels: int = option(4, "cnn encoder: channels of the first convolution (the second has twice as many)")
+    encoder: str = option("cnn", "cnn (two strided 3×3 convolutions on the frame, as in the paper) or positions "
+                          "(a parameter-free read-out of paddle and ball positions); dense layers follow either")
+    channels: int = option(8, "cnn encoder: channels of the first convolution (the second has twice as many)")
     hidden: int = option(256, "units of each dense hidden layer of actor and critic")
+    dense_layers: int = option(2, "dense ReLU layers between the encoder and the linear head")
     # PPO.
     num_envs: int = option(32, "environments stepped in parallel (vmapped)")
     num_steps: int = option(128, "steps per environment per rollout (one update)")
     num_minibatches: int = option(8, "minibatches per optimization epoch; must divide num_envs × num_steps")
     update_epochs: int = option(4, "optimization epochs over each rollout")
-    learning_rate: float = option(5e-4, "Adam step size")
+    learning_rate: float = option(1e-3, "Adam step size")
     anneal_lr: bool = option(True, "anneal the step size linearly to 0 over the updates")
     gamma: float = option(0.99, "discount factor")
     gae_lambda: float = option(0.95, "GAE λ")
@@ -78,6 +79,7 @@ class PongConfig(TaskConfig):
             (self.ent_coef >= 0 and self.vf_coef >= 0, "ent_coef and vf_coef must be ≥ 0"),
             (self.max_grad_norm > 0, f"max_grad_norm must be positive, got {self.max_grad_norm}"),
             (self.channels > 0 and self.hidden > 0, "channels and hidden must be positive"),
+            (self.dense_layers >= 0, f"dense_layers must be ≥ 0, got {self.dense_layers}"),
             (self.eval_envs > 0, f"eval_envs must be ≥ 1, got {self.eval_envs}"),
             (self.probe_states >= 3, f"probe_states must be ≥ 3 (one per stage), got {self.probe_states}"),
         ] + super().checks()
@@ -95,7 +97,7 @@ class PongData:
 class PongActorCriticTask(Task):
     name = "pong_actor_critic"
     config_class = PongConfig
-    defaults = dict(epochs=300, cv_every=50, cv_log_points=16)
+    defaults = dict(epochs=600, cv_every=50, cv_log_points=16)
     summary = "an actor-critic (PPO) learning Pong (paper §4, Fig. 3c)"
     step_name = "PPO update"
     loss_metrics = ("train/episode_return",)
@@ -104,8 +106,12 @@ class PongActorCriticTask(Task):
         return f"{config.task}-{config.env}-s{config.seed}"
 
     def config_from_dict(self, saved: dict):
-        """Runs saved before the `encoder` option existed used the CNN."""
-        return super().config_from_dict({"encoder": "cnn", **saved})
+        """Runs saved before the `encoder` option existed used the CNN; CNN runs saved before
+        `dense_layers` existed had one dense layer (positions runs had two, today's default)."""
+        saved = {"encoder": "cnn", **saved}
+        if saved["encoder"] == "cnn":
+            saved = {"dense_layers": 1, **saved}
+        return super().config_from_dict(saved)
 
     def load_data(self, config) -> PongData:
         from ntk_tracking.envs import make_env
@@ -146,7 +152,7 @@ class PongActorCriticTask(Task):
                 context.save_arrays(PROBE_ARTIFACT, arrays)
         states = np.asarray(arrays["states"], np.float32)
         fns = ntk_apply_fns(int(data.info["num_actions"]), (config.channels, 2 * config.channels), config.hidden,
-                            config.encoder)
+                            config.encoder, config.dense_layers)
         return Probe(networks=fns, sets={"states": ProbeSet(states)})
 
     def _collect_probe_states(self, config, data, context) -> dict:

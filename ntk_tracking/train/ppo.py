@@ -51,8 +51,8 @@ class Transition(NamedTuple):
 
 def networks(config, num_actions: int):
     channels = (config.channels, 2 * config.channels)
-    return (actor_critic.actor(num_actions, channels, config.hidden, config.encoder),
-            actor_critic.critic(channels, config.hidden, config.encoder))
+    return (actor_critic.actor(num_actions, channels, config.hidden, config.encoder, config.dense_layers),
+            actor_critic.critic(channels, config.hidden, config.encoder, config.dense_layers))
 
 
 def make_optimizer(config) -> optax.GradientTransformation:
@@ -73,7 +73,8 @@ def init_runner(config, env, env_params) -> Runner:
     key, k_params, k_reset = jax.random.split(key, 3)
     num_actions = env.action_space(env_params).n
     channels = (config.channels, 2 * config.channels)
-    params = actor_critic.init_params(k_params, num_actions, env.obs_shape, channels, config.hidden, config.encoder)
+    params = actor_critic.init_params(k_params, num_actions, env.obs_shape, channels, config.hidden, config.encoder,
+                                      config.dense_layers)
     train = TrainState.create(apply_fn=None, params=params, tx=make_optimizer(config))
     obs, env_state = jax.vmap(env.reset, (0, None))(jax.random.split(k_reset, config.num_envs), env_params)
     zeros = jnp.zeros(config.num_envs, jnp.float32)
