@@ -4,7 +4,8 @@ compare with random and the scripted tracker, optionally analyze the NTK, draw t
     nice python benchmarks/pong_learning.py --store pong_bench [--analyze] [-- --epochs 300 ...]
 
 Prints env steps, wall time, returns and, with --analyze, the per-checkpoint collective
-variables used in studies/pong_rl.md; writes docs/pong_learning.png (and docs/pong_rl_evolution.png).
+variables used in studies/pong_rl.md; writes pong_learning.png (and pong_rl_evolution.png) to
+--figures (default: the README's docs/ folder).
 """
 
 from __future__ import annotations
@@ -27,11 +28,13 @@ def main() -> None:
     p.add_argument("--subsets", type=int, default=20)
     p.add_argument("--points", type=int, default=20)
     p.add_argument("--eval-episodes", type=int, default=256)
+    p.add_argument("--figures", default=str(ROOT / "docs"), help="folder for the two figures (default: docs/)")
     p.add_argument("train_args", nargs="*", help="task options after --, e.g. -- --epochs 300")
     args = p.parse_args()
-    os.makedirs(args.store, exist_ok=True)
-    os.chdir(args.store)
-    os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{os.path.abspath(args.store)}/mlflow.db"
+    store, args.figures = os.path.abspath(args.store), os.path.abspath(args.figures)  # before the chdir
+    os.makedirs(store, exist_ok=True)
+    os.chdir(store)
+    os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{store}/mlflow.db"
 
     import jax
     import matplotlib
@@ -78,7 +81,8 @@ def main() -> None:
                                                              max_return=config.max_steps)}
     print(json.dumps(result, indent=2))
 
-    docs = ROOT / "docs"
+    docs = pathlib.Path(args.figures).resolve()
+    docs.mkdir(parents=True, exist_ok=True)
     fig, ax = plt.subplots(figsize=(7, 4))
     episodes = dict(history("train/episodes"))
     for key_, style, label in [("train/episode_return", "-", "training episodes (mean per update)"),
