@@ -119,6 +119,16 @@ def test_runs_saved_by_earlier_versions_load_with_their_networks():
     assert task.config_from_dict(saved) == task.default_config()
 
 
+def test_the_cnn_convolutions_take_the_structured_path(untrained_probe):
+    """The agent's convolutions run through `sliced_conv`; the engine must still claim their kernels
+    for its convolution rule, not fall back to per-point Jacobians."""
+    probe, variables = untrained_probe
+    x = probe.sets["states"].inputs[:4]
+    for name in ("actor", "critic"):
+        leaves = NTK(probe.networks[name], "auto").structured_leaves(variables, x)
+        assert {f"{name}/params/Conv_{i}/kernel" for i in (0, 1)} <= set(leaves), leaves
+
+
 # -- learning, through the loop itself ------------------------------------------------------
 
 def test_a_few_updates_fit_the_critic():
