@@ -280,17 +280,17 @@ def _pong(network: str) -> Bench:
     from ntk_tracking.envs import make_env
     from ntk_tracking.models.actor_critic import init_params, ntk_apply_fns
     from ntk_tracking.tasks import get_task
+    from ntk_tracking.train.ppo import network_options
 
     task = get_task("pong_actor_critic")
     config = task.default_config()
     env, env_params = make_env(config.env, config.max_steps)
     num_actions, obs_shape = int(env.action_space(env_params).n), tuple(env.obs_shape)
-    channels = (config.channels, 2 * config.channels)
-    apply_fn = ntk_apply_fns(num_actions, channels, config.hidden, config.encoder, config.dense_layers)[network]
+    options = network_options(config)
+    apply_fn = ntk_apply_fns(num_actions, **options)[network]
 
     def init(key):  # the CV checkpoint: task.cv_variables
-        params = init_params(key, num_actions, obs_shape, channels, config.hidden, config.encoder,
-                             config.dense_layers)
+        params = init_params(key, num_actions, obs_shape, **options)
         return {"actor": {"params": params["actor"]}, "critic": {"params": params["critic"]}}
 
     def points(n, seed):  # rendered frames: a few lit pixels per channel (paddles, ball)

@@ -424,26 +424,21 @@ class NTK:
 
     def _inert(self, params, x) -> tuple:
         """Leaves no tangent of which reaches the output (structured.inert_leaves), once per shapes."""
-        key = ("inert",) + self._shapes_key(params, x)
-        if key not in self._discovered:
-            x1 = jax.tree_util.tree_map(lambda a: a[:1], x)
-            self._discovered[key] = structured.inert_leaves(self.apply_fn, params, x1)
-        return self._discovered[key]
+        return self._once_per_shapes(structured.inert_leaves, params, x)
 
     def _discover(self, params, x):
         """The provably exact Dense calls of apply_fn (structured.discover), once per shapes."""
-        key = self._shapes_key(params, x)
-        if key not in self._discovered:
-            x1 = jax.tree_util.tree_map(lambda a: a[:1], x)
-            self._discovered[key] = structured.discover(self.apply_fn, params, x1)
-        return self._discovered[key]
+        return self._once_per_shapes(structured.discover, params, x)
 
-    @staticmethod
-    def _shapes_key(params, x) -> tuple:
-        """Tree structures, shapes (x without its point axis) and dtypes: what discovery depends on."""
-        return jax.tree_util.tree_structure((params, x)), tuple(
+    def _once_per_shapes(self, analysis, params, x):
+        """analysis(apply_fn, params, one point), cached by what it depends on: tree structures,
+        shapes (x without its point axis) and dtypes."""
+        key = analysis.__name__, jax.tree_util.tree_structure((params, x)), tuple(
             (np.shape(a)[1:] if i else np.shape(a), str(a.dtype if hasattr(a, "dtype") else np.result_type(a)))
             for i, tree in enumerate((params, x)) for a in jax.tree_util.tree_leaves(tree))
+        if key not in self._discovered:
+            self._discovered[key] = analysis(self.apply_fn, params, jax.tree_util.tree_map(lambda a: a[:1], x))
+        return self._discovered[key]
 
     def _structured_block(self, params, x, mask, start, block: int, full: bool = False,
                           calls=(), inert=()):

@@ -144,6 +144,7 @@ class PongActorCriticTask(Task):
     def probe(self, config, data, context=None) -> Probe:
         """Actor (summed logits) and critic (value) on states the agent visited at three stages."""
         from ntk_tracking.models.actor_critic import ntk_apply_fns
+        from ntk_tracking.train.ppo import network_options
 
         arrays = context.load_arrays(PROBE_ARTIFACT) if context is not None else None
         if arrays is None:
@@ -151,8 +152,7 @@ class PongActorCriticTask(Task):
             if context is not None:
                 context.save_arrays(PROBE_ARTIFACT, arrays)
         states = np.asarray(arrays["states"], np.float32)
-        fns = ntk_apply_fns(int(data.info["num_actions"]), (config.channels, 2 * config.channels), config.hidden,
-                            config.encoder, config.dense_layers)
+        fns = ntk_apply_fns(int(data.info["num_actions"]), **network_options(config))
         return Probe(networks=fns, sets={"states": ProbeSet(states)})
 
     def _collect_probe_states(self, config, data, context) -> dict:

@@ -49,10 +49,15 @@ class Transition(NamedTuple):
     done: jax.Array
 
 
+def network_options(config) -> dict:
+    """The actor's and critic's architecture from a task config (keywords of actor_critic's builders)."""
+    return dict(channels=(config.channels, 2 * config.channels), hidden=config.hidden, encoder=config.encoder,
+                dense_layers=config.dense_layers)
+
+
 def networks(config, num_actions: int):
-    channels = (config.channels, 2 * config.channels)
-    return (actor_critic.actor(num_actions, channels, config.hidden, config.encoder, config.dense_layers),
-            actor_critic.critic(channels, config.hidden, config.encoder, config.dense_layers))
+    options = network_options(config)
+    return actor_critic.actor(num_actions, **options), actor_critic.critic(**options)
 
 
 def make_optimizer(config) -> optax.GradientTransformation:
@@ -72,9 +77,7 @@ def init_runner(config, env, env_params) -> Runner:
     key = jax.random.PRNGKey(config.seed)
     key, k_params, k_reset = jax.random.split(key, 3)
     num_actions = env.action_space(env_params).n
-    channels = (config.channels, 2 * config.channels)
-    params = actor_critic.init_params(k_params, num_actions, env.obs_shape, channels, config.hidden, config.encoder,
-                                      config.dense_layers)
+    params = actor_critic.init_params(k_params, num_actions, env.obs_shape, **network_options(config))
     train = TrainState.create(apply_fn=None, params=params, tx=make_optimizer(config))
     obs, env_state = jax.vmap(env.reset, (0, None))(jax.random.split(k_reset, config.num_envs), env_params)
     zeros = jnp.zeros(config.num_envs, jnp.float32)
