@@ -2,14 +2,18 @@
 working tree's `ntk_tracking` import whatever way the project was installed."""
 
 import contextlib
+import functools
 import os
 import pathlib
+import shutil
 import sys
 
 import mlflow
 import pytest
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+# Tests run in several processes at once (pytest-xdist): on a GPU none may take most of its memory.
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
 
 @pytest.fixture(autouse=True)
@@ -29,8 +33,30 @@ def no_mlflow_state_between_tests():
     assert not leaked, f"the test left MLflow's routing variables changed: {leaked}"
 
 
-def use_tracking_store(mp, path) -> None:
-    """Point MLflow (this process and subprocesses) at a SQLite store in `path`, run from `path`."""
+_tmp_path_factory = None
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _remember_tmp_path_factory(tmp_path_factory):
+    global _tmp_path_factory
+    _tmp_path_factory = tmp_path_factory
+
+
+@functools.cache
+def empty_store_template() -> pathlib.Path:
+    """A SQLite tracking store with MLflow's schema in place, made once per session: copying it
+    costs milliseconds where creating a store runs every schema migration (about a second)."""
+    path = _tmp_path_factory.mktemp("store-template") / "mlflow.db"
+    mlflow.MlflowClient(tracking_uri=f"sqlite:///{path}").search_experiments()
+    return path
+
+
+def use_tracking_store(mp, path, template: bool = True) -> None:
+    """Point MLflow (this process and subprocesses) at a SQLite store in `path`, run from `path`;
+    a new store starts as a copy of the empty template (`template=False`: no file until MLflow
+    creates it)."""
+    if template and not (pathlib.Path(path) / "mlflow.db").exists():
+        shutil.copy(empty_store_template(), pathlib.Path(path) / "mlflow.db")
     mp.chdir(path)
     mp.delenv("MLFLOW_RUN_ID", raising=False)
     uri = f"sqlite:///{path}/mlflow.db"

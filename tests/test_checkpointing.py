@@ -17,6 +17,7 @@ import pytest
 from mlflow.utils.file_utils import local_file_uri_to_path
 
 from ntk_tracking.checkpointing import CheckpointError, CheckpointStore
+from conftest import empty_store_template
 
 
 def make_variables(seed: int) -> dict:
@@ -53,18 +54,10 @@ def use_tracking_uri(monkeypatch, uri: str):
     mlflow.set_tracking_uri(uri)
 
 
-@pytest.fixture(scope="module")
-def empty_db(tmp_path_factory):
-    """An initialised sqlite tracking DB; copying it skips MLflow's ~3 s schema migration."""
-    path = tmp_path_factory.mktemp("template") / "mlflow.db"
-    mlflow.MlflowClient(tracking_uri=f"sqlite:///{path}").search_experiments()
-    return path
-
-
 @pytest.fixture
-def run_id(empty_db, tmp_path, monkeypatch):
+def run_id(tmp_path, monkeypatch):
     """A fresh run in a per-test sqlite tracking store with local artifacts."""
-    shutil.copy(empty_db, tmp_path / "mlflow.db")
+    shutil.copy(empty_store_template(), tmp_path / "mlflow.db")
     monkeypatch.chdir(tmp_path)
     use_tracking_uri(monkeypatch, f"sqlite:///{tmp_path}/mlflow.db")
     client = mlflow.MlflowClient()

@@ -194,7 +194,7 @@ def test_ntk_of_the_tiny_resnet_with_fixed_batchnorm_matches_float64_brute_force
     def f(theta):
         return apply_fn({"params": unravel(theta), "batch_stats": variables["batch_stats"]}, x).reshape(-1)
 
-    jac = jax.jacfwd(f)(flat).reshape(3, -1, flat.size)
+    jac = jax.jit(jax.jacfwd(f))(flat).reshape(3, -1, flat.size)
     expected = np.einsum("iok,jok->ij", jac, jac)
     kernel = np.asarray(NTK(apply_fn, impl, block_size=2)(variables, x))
     assert kernel.dtype == np.float64

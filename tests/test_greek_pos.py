@@ -168,7 +168,7 @@ def test_lookup_and_multi_hot_embeddings_are_the_same_function(treebank):
 
 def brute_force_ntk(apply_fn, variables, x, mask):
     flat, unravel = ravel_pytree(variables)
-    jac = jax.jacrev(lambda v: (apply_fn(unravel(v), x) * mask[..., None]).reshape(len(mask), -1))(flat)
+    jac = jax.jit(jax.jacrev(lambda v: (apply_fn(unravel(v), x) * mask[..., None]).reshape(len(mask), -1)))(flat)
     return jnp.einsum("iop,jop->ij", jac, jac)
 
 

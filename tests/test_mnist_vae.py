@@ -84,7 +84,7 @@ def test_ntk_of_the_vae_maps_matches_float64_brute_force(impl, network, x64):
                                                        jax.random.PRNGKey(1))
     variables = jax.tree_util.tree_map(lambda a: jnp.asarray(a, jnp.float64), {"params": params["params"]})
     flat, unravel = ravel_pytree(variables["params"])
-    jac = jax.jacfwd(lambda t: apply_fn({"params": unravel(t)}, x).reshape(3, -1))(flat)
+    jac = jax.jit(jax.jacfwd(lambda t: apply_fn({"params": unravel(t)}, x).reshape(3, -1)))(flat)
     expected = np.einsum("iok,jok->ij", jac, jac)
     assert jac.shape[1] == (16 if network == "model" else 3)
     kernel = np.asarray(NTK(apply_fn, impl, block_size=2)(variables, x))

@@ -306,7 +306,7 @@ def test_ntk_matches_a_float64_brute_force_with_padding_present(fixture_paths, x
     variables = {"params": jax.tree_util.tree_map(lambda a: a.astype(jnp.float64), params)}
     fn = get_ntk_fn(cfg)
     flat, unravel = ravel_pytree(variables)
-    jac = jax.jacrev(lambda w: fn(unravel(w), points))(flat)  # (m, 128, P)
+    jac = jax.jit(jax.jacrev(lambda w: fn(unravel(w), points)))(flat)  # (m, 128, P)
     assert jac.dtype == jnp.float64
     expected = np.einsum("iop,jop->ij", jac, jac)
     kernel = NTK(fn, implementation)(variables, points)

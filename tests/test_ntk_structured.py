@@ -45,7 +45,7 @@ def _x(d=3, seed=0, shape=None):
 
 def _flax(module, x, transform=None, **kwargs):
     """(apply_fn, float64 params) of a flax module; `transform(params)` inside apply_fn."""
-    params = _f64(module.init(jax.random.PRNGKey(0), x[:1], **kwargs)["params"])
+    params = _f64(jax.jit(functools.partial(module.init, **kwargs))(jax.random.PRNGKey(0), x[:1])["params"])
 
     def apply_fn(p, x):
         return module.apply({"params": transform(p) if transform else p}, x, **kwargs)
@@ -55,7 +55,7 @@ def _flax(module, x, transform=None, **kwargs):
 
 def brute_force(apply_fn, params, x):
     flat, unravel = ravel_pytree(params)
-    jac = np.asarray(jax.jacrev(lambda v: apply_fn(unravel(v), x))(flat)).reshape(M, -1, flat.size)
+    jac = np.asarray(jax.jit(jax.jacrev(lambda v: apply_fn(unravel(v), x)))(flat)).reshape(M, -1, flat.size)
     return np.einsum("iok,jok->ij", jac, jac)
 
 
@@ -561,7 +561,7 @@ def _tokens(negative=False):
 def _embed_pattern(kind="plain", negative=False):
     x = _tokens(negative)
     module = Embedder(kind)
-    params = _f64(module.init(jax.random.PRNGKey(0), x[:1])["params"])
+    params = _f64(jax.jit(module.init)(jax.random.PRNGKey(0), x[:1])["params"])
     claimed = {"Dense_0/kernel", "Dense_0/bias"} | ({"Embed_0/embedding"} if kind != "attend" else set())
     return (lambda p, x: module.apply({"params": p}, x)), params, x, claimed
 

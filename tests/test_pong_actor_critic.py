@@ -74,7 +74,7 @@ def test_bad_input_stops_before_a_run_is_created(store, capsys):
 
 def brute_force_ntk(fn, variables, x):
     flat, unravel = ravel_pytree(variables)
-    jac = jax.jacobian(lambda p: fn(unravel(p), x))(flat)  # (points, parameters)
+    jac = jax.jit(jax.jacobian(lambda p: fn(unravel(p), x)))(flat)  # (points, parameters)
     return jac @ jac.T
 
 

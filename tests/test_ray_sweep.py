@@ -136,7 +136,7 @@ def test_bad_options_fail_before_any_run(extra, message, tmp_path, monkeypatch, 
 def test_ray_refuses_a_local_store(tmp_path, monkeypatch, capsys):
     from conftest import use_tracking_store
 
-    use_tracking_store(monkeypatch, tmp_path)
+    use_tracking_store(monkeypatch, tmp_path, template=False)
     with pytest.raises(SystemExit):
         sweep_main(GRID + ["--executor", "ray"])
     err = capsys.readouterr().err

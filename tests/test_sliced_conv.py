@@ -87,6 +87,6 @@ def test_nn_conv_with_it_is_nn_conv_and_structured_exactly(x64):
     fn = Net(sliced_conv).apply
     ntk = NTK(fn, "structured")
     assert "params/Conv_0/kernel" in ntk.structured_leaves(params, x)
-    jac = jax.jacobian(lambda p: fn(p, x))(params)
+    jac = jax.jit(jax.jacobian(lambda p: fn(p, x)))(params)
     flat = jnp.concatenate([j.reshape(5, -1) for j in jax.tree_util.tree_leaves(jac)], axis=1)
     np.testing.assert_allclose(ntk(params, x), flat @ flat.T, rtol=1e-10, atol=1e-10)
