@@ -116,3 +116,16 @@ def x64():
     jax.config.update("jax_enable_x64", True)
     yield
     jax.config.update("jax_enable_x64", previous)
+
+
+# The files that take longest (measured one after another: many processes and servers, the
+# engine's float64 checks, trained sweeps) start first, so that the parallel workers finish at
+# about the same time (pyproject's --no-loadscope-reorder keeps this order); order within a file stays.
+SLOW_FIRST = ("test_faults.py", "test_ntk_structured.py", "test_ntk_kernel.py", "test_pipeline.py",
+              "test_pong_actor_critic.py", "test_sweep.py", "test_ray_sweep.py", "test_cifar_resnet.py",
+              "test_options.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(SLOW_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
