@@ -2,7 +2,6 @@
 
 import gc
 import os
-import shutil
 import socket
 import subprocess
 import sys
@@ -17,7 +16,7 @@ import pytest
 from mlflow.utils.file_utils import local_file_uri_to_path
 
 from ntk_tracking.checkpointing import CheckpointError, CheckpointStore
-from conftest import empty_store_template
+from conftest import use_tracking_store
 
 
 def make_variables(seed: int) -> dict:
@@ -57,9 +56,7 @@ def use_tracking_uri(monkeypatch, uri: str):
 @pytest.fixture
 def run_id(tmp_path, monkeypatch):
     """A fresh run in a per-test sqlite tracking store with local artifacts."""
-    shutil.copy(empty_store_template(), tmp_path / "mlflow.db")
-    monkeypatch.chdir(tmp_path)
-    use_tracking_uri(monkeypatch, f"sqlite:///{tmp_path}/mlflow.db")
+    use_tracking_store(monkeypatch, tmp_path)
     client = mlflow.MlflowClient()
     run = client.create_run(client.create_experiment("checkpointing"))
     assert local_file_uri_to_path(run.info.artifact_uri).startswith(str(tmp_path))
