@@ -534,7 +534,8 @@ def test_subset_kernels_on_two_devices_equal_one_device():
     import sys
 
     root = pathlib.Path(__file__).resolve().parents[1]
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu",
+    flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=2".strip()
+    env = dict(os.environ, XLA_FLAGS=flags, JAX_PLATFORMS="cpu",
                PYTHONPATH=os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")])))
     proc = subprocess.run([sys.executable, "-c", TWO_DEVICES], cwd=root, env=env,
                           capture_output=True, text=True, timeout=600)
