@@ -115,9 +115,7 @@ def main(argv=None) -> None:
     unknown = set(options) - set(args.tasks)
     if unknown:
         p.error(f"--args names tasks not in --tasks: {sorted(unknown)}")
-    import jax
-    import numpy as np
-
+    from ntk_tracking.models import count_params
     from ntk_tracking.tasks import get_task
 
     floors, sizes = {}, {}
@@ -136,7 +134,7 @@ def main(argv=None) -> None:
             continue
         state = task.init_state(config, data)
         variables = task.cv_variables(state)
-        sizes[name] = sum(int(np.size(leaf)) for leaf in jax.tree.leaves(variables))
+        sizes[name] = count_params(variables)
         floors[name] = orbax_floor(variables) + orbax_floor(state)
         if args.floor_only:
             continue
@@ -158,8 +156,9 @@ def main(argv=None) -> None:
                   f"{100 * (saving / base - 1):>7.1f}%  {changed(task, config)}", flush=True)
     if floors:
         print("\nOne step of the task's initial model saved by a plain Orbax CheckpointManager, "
-              "synchronously (median of 10): CV (model variables), resume (the training state)")
-        print(f"{'task':<18} {'params':>11} {'CV MB':>7} {'wall ms':>8} {'CPU ms':>7}   "
+              "synchronously (median of 10): CV (model variables: values = parameters and other state), "
+              "resume (the training state)")
+        print(f"{'task':<18} {'values':>11} {'CV MB':>7} {'wall ms':>8} {'CPU ms':>7}   "
               f"{'resume MB':>9} {'wall ms':>8} {'CPU ms':>7}")
         for name, (wall, cpu, size, r_wall, r_cpu, r_size) in floors.items():
             print(f"{name:<18} {sizes[name]:>11,} {size / 1e6:>7.2f} {wall:>8.1f} {cpu:>7.1f}   "
