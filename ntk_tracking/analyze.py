@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import json
+import math
 import os
 import tempfile
 import time
@@ -20,7 +22,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from ntk_tracking import tracking
-from ntk_tracking.confine import check_data_paths
+from ntk_tracking.confine import check_data_paths, looks_like_path
 from ntk_tracking.checkpointing import CheckpointError, CheckpointStore
 from ntk_tracking.ntk import IMPLEMENTATIONS, NTK, Measurement, check_against_ntvp, draw_subsets
 from ntk_tracking.tasks import PRIMARY_NETWORK, TASK_NAMES, ProbeContext, get_task
@@ -72,9 +74,10 @@ class Analyzer:
     """The collective variables of one training run, checkpoint by checkpoint."""
 
     def __init__(self, run_id: str, settings: AnalysisSettings, mlflow_client=None,
-                 data_paths: tuple[str, ...] = ()):
-        """`data_paths`: files or folders a run's config may name as data besides the current
-        directory (see ntk_tracking.confine)."""
+                 data_paths: tuple[str, ...] = (), data: str | None = None):
+        """`data_paths`: files or folders a run's config may name as data besides the trusted
+        places (see ntk_tracking.confine); `data`: read the dataset from here instead of the
+        recorded one (it must hold the same data: sizes are compared with the run's data.json)."""
         settings = settings.validate()
         self.client = mlflow_client or tracking.client()
         self.run_id = run_id
@@ -92,7 +95,11 @@ class Analyzer:
             )
         self.task = get_task(saved["task"])
         self.config = self.task.config_from_dict(saved)
+        if data:
+            self.config = dataclasses.replace(self.config, dataset=data)
+            data_paths = (*data_paths, data)
         check_data_paths(self.config, data_paths, run_id)
+        self._check_data_exists(data)
         known = self.task.default_probe_sets()
         if tuple(settings.splits) == AUTO_SPLITS:
             settings = dataclasses.replace(settings, splits=tuple(known))
@@ -109,8 +116,33 @@ class Analyzer:
                 "settings (metrics of two protocols must not mix in one history)"
             )
         self.store = CheckpointStore(run_id, self.client)
+        self._data_override = data
         self._measurements = None
         self.check: dict | None = None
+
+    def _check_data_exists(self, override: str | None) -> None:
+        value = self.config.dataset
+        if looks_like_path(value) and not os.path.exists(os.path.expanduser(value)):
+            if override:
+                raise ValueError(f"--data {value!r}: no such file or folder")
+            raise tracking.RunError(
+                f"run {self.run_id} was trained on {value!r}, which does not exist on this machine; pass "
+                f"the data's location here with --data PATH (ntk-tracking analyze {self.run_id} --data PATH; "
+                f"mlflow run . -e analyze -P run_id={self.run_id} -P data=PATH)")
+
+    def _check_same_data(self) -> None:
+        """With --data: the data read must be the data trained on (every number of data.json equal:
+        sizes, vocabularies, normalization statistics)."""
+        recorded = tracking.load_json_artifact(self.run_id, "data.json")
+        if recorded is None:
+            return
+        now = dict(_numbers(json.loads(json.dumps(self.task.data_info(self.data)))))
+        differ = {k: (v, now[k]) for k, v in _numbers(recorded)
+                  if k in now and not math.isclose(v, now[k], rel_tol=1e-6, abs_tol=1e-9)}
+        if differ:
+            detail = ", ".join(f"{k}: trained on {a:g}, now {b:g}" for k, (a, b) in sorted(differ.items())[:4])
+            raise ValueError(f"the data at --data {self.config.dataset!r} is not what run {self.run_id} "
+                             f"trained on ({detail}); pass the file or folder it was trained on")
 
     # -- setup, once per run ----------------------------------------------------------------
 
@@ -141,6 +173,8 @@ class Analyzer:
     def _setup(self):
         cfg, s = self.config, self.settings
         self.data = self.task.load_data(cfg)
+        if self._data_override:
+            self._check_same_data()
         self.abstract = self.task.abstract_variables(cfg, self.data)
         probe = self.task.probe(cfg, self.data, self._context())
         self.networks = {name: NTK(fn, s.implementation, s.memory_budget) for name, fn in probe.networks.items()}
@@ -271,7 +305,21 @@ class Analyzer:
         self._log_figure_file(fig, "analysis/evolution.png")
 
 
+def _numbers(value, prefix: str = ""):
+    """(dotted path, number) for every numeric leaf of a JSON document."""
+    if isinstance(value, dict):
+        for k, v in value.items():
+            yield from _numbers(v, f"{prefix}.{k}" if prefix else str(k))
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            yield from _numbers(v, f"{prefix}[{i}]")
+    elif isinstance(value, (int, float)) and not isinstance(value, bool):
+        yield prefix, float(value)
+
+
 def analyze_run(run_id: str, settings: AnalysisSettings | None = None, follow: bool = False,
-                poll_seconds: float = 10.0, progress: bool = True, data_paths: tuple[str, ...] = ()) -> list[int]:
+                poll_seconds: float = 10.0, progress: bool = True, data_paths: tuple[str, ...] = (),
+                data: str | None = None) -> list[int]:
     """Analyze run `run_id`; returns the checkpoint epochs analyzed by this call."""
-    return Analyzer(run_id, settings or AnalysisSettings(), data_paths=data_paths).run(follow, poll_seconds, progress)
+    return Analyzer(run_id, settings or AnalysisSettings(), data_paths=data_paths, data=data).run(
+        follow, poll_seconds, progress)

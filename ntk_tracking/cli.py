@@ -93,6 +93,9 @@ def prepare_training(task: str, argv=None):
         prepare_tracking()  # a dead server is named now, not after minutes of retries
     except ValueError as err:
         _fail(str(err))
+    from ntk_tracking.confine import remember_data_paths
+
+    remember_data_paths(config)  # so that this user's analysis of the run reads them with no option
     return args, config, dataset
 
 
@@ -132,8 +135,13 @@ def analyze_parser() -> argparse.ArgumentParser:
     p.add_argument("--memory-budget-mb", "--memory_budget_mb", dest="memory_budget_mb", type=int, default=0,
                    help="peak memory for kernel blocks in MiB; 0 = the engine default (4096)")
     p.add_argument("--allow-data-path", "--allow_data_path", dest="allow_data_path", action="append", default=[],
-                   help="a file or folder outside the current directory that the run's recorded dataset "
-                   "may name (repeatable); without it such paths are refused")
+                   help="a file or folder that the run's recorded dataset may name (repeatable). Without it, "
+                   "a recorded path is read only if it lies under the current directory, under a path you "
+                   "trained on here, or under a root listed in $NTK_TRACKING_DATA_ROOTS "
+                   "(os.pathsep-separated): a run from a shared store cannot make you read other files")
+    p.add_argument("--data", default="",
+                   help="read the run's dataset from this file or folder instead of the recorded path (the "
+                   "data moved, or lives elsewhere on this machine); its sizes must match the run's data.json")
     p.add_argument("--follow", action="store_true", help="keep analyzing while the training run writes checkpoints")
     p.add_argument("--poll-seconds", type=float, default=10.0, help="with --follow: seconds between looks")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -165,12 +173,14 @@ def analyze_main(argv=None) -> list[int] | dict[str, list[int]]:
                 raise ValueError("--follow follows one training run; analyze a sweep once its children finished")
             if os.environ.get("MLFLOW_RUN_ID"):
                 tracking.client().set_tag(os.environ["MLFLOW_RUN_ID"], "ntk_tracking.analyzed_run", args.run_id)
+            if args.data:
+                raise ValueError("--data names one run's dataset; pass it with a training run's id, not a sweep's")
             analyzed = analyze_sweep(args.run_id, settings, progress=not args.no_progress,
                                      data_paths=tuple(args.allow_data_path))
             print(f"analyzed {sum(map(len, analyzed.values()))} checkpoint(s) of {len(analyzed)} "
                   f"finished child run(s) of sweep {args.run_id}")
             return analyzed
-        analyzer = Analyzer(args.run_id, settings, data_paths=tuple(args.allow_data_path))
+        analyzer = Analyzer(args.run_id, settings, data_paths=tuple(args.allow_data_path), data=args.data or None)
         if os.environ.get("MLFLOW_RUN_ID"):  # launched by `mlflow run`: point its run at the analyzed one
             analyzer.client.set_tag(os.environ["MLFLOW_RUN_ID"], "ntk_tracking.analyzed_run", args.run_id)
         epochs = analyzer.run(follow=args.follow, poll_seconds=args.poll_seconds, progress=not args.no_progress)

@@ -48,6 +48,9 @@ _tmp_path_factory = None
 def _remember_tmp_path_factory(tmp_path_factory):
     global _tmp_path_factory
     _tmp_path_factory = tmp_path_factory
+    # The data paths training records as trusted (ntk_tracking.confine) go to a folder of the
+    # session, never the user's own ~/.ntk_tracking; runs the tests start inherit it.
+    os.environ["NTK_TRACKING_HOME"] = str(tmp_path_factory.mktemp("ntk-home"))
 
 
 @functools.cache

