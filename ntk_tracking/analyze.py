@@ -14,6 +14,7 @@ import io
 import json
 import math
 import os
+import sys
 import tempfile
 import time
 import warnings
@@ -24,7 +25,9 @@ from tqdm.auto import tqdm
 from ntk_tracking import tracking
 from ntk_tracking.confine import check_data_paths, looks_like_path
 from ntk_tracking.checkpointing import CheckpointError, CheckpointStore
+from ntk_tracking.claims import Claim, Held, holder, record_once, recorded
 from ntk_tracking.ntk import IMPLEMENTATIONS, NTK, Measurement, check_against_ntvp, draw_subsets
+from ntk_tracking.ntk.measure import NonFiniteKernel
 from ntk_tracking.tasks import PRIMARY_NETWORK, TASK_NAMES, ProbeContext, get_task
 from ntk_tracking.tasks.base import metric_key as _network_metric_key
 
@@ -70,6 +73,39 @@ def metric_key(name: str, split: str, network: str = PRIMARY_NETWORK) -> str:
     return _network_metric_key(network, name, split)
 
 
+STALL_SECONDS = 300.0  # --follow: a trainer silent this long (no checkpoint, no heartbeat) has stopped
+
+
+class TrainerStopped(tracking.RunError):
+    """--follow found a RUNNING run whose trainer stopped writing."""
+
+
+@dataclasses.dataclass
+class AnalysisReport:
+    """What one analysis did besides logging: each problem as one line keyed by epoch."""
+
+    analyzed: list[int] = dataclasses.field(default_factory=list)
+    already: list[int] = dataclasses.field(default_factory=list)  # done before this analysis started
+    skipped: list[int] = dataclasses.field(default_factory=list)  # held or finished by another analyzer
+    damaged: dict[int, str] = dataclasses.field(default_factory=dict)
+    missing: dict[int, str] = dataclasses.field(default_factory=dict)
+    nonfinite: dict[int, str] = dataclasses.field(default_factory=dict)
+    unverified: list[int] = dataclasses.field(default_factory=list)
+
+    def failed(self) -> set[int]:
+        return set(self.damaged) | set(self.nonfinite)
+
+    @property
+    def ok(self) -> bool:
+        return not (self.damaged or self.missing or self.nonfinite)
+
+    def summary(self) -> str:
+        parts = [f"{len(v)} {name} (epoch{'s' if len(v) > 1 else ''} {', '.join(map(str, sorted(v)))})"
+                 for name, v in (("damaged", self.damaged), ("missing", self.missing),
+                                 ("non-finite", self.nonfinite)) if v]
+        return "skipped: " + ", ".join(parts) if parts else ""
+
+
 class Analyzer:
     """The collective variables of one training run, checkpoint by checkpoint."""
 
@@ -81,7 +117,7 @@ class Analyzer:
         settings = settings.validate()
         self.client = mlflow_client or tracking.client()
         self.run_id = run_id
-        tracking.get_run(run_id, self.client)
+        tracking.check_artifacts_writable(tracking.get_run(run_id, self.client).info.artifact_uri)
         saved = tracking.load_json_artifact(run_id, tracking.CONFIG_ARTIFACT)
         if saved is None:
             raise tracking.RunError(
@@ -115,7 +151,13 @@ class Analyzer:
                 f"run {run_id} was analyzed with other settings {previous}; rerun with those "
                 "settings (metrics of two protocols must not mix in one history)"
             )
+        value = recorded(self.client, run_id, "settings")
+        if value is not None and json.loads(value) != self.settings.to_dict():
+            raise ValueError(
+                f"run {run_id} was analyzed with other settings {json.loads(value)}; rerun with those "
+                "settings (metrics of two protocols must not mix in one history)")
         self.store = CheckpointStore(run_id, self.client)
+        self.report = AnalysisReport()
         self._data_override = data
         self._measurements = None
         self.check: dict | None = None
@@ -187,7 +229,16 @@ class Analyzer:
             subsets = draw_subsets(n, s.num_subsets, s.subset_size, seed=s.seed + 1000 * i)
             for name, ntk in self.networks.items():
                 self._measurements[name, split] = Measurement(ntk, probe_set.inputs, subsets, probe_set.output_mask)
+        self._record_settings()
         self._write_settings()
+
+    def _record_settings(self) -> None:
+        """The run's protocol, recorded once and for all by the first analyzer to log."""
+        value = record_once(self.client, self.run_id, "settings", json.dumps(self._protocol(), sort_keys=True))
+        if json.loads(value) != self._protocol():
+            raise ValueError(
+                f"run {self.run_id} was analyzed with other settings {json.loads(value)}; rerun with those "
+                "settings (metrics of two protocols must not mix in one history)")
 
     def _write_settings(self) -> None:
         document = self.settings.to_dict()
@@ -228,26 +279,68 @@ class Analyzer:
         return [e for e in self.store.cv_epochs() if e not in done]
 
     def analyze_epoch(self, epoch: int) -> dict[str, float] | None:
-        """Measure one checkpoint and log its variables; None (with a warning) if it is unreadable."""
+        """Measure one checkpoint and log its variables under a claim on it; None when another
+        analyzer holds it or finished it first. CheckpointError (one line) for a damaged or
+        missing step, NonFiniteKernel for a kernel with NaN/Inf: neither is logged."""
         if self._measurements is None:
             self._setup()
         try:
-            variables = self.store.restore_cv(epoch, self.abstract)
-        except CheckpointError as err:
-            warnings.warn(f"skipping checkpoint {epoch}: {err}", RuntimeWarning, stacklevel=2)
+            claim = Claim.acquire(self.client, self.run_id, f"analysis/{epoch}").start_heartbeat()
+        except Held:
             return None
-        metrics, spectra = {}, {}
-        for (network, split), measurement in self._measurements.items():
-            for name, value in measurement.run(variables):
-                metrics[metric_key(name, split, network)] = value
-            spectra[split if network == PRIMARY_NETWORK else f"{network}.{split}"] = measurement.last_spectra
-        if self.check is None:
-            self._check_engine(variables)
-        self._log_spectra(epoch, spectra)
-        for path, fig in self.task.checkpoint_artifacts(self.config, self.data, variables, epoch):
-            self._log_figure_file(fig, path)
-        tracking.log_metrics(self.client, self.run_id, metrics, epoch)  # the commit point
-        return metrics
+        try:
+            if epoch in tracking.logged_steps(self.client, self.run_id, self._marker_key()):
+                return None  # another analyzer finished it before we claimed it
+            variables = self.store.restore_cv(epoch, self.abstract)
+            metrics, spectra = {}, {}
+            for (network, split), measurement in self._measurements.items():
+                for name, value in measurement.run(variables):
+                    metrics[metric_key(name, split, network)] = value
+                spectra[split if network == PRIMARY_NETWORK else f"{network}.{split}"] = measurement.last_spectra
+            bad = sorted(k for k, v in metrics.items()
+                         if not math.isfinite(v) and k.split("/")[-2] in ("entropy", "trace"))
+            if bad:
+                raise NonFiniteKernel(f"{', '.join(bad)} came out NaN or Inf")
+            if self.check is None:
+                self._check_engine(variables)
+            self._check_recorded_settings()
+            if not claim.holds():  # expired while we measured (a stall) and taken over
+                return None
+            self._log_spectra(epoch, spectra)
+            for path, fig in self.task.checkpoint_artifacts(self.config, self.data, variables, epoch):
+                self._log_figure_file(fig, path)
+            tracking.log_metrics(self.client, self.run_id, metrics, epoch)  # the commit point
+            return metrics
+        finally:
+            claim.release()
+
+    def _check_recorded_settings(self) -> None:
+        """Before each checkpoint is logged: the run's protocol is still ours (another analyzer
+        with other settings may have recorded its own first)."""
+        value = recorded(self.client, self.run_id, "settings")
+        if value is not None and json.loads(value) != self._protocol():
+            raise ValueError(
+                f"run {self.run_id} is being analyzed with other settings {json.loads(value)}; rerun with "
+                "those settings (metrics of two protocols must not mix in one history)")
+
+    def _protocol(self) -> dict:
+        return self.settings.to_dict()
+
+    def diverged(self) -> str | None:
+        """How the run's training diverged (tagged by the trainer, or read from its loss), or None."""
+        tag = self.client.get_run(self.run_id).data.tags.get(tracking.DIVERGED_TAG)
+        return tag or tracking.divergence(self.history("train/loss"))
+
+    def expected_epochs(self) -> list[int]:
+        """The CV epochs the run's cadence says exist by now (none while it trains)."""
+        run = self.client.get_run(self.run_id)
+        if run.info.status == "RUNNING":
+            return []
+        if run.info.status == "FINISHED":
+            return self.config.cv_epochs()
+        logged = tracking.logged_steps(self.client, self.run_id, self.task.loss_metrics[0])
+        last = max(logged, default=-1)
+        return [e for e in self.config.cv_epochs() if e <= last]
 
     def _log_spectra(self, epoch: int, spectra: dict[str, np.ndarray]) -> None:
         with tempfile.TemporaryDirectory() as tmp:
@@ -267,10 +360,18 @@ class Analyzer:
 
     # -- the loop ---------------------------------------------------------------------------
 
-    def run(self, follow: bool = False, poll_seconds: float = 10.0, progress: bool = True) -> list[int]:
-        """Analyze every pending checkpoint; with `follow`, keep going while training runs."""
-        analyzed: list[int] = []
+    def run(self, follow: bool = False, poll_seconds: float = 10.0, progress: bool = True,
+            stall_seconds: float = STALL_SECONDS) -> list[int]:
+        """Analyze every pending checkpoint; with `follow`, keep going while training runs.
+
+        Returns the epochs this call logged; `self.report` says what else happened (checkpoints
+        another analyzer held, damaged, missing or non-finite ones). With `follow`, a trainer
+        that wrote no checkpoint and no heartbeat for `stall_seconds` ends it (TrainerStopped)."""
+        report = self.report = AnalysisReport()
+        report.already = sorted(set(self.store.cv_epochs())
+                                & tracking.logged_steps(self.client, self.run_id, self._marker_key()))
         first = True
+        seen, last_progress = set(), time.time()
         while True:
             pending = self.pending_epochs()
             if first and not pending and not follow and not self.store.cv_epochs():
@@ -282,18 +383,48 @@ class Analyzer:
             bar = tqdm(pending, desc=f"NTK {self.run_id[:8]}", unit="ckpt", disable=not progress)
             for epoch in bar:
                 t0 = time.perf_counter()
-                if self.analyze_epoch(epoch) is not None:
-                    analyzed.append(epoch)
+                if epoch in report.failed():
+                    continue
+                try:
+                    done = self.analyze_epoch(epoch)
+                except CheckpointError as err:
+                    report.damaged[epoch] = str(err)
+                    tqdm.write(f"damaged: {err}", file=sys.stderr)
+                    continue
+                except NonFiniteKernel as err:
+                    report.nonfinite[epoch] = f"epoch {epoch}: {err}; not logged (a rerun tries it again)"
+                    tqdm.write(f"non-finite: {report.nonfinite[epoch]}", file=sys.stderr)
+                    continue
+                (report.analyzed if done is not None else report.skipped).append(epoch)
                 bar.set_postfix(epoch=epoch, seconds=f"{time.perf_counter() - t0:.2f}")
+            bar.close()
             if not follow:
                 break
             status = self.client.get_run(self.run_id).info.status
-            if status != "RUNNING" and not self.pending_epochs():
+            if status != "RUNNING" and not [e for e in self.pending_epochs() if e not in report.failed()]:
                 break
+            epochs = set(self.store.cv_epochs())
+            if epochs - seen:
+                seen, last_progress = seen | epochs, time.time()
+            elif status == "RUNNING" and holder(self.client, self.run_id, "training") is None \
+                    and time.time() - last_progress > stall_seconds:
+                raise TrainerStopped(
+                    f"run {self.run_id} is marked RUNNING but its trainer stopped: no new checkpoint and no "
+                    f"heartbeat for {time.time() - last_progress:.0f} s (limit {stall_seconds:.0f} s; was it "
+                    f"killed?). The {len(report.analyzed)} checkpoint(s) it wrote are analyzed; resume training "
+                    f"with MLFLOW_RUN_ID={self.run_id} and the same command, then analyze again")
             time.sleep(poll_seconds)
-        if analyzed:
+        done = tracking.logged_steps(self.client, self.run_id, self._marker_key())
+        present = set(self.store.cv_epochs())
+        report.missing = {e: f"epoch {e}: {self.store.location('cv', e)}: absent, though the run's cadence "
+                             f"(every {self.config.cv_every}, plus log-spaced) says it was saved"
+                          for e in self.expected_epochs() if e not in present and e not in done}
+        for message in report.missing.values():
+            tqdm.write(f"missing: {message}", file=sys.stderr)
+        report.unverified = sorted(self.store.unverified)
+        if report.analyzed:
             self.log_figure()
-        return analyzed
+        return report.analyzed
 
     def history(self, key: str) -> list[tuple[int, float]]:
         return sorted((m.step, m.value) for m in self.client.get_metric_history(self.run_id, key))

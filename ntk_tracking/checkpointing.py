@@ -32,11 +32,33 @@ log = logging.getLogger(__name__)
 COMMIT_MARKER = "commit_success.txt"  # written by Orbax into a step just before its atomic rename
 TMP_SUFFIX = ".orbax-checkpoint-tmp"
 _ARTIFACT_DIRS = {"cv": "checkpoints", "resume": "checkpoints/resume"}
-_ITEMS = {"cv": ("variables",), "resume": ("state", "meta")}
+_ITEMS = {"cv": ("variables", "digest"), "resume": ("state", "meta")}
+DIGEST_ITEM = "digest"  # a CV step's JSON item: the sha256 of its arrays, written with them
+
+
+def arrays_digest(tree) -> str:
+    """sha256 over every leaf's path, dtype, shape and bytes (host copies), in path order."""
+    import hashlib
+
+    import numpy as np
+
+    h = hashlib.sha256()
+    leaves = jax.tree_util.tree_flatten_with_path(jax.device_get(tree))[0]
+    for path, leaf in sorted(leaves, key=lambda item: jax.tree_util.keystr(item[0])):
+        a = np.ascontiguousarray(np.asarray(leaf))
+        h.update(f"{jax.tree_util.keystr(path)}|{a.dtype.str}|{a.shape}".encode())
+        h.update(a.tobytes())
+    return h.hexdigest()
 
 
 class CheckpointError(Exception):
-    """A checkpoint step is missing, incomplete or unreadable, or could not be uploaded."""
+    """A checkpoint step is missing, incomplete or unreadable, or could not be uploaded.
+
+    Its message is one line: the epoch, where the step is, and the cause in one sentence."""
+
+
+class DamagedCheckpoint(CheckpointError):
+    """A step that exists but cannot be read, or whose arrays do not match their digest."""
 
 
 class _DropOrbaxInfo(logging.Filter):
@@ -47,6 +69,24 @@ class _DropOrbaxInfo(logging.Filter):
 
 
 _QUIET = _DropOrbaxInfo()
+
+
+class _DropOrbax(logging.Filter):
+    """While a restore's failure is turned into one line: Orbax's own error records too."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return f"{os.sep}orbax{os.sep}" not in record.pathname
+
+
+@contextlib.contextmanager
+def _orbax_silenced():
+    absl = logging.getLogger("absl")
+    quiet = _DropOrbax()
+    absl.addFilter(quiet)
+    try:
+        yield
+    finally:
+        absl.removeFilter(quiet)
 
 
 def _run_sync_until_settled(coro):
@@ -112,6 +152,7 @@ class CheckpointStore:
         self._uploads: queue.Queue = queue.Queue()
         self._uploader: threading.Thread | None = None
         self._upload_error: Exception | None = None
+        self.unverified: set[int] = set()  # CV epochs restored without a digest to check
         logging.getLogger("absl").addFilter(_QUIET)
 
     def __enter__(self) -> CheckpointStore:
@@ -123,8 +164,11 @@ class CheckpointStore:
     # Writing (training side).
 
     def save_cv(self, epoch: int, variables) -> None:
-        """Starts saving model variables as the CV checkpoint of `epoch`; skips an existing one."""
-        self._save("cv", epoch, ocp.args.Composite(variables=ocp.args.StandardSave(variables)))
+        """Starts saving model variables as the CV checkpoint of `epoch`, with the digest of its
+        arrays in the same atomic step; skips an existing one."""
+        digest = {"sha256": arrays_digest(variables), "algorithm": "sha256 of leaf paths, dtypes, shapes, bytes"}
+        self._save("cv", epoch, ocp.args.Composite(variables=ocp.args.StandardSave(variables),
+                                                    **{DIGEST_ITEM: ocp.args.JsonSave(digest)}))
 
     def save_resume(self, epoch: int, state, meta: dict, force: bool = False) -> bool:
         """Starts saving the full training state and its metadata (older resume steps go), if
@@ -183,10 +227,18 @@ class CheckpointStore:
         return self._complete_steps("cv")
 
     def restore_cv(self, epoch: int, abstract_variables):
-        """Restores the CV checkpoint of `epoch` into the structure of `abstract_variables`."""
-        restored = self._restore("cv", epoch, ocp.args.Composite(
-            variables=ocp.args.StandardRestore(_on_default_device(abstract_variables))))
-        return restored["variables"]
+        """Restores the CV checkpoint of `epoch` into the structure of `abstract_variables` and
+        checks its arrays against the digest saved with them (DamagedCheckpoint on a mismatch).
+        A step saved before digests existed is restored unverified: its epoch joins `unverified`."""
+        restored, digest = self._restore("cv", epoch, ocp.args.Composite(
+            variables=ocp.args.StandardRestore(_on_default_device(abstract_variables))), digest=True)
+        variables = restored["variables"]
+        if digest is None:
+            self.unverified.add(epoch)
+        elif arrays_digest(variables) != digest.get("sha256"):
+            raise DamagedCheckpoint(f"epoch {epoch}: {self._location('cv', epoch)}: its arrays do not match "
+                                    "the digest written when it was saved (the files were changed or damaged)")
+        return variables
 
     # Internals.
 
@@ -308,6 +360,10 @@ class CheckpointStore:
         files = self._client.list_artifacts(self.run_id, f"{_ARTIFACT_DIRS[kind]}/{epoch}")
         return any(Path(f.path).name == COMMIT_MARKER for f in files)
 
+    def location(self, kind: str, epoch: int) -> str:
+        """Where step `epoch` of `kind` is (or would be): a local path or an artifact URI."""
+        return self._location(kind, epoch)
+
     def _location(self, kind: str, epoch: int) -> str:
         if self.remote:
             return f"{self._artifact_uri}/{_ARTIFACT_DIRS[kind]}/{epoch}"
@@ -328,17 +384,28 @@ class CheckpointStore:
                                       f"from {self._location(kind, epoch)}: {error}") from error
             yield Path(step_dir).parent
 
-    def _restore(self, kind: str, epoch: int, args):
-        """Restores step `epoch` of `kind`; raises CheckpointError naming the epoch and path."""
+    def _restore(self, kind: str, epoch: int, args, digest: bool = False):
+        """Restores step `epoch` of `kind` (and, with `digest`, its digest item or None); raises
+        CheckpointError (DamagedCheckpoint for a step that exists) in one line: epoch, path, cause."""
         where = self._location(kind, epoch)
         with self._readable(kind, epoch) as directory:
             if not (directory / str(epoch) / COMMIT_MARKER).is_file():
-                raise CheckpointError(f"no complete {kind} checkpoint of epoch {epoch} at {where}")
+                raise CheckpointError(f"epoch {epoch}: {where}: no complete {kind} checkpoint there")
             options = ocp.CheckpointManagerOptions(create=False)
             try:
-                with ocp.CheckpointManager(directory, options=options,
+                with _orbax_silenced(), ocp.CheckpointManager(directory, options=options,
                                            item_names=_ITEMS[kind]) as manager:
-                    return manager.restore(epoch, args=args)
+                    restored = manager.restore(epoch, args=args)
+                    if not digest:
+                        return restored
+                    if not (directory / str(epoch) / DIGEST_ITEM).exists():
+                        return restored, None
+                    saved = manager.restore(epoch, args=ocp.args.Composite(
+                        **{DIGEST_ITEM: ocp.args.JsonRestore()}))[DIGEST_ITEM]
+                    return restored, saved
             except Exception as error:
-                raise CheckpointError(f"cannot restore {kind} checkpoint of epoch {epoch} "
-                                      f"from {where}: {error}") from error
+                # The full error (TensorStore's specs and all) goes to the debug log, not the user.
+                log.debug("restoring %s checkpoint %d from %s failed", kind, epoch, where, exc_info=True)
+                raise DamagedCheckpoint(f"epoch {epoch}: {where}: its files cannot be read back "
+                                        f"({type(error).__name__}: damaged, truncated or partly deleted)"
+                                        ) from error

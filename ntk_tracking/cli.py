@@ -10,6 +10,7 @@ import sys
 from ntk_tracking.tasks import TASK_NAMES, get_task
 
 RESUME_INTERVAL_SECONDS = 60  # the tracked wrapper's default; kept here so --help needs no jax import
+EXIT_INCOMPLETE = 3  # analyze: some checkpoints damaged, missing or non-finite (the rest analyzed)
 
 
 def _fail(message: str) -> "NoReturn":  # noqa: F821
@@ -120,7 +121,13 @@ def analyze_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="ntk-tracking analyze",
         description="Restore a training run's CV checkpoints and log the NTK's collective "
-        "variables (entropy, trace, …) into the same run, step = checkpoint epoch.",
+        "variables (entropy, trace, …) into the same run, step = checkpoint epoch. Each checkpoint is "
+        "claimed in the tracking store while it is measured, so analyzers started together share the "
+        "work and log every checkpoint once.",
+        epilog="exit status: 0 every checkpoint is analyzed (or being analyzed by another process); "
+        f"2 refused (bad input or settings; nothing logged); {EXIT_INCOMPLETE} some checkpoints are damaged, "
+        "missing or gave a non-finite kernel (each named on its own line; every other one is analyzed, "
+        "and a rerun retries them); 4 --follow found the trainer stopped.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("run_id", help="the MLflow run id of a training run, or of a sweep's parent run "
@@ -144,6 +151,9 @@ def analyze_parser() -> argparse.ArgumentParser:
                    "data moved, or lives elsewhere on this machine); its sizes must match the run's data.json")
     p.add_argument("--follow", action="store_true", help="keep analyzing while the training run writes checkpoints")
     p.add_argument("--poll-seconds", type=float, default=10.0, help="with --follow: seconds between looks")
+    p.add_argument("--stall-seconds", type=float, default=300.0,
+                   help="with --follow: a RUNNING run whose trainer wrote no checkpoint and no heartbeat for "
+                   "this long has stopped (killed); the analysis then ends with a message")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 
@@ -152,10 +162,10 @@ def analyze_main(argv=None) -> list[int] | dict[str, list[int]]:
     """`ntk-tracking analyze RUN_ID`: every pending checkpoint of a run (or of a sweep's children)."""
     args = analyze_parser().parse_args(argv)
     from ntk_tracking import tracking
-    from ntk_tracking.analyze import AnalysisSettings, Analyzer
+    from ntk_tracking.analyze import AnalysisSettings, Analyzer, TrainerStopped
 
     try:
-        tracking.prepare_tracking()
+        tracking.prepare_tracking(reading=True)
         settings = AnalysisSettings(
             num_subsets=args.subsets, subset_size=args.points,
             splits=tuple(s.strip() for s in args.splits.split(",") if s.strip()),
@@ -172,7 +182,7 @@ def analyze_main(argv=None) -> list[int] | dict[str, list[int]]:
             if args.follow:
                 raise ValueError("--follow follows one training run; analyze a sweep once its children finished")
             if os.environ.get("MLFLOW_RUN_ID"):
-                tracking.client().set_tag(os.environ["MLFLOW_RUN_ID"], "ntk_tracking.analyzed_run", args.run_id)
+                _link_launched_run(tracking.client(), args.run_id)
             if args.data:
                 raise ValueError("--data names one run's dataset; pass it with a training run's id, not a sweep's")
             analyzed = analyze_sweep(args.run_id, settings, progress=not args.no_progress,
@@ -182,12 +192,47 @@ def analyze_main(argv=None) -> list[int] | dict[str, list[int]]:
             return analyzed
         analyzer = Analyzer(args.run_id, settings, data_paths=tuple(args.allow_data_path), data=args.data or None)
         if os.environ.get("MLFLOW_RUN_ID"):  # launched by `mlflow run`: point its run at the analyzed one
-            analyzer.client.set_tag(os.environ["MLFLOW_RUN_ID"], "ntk_tracking.analyzed_run", args.run_id)
-        epochs = analyzer.run(follow=args.follow, poll_seconds=args.poll_seconds, progress=not args.no_progress)
+            _link_launched_run(analyzer.client, args.run_id)
+        diverged = analyzer.diverged()
+        if diverged:
+            print(f"warning: run {args.run_id} diverged ({diverged}): its kernels measure a broken model",
+                  file=sys.stderr)
+        epochs = analyzer.run(follow=args.follow, poll_seconds=args.poll_seconds, progress=not args.no_progress,
+                              stall_seconds=args.stall_seconds)
+    except TrainerStopped as err:
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(4)
     except ValueError as err:  # RunError included
         _fail(str(err))
+    except PermissionError as err:
+        _fail(f"cannot write to the run's artifact store at {err.filename or '?'} ({err.strerror}); make it "
+              "writable, or analyze from an account that can write there")
+    report = analyzer.report
     print(f"analyzed {len(epochs)} checkpoint(s) of run {args.run_id}: epochs {epochs}")
+    if report.already:
+        print(f"{len(report.already)} checkpoint(s) were already analyzed with these settings (epochs "
+              f"{report.already})" + ("; nothing was left to do" if not epochs and report.ok else ""))
+    if report.skipped:
+        print(f"{len(report.skipped)} checkpoint(s) were analyzed by another process meanwhile: epochs "
+              f"{sorted(report.skipped)}")
+    if report.unverified:
+        print(f"note: checkpoint(s) {report.unverified} were saved before checkpoints carried a digest: "
+              "they cannot be verified")
+    if not report.ok:
+        print(report.summary(), file=sys.stderr)
+        raise SystemExit(EXIT_INCOMPLETE)
     return epochs
+
+
+def _link_launched_run(client, analyzed: str) -> None:
+    """`mlflow run . -e analyze` records a run of its own: tag it with the analyzed run and say so
+    in its description (the UI shows it), and point the analyzed run back at it."""
+    launched = os.environ["MLFLOW_RUN_ID"]
+    client.set_tag(launched, "ntk_tracking.analyzed_run", analyzed)
+    client.set_tag(launched, "mlflow.note.content",
+                   f"The `mlflow run . -e analyze` launch that analyzed run {analyzed}: the NTK's collective "
+                   f"variables are logged into run {analyzed} itself; this run only records the launch.")
+    client.set_tag(analyzed, "ntk_tracking.analyzed_by", launched)
 
 
 def main(argv=None) -> None:

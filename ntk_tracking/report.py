@@ -392,6 +392,7 @@ def report_main(argv=None) -> SweepReport:
 
     args = report_parser().parse_args(argv)
     try:
+        tracking.prepare_tracking(reading=True)
         if os.environ.get("MLFLOW_RUN_ID") == args.run_id:
             raise ValueError("the run to report is the run this command was launched in; pass the sweep's parent run id")
         result = report(args.run_id, args.split, progress=not args.no_progress,

@@ -98,13 +98,57 @@ def log_metrics(mlflow_client, run_id: str, metrics: dict[str, float], step: int
     mlflow_client.log_batch(run_id, metrics=batch, synchronous=True)
 
 
+def check_artifacts_writable(artifact_uri: str | None) -> None:
+    """RunError naming the folder if a local artifact store cannot be written (tried for real:
+    permission bits do not bind root, a read-only file system or a file in the way do)."""
+    from urllib.parse import urlparse
+
+    from mlflow.utils.file_utils import local_file_uri_to_path
+
+    if not artifact_uri or urlparse(artifact_uri).scheme not in ("", "file"):
+        return
+    path = local_file_uri_to_path(artifact_uri)
+    try:
+        os.makedirs(path, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".ntk-write-check-"):
+            pass
+    except OSError as err:
+        raise RunError(f"cannot write to the artifact store at {path} ({err.strerror or type(err).__name__}): "
+                       "make it writable, or use a tracking store whose artifacts you can write") from None
+
+
+DIVERGED_TAG = "ntk_tracking.diverged"
+EXPLODING_FACTOR = 1e6  # a loss this many times its first value (in magnitude) has diverged
+
+
+def divergence(points: list[tuple[int, float]], key: str = "train/loss") -> str | None:
+    """How a loss history diverged (the first non-finite or exploding value), or None."""
+    import math
+
+    points = sorted(points)
+    if not points:
+        return None
+    first = abs(points[0][1]) if math.isfinite(points[0][1]) else 0.0
+    for step, value in points:
+        if not math.isfinite(value):
+            return f"{key} is {value} at step {step}"
+        if abs(value) > EXPLODING_FACTOR * max(first, 1e-12):
+            return f"{key} = {value:.3g} at step {step}, {abs(value) / max(first, 1e-12):.2g} times its first value"
+    return None
+
+
 def fail_launched_run(message: str) -> None:
-    """Under `mlflow run` the run exists before our code: end it FAILED with the reason on it."""
+    """Under `mlflow run` the run exists before our code: end it FAILED with the reason on it.
+
+    Only a run this launch created: a relaunch of an existing training run (it has a config.json)
+    that is refused leaves that run's status and tags as they were."""
     run_id = os.environ.get("MLFLOW_RUN_ID")
     if not run_id:
         return
     try:
         c = client()
+        if load_json_artifact(run_id, CONFIG_ARTIFACT) is not None:
+            return
         c.set_tag(run_id, "error", redact(message)[:5000])
         c.set_terminated(run_id, "FAILED")
     except MlflowException as err:  # the store is unreachable: say so, the error still exits
@@ -188,7 +232,23 @@ def check_reachable(uri: str | None = None, timeout: float = REACHABLE_TIMEOUT_S
                      f"(no answer within {timeout:.0f} s: {redact(str(reason))}); {_SERVER_HINT}")
 
 
-def prepare_tracking() -> None:
-    """Before any run is created: short retries, and a clear error if the server is down."""
+def prepare_tracking(reading: bool = False) -> None:
+    """Before any run is created: short retries, and a clear error if the server is down.
+
+    `reading` (analyze, report: commands that need runs to exist): a SQLite store whose file does
+    not exist is an error, not a new empty store left behind."""
     configure_http()
     check_reachable()
+    if reading:
+        check_store_exists()
+
+
+def check_store_exists() -> None:
+    uri = mlflow.get_tracking_uri()
+    if uri.startswith("sqlite:///"):
+        path = uri[len("sqlite:///"):]
+        if path and path != ":memory:" and not os.path.exists(path):
+            raise RunError(
+                f"there is no tracking store at {uri} (no such file; MLflow's default store is mlflow.db in "
+                "the current directory): run this from the folder you trained in, or set "
+                "MLFLOW_TRACKING_URI to the store that holds the run")

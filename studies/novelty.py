@@ -42,7 +42,8 @@ MODELS = {
     },
     "molpcba_gnn": {
         "task": "molpcba_gnn",
-        "train": ["--dataset", "molecules-offline", "--epochs", "30", "--cv-every", "10", "--cv-log-points", "10"],
+        "train": ["--dataset", "molecules-offline", "--epochs", "30", "--batch-size", "32", "--cv-every", "10",
+                  "--cv-log-points", "10"],
         "analyze": ["--subsets", "20", "--points", "20"],
     },
     "mnist_vae": {

@@ -83,7 +83,7 @@ def parquet_dir(tmp_path_factory, splits):
     return write_parquet(tmp_path_factory.mktemp("hub"), splits)
 
 
-@pytest.mark.parametrize("fmt", ["parquet_folder", "parquet_file", "save_to_disk", "binary"])
+@pytest.mark.parametrize("fmt", ["parquet_folder", "parquet_file", "save_to_disk", "binary", "binary_no_ext"])
 def test_every_local_format_loads_the_same_uint8_images(fmt, tmp_path, splits, parquet_dir):
     if fmt == "parquet_folder":
         path = parquet_dir
@@ -94,6 +94,9 @@ def test_every_local_format_loads_the_same_uint8_images(fmt, tmp_path, splits, p
         hf_dict(splits).save_to_disk(str(path))
     else:
         path = write_binary(tmp_path, splits)
+        if fmt == "binary_no_ext":  # the release's files renamed without .bin: judged by content
+            for f in (path / "cifar-10-batches-bin").glob("*.bin"):
+                f.rename(f.with_suffix(""))
     data = cifar10.load_images(str(path))
     assert data.x_train.dtype == np.uint8 and data.x_train.shape[1:] == (32, 32, 3)
     assert data.y_train.dtype == np.int32 and data.num_outputs == 10
@@ -147,6 +150,10 @@ def test_bad_inputs_raise_clear_value_errors(tmp_path, splits):
             cifar10.load_images(str(path))
     with pytest.raises(ValueError, match="unpickling"):
         cifar10.load_images(str(pickled / "data_batch_1"))
+    odd = write_binary(tmp_path / "odd", splits) / "cifar-10-batches-bin"
+    (odd / "data_batch_3.bin").write_bytes(b"\x00" * 100)  # neither records of 3073 bytes nor a pickle
+    with pytest.raises(ValueError, match=r"data_batch_3.bin.*expected data_batch_1.bin … data_batch_5.bin"):
+        cifar10.load_images(str(odd.parent))
 
 
 def test_mnist5k_smoke_test_data_is_uint8_digits():

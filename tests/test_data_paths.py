@@ -87,8 +87,11 @@ def test_a_run_you_trained_is_analyzed_with_no_option_and_others_are_refused(sto
     # The user who trained it: no option needed (a rerun finds nothing left to do).
     monkeypatch.delenv("NTK_TRACKING_DATA_ROOTS")
     monkeypatch.setenv("NTK_TRACKING_HOME", str(root / "home"))
+    capsys.readouterr()
     assert analyze_main([run_id, *TINY_ANALYSIS]) == []
     assert ntk_steps(run_id) == [0, 1]
+    assert "2 checkpoint(s) were already analyzed with these settings (epochs [0, 1]); nothing was left to do" \
+        in capsys.readouterr().out
 
 
 def test_moved_data_is_named_and_read_through_data(tmp_path, monkeypatch, capsys):
@@ -124,3 +127,25 @@ def test_analyze_entry_point_takes_the_opt_in_and_the_remap(store, monkeypatch):
     proc = subprocess.run(base + ["-P", f"allow_data_path={root / 'data'}"], cwd=root / "work", env=env,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
+    # The launch's own run says what it is and points at the analyzed run, and back.
+    client = mlflow.MlflowClient()
+    launched = client.get_run(client.get_run(run_id).data.tags["ntk_tracking.analyzed_by"])
+    assert launched.data.tags["ntk_tracking.analyzed_run"] == run_id
+    assert run_id in launched.data.tags["mlflow.note.content"]
+
+
+@pytest.mark.parametrize("command", ["analyze", "report"])
+def test_reading_commands_never_create_a_store(tmp_path, monkeypatch, capsys, command):
+    """`cd elsewhere && ntk-tracking analyze RUN` names the missing store and leaves no mlflow.db."""
+    from ntk_tracking.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
+    mlflow.set_tracking_uri(None)
+    with pytest.raises(SystemExit) as exit_info:
+        main([command, "0123456789abcdef0123456789abcdef"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "no tracking store at sqlite:///" in err and str(tmp_path) in err
+    assert list(tmp_path.iterdir()) == []

@@ -142,13 +142,16 @@ def test_resume_after_interruption_matches_uninterrupted(store, monkeypatch, int
     assert CheckpointStore(interrupted, mlflow.MlflowClient()).cv_epochs() == [0, 2, 4]
 
 
-def test_resume_with_other_parameters_is_refused(store, monkeypatch):
+def test_resume_with_other_parameters_is_refused_and_changes_nothing(store, monkeypatch, capsys):
     run_id = train_main("mnist_dense", TINY)
+    before = mlflow.MlflowClient().get_run(run_id)
     monkeypatch.setenv("MLFLOW_RUN_ID", run_id)
     with pytest.raises(SystemExit):
         train_main("mnist_dense", [a if a != "8" else "9" for a in TINY])
+    assert "other parameters" in capsys.readouterr().err
     run = mlflow.MlflowClient().get_run(run_id)
-    assert "other parameters" in run.data.tags["error"]
+    assert run.info.status == "FINISHED" and run.info.end_time == before.info.end_time
+    assert run.data.tags == before.data.tags
 
 
 def runs_in_store():
@@ -226,8 +229,13 @@ def test_run_without_checkpoints_and_a_corrupt_step(store, capsys):
     for f in step.rglob("*"):
         if f.is_file() and f.stat().st_size > 0 and "commit_success" not in f.name:
             f.write_bytes(b"\0garbage\0" * 3)
-    with pytest.warns(RuntimeWarning, match="checkpoint 2"):
-        assert analyze_main([run_id] + TINY_ANALYSIS) == [0, 4]
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        analyze_main([run_id] + TINY_ANALYSIS)
+    assert exit_info.value.code == 3
+    assert [s for s, _ in history(run_id, "ntk/entropy/train")] == [0, 4]
+    err = capsys.readouterr().err
+    assert "epoch 2:" in err and "skipped: 1 damaged (epoch 2)" in err
 
 
 def test_mlflow_run_entry_point_with_bad_parameter_ends_failed(store):

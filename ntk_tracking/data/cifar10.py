@@ -23,7 +23,6 @@ BINARY_FOLDER = "cifar-10-batches-bin"
 BINARY_TRAIN = tuple(f"data_batch_{i}.bin" for i in range(1, 6))
 BINARY_TEST = "test_batch.bin"
 _RECORD = 1 + 3 * 32 * 32  # one label byte, then 3×32×32 channel-major pixels
-_PICKLE_MARKERS = ("data_batch_1", "test_batch", "batches.meta")
 OPTIONS = (
     "(1) online: --dataset uoft-cs/cifar10 (the Hugging Face hub); "
     "(2) a local path: the hub's parquet files (a folder or one .parquet file), a folder written by "
@@ -91,44 +90,71 @@ def _mnist5k_uint8(**sizes) -> Dataset:
                          num_classes=10, source=d.info["source"], split=d.info["split"], **sizes)
 
 
+def _kind(file: str) -> str:
+    """'pickle', 'binary' or 'other', by content: a pickle starts with its protocol byte 0x80; a
+    binary batch is records of 1 + 3072 bytes whose first byte is a label 0-9."""
+    with open(file, "rb") as f:
+        first = f.read(1)
+    if first == b"\x80":
+        return "pickle"
+    size = os.path.getsize(file)
+    return "binary" if size and size % _RECORD == 0 and first and first[0] < 10 else "other"
+
+
 def _refuse_pickles(path: str) -> None:
-    """The pickled 'python version' release runs code when unpickled: refuse it by name and content."""
+    """The pickled 'python version' release runs code when unpickled: refuse it, judged by content."""
     candidates = [path]
     if os.path.isdir(path):
         candidates = [os.path.join(path, f) for f in os.listdir(path)]
-        candidates += [os.path.join(path, "cifar-10-batches-py", f) for f in _PICKLE_MARKERS]
+        candidates += [os.path.join(path, "cifar-10-batches-py", f) for f in os.listdir(os.path.join(
+            path, "cifar-10-batches-py"))] if os.path.isdir(os.path.join(path, "cifar-10-batches-py")) else []
     for file in candidates:
-        if not os.path.isfile(file):
-            continue
-        base = os.path.basename(file)
-        with open(file, "rb") as f:
-            first = f.read(1)
-        if base in _PICKLE_MARKERS or "cifar-10-batches-py" in file or (first == b"\x80" and not
-                                                                         base.endswith(".bin")):
+        if os.path.isfile(file) and _kind(file) == "pickle":
             raise ValueError(
-                f"{file!r} looks like the pickled CIFAR-10 python release (cifar-10-batches-py); it is "
+                f"{file!r} is a pickle, like the CIFAR-10 python release (cifar-10-batches-py); it is "
                 "not loaded because unpickling a downloaded file can execute arbitrary code. Use the "
                 f"binary release instead, or another source: {OPTIONS}"
             )
 
 
+def _batch_file(folder: str, name: str) -> str | None:
+    """`name` in the folder, with or without the release's .bin extension."""
+    for candidate in (name, name.removesuffix(".bin")):
+        if os.path.isfile(os.path.join(folder, candidate)):
+            return os.path.join(folder, candidate)
+    return None
+
+
 def _binary_folder(path: str) -> str | None:
-    """The folder holding the binary release's files, if path is (or contains) one."""
+    """The folder holding the binary release's batches (named with or without .bin, recognized by
+    content), if path is (or contains) one."""
     for folder in (path, os.path.join(path, BINARY_FOLDER)):
-        if os.path.isdir(folder) and os.path.exists(os.path.join(folder, BINARY_TEST)):
-            missing = [f for f in BINARY_TRAIN if not os.path.exists(os.path.join(folder, f))]
-            if missing:
-                raise ValueError(f"{folder!r} has {BINARY_TEST} but lacks {missing}: extract the whole "
-                                 "cifar-10-binary.tar.gz")
-            return folder
+        if not os.path.isdir(folder) or _batch_file(folder, BINARY_TEST) is None:
+            continue
+        files = {name: _batch_file(folder, name) for name in (*BINARY_TRAIN, BINARY_TEST)}
+        missing = [name for name, f in files.items() if f is None]
+        if missing:
+            raise ValueError(f"{folder!r} has {BINARY_TEST} but lacks {missing}: extract the whole "
+                             "cifar-10-binary.tar.gz (expected data_batch_1.bin … data_batch_5.bin and "
+                             "test_batch.bin, with or without .bin)")
+        kinds = {f: _kind(f) for f in files.values()}
+        if "pickle" in kinds.values():
+            return None  # the python release: refused by _refuse_pickles
+        bad = [os.path.basename(f) for f, k in kinds.items() if k != "binary"]
+        if bad:
+            raise ValueError(f"{bad} in {folder!r} are not CIFAR-10 binary batches: expected data_batch_1.bin … "
+                             f"data_batch_5.bin and test_batch.bin, each records of {_RECORD} bytes (1 label "
+                             "byte 0-9 + 3×32×32 pixels)")
+        return folder
     return None
 
 
 def _read_binary(folder: str):
     """(train, test) from the binary release: records of 1 label byte + 3072 channel-major pixels."""
 
-    def read(files):
-        raw = [np.fromfile(os.path.join(folder, f), dtype=np.uint8) for f in files]
+    def read(names):
+        files = [_batch_file(folder, n) for n in names]
+        raw = [np.fromfile(f, dtype=np.uint8) for f in files]
         for f, r in zip(files, raw):
             if r.size % _RECORD:
                 raise ValueError(f"{f!r} in {folder!r} is not a CIFAR-10 binary batch: its size is not a "

@@ -30,6 +30,10 @@ def draw_subsets(num_available: int, num_subsets: int, subset_size: int, seed: i
     return np.stack([rng.choice(num_available, subset_size, replace=False) for _ in range(num_subsets)])
 
 
+class NonFiniteKernel(ArithmeticError):
+    """A measured kernel holds NaN or Inf (non-finite parameters, or an overflow)."""
+
+
 class Measurement:
     """Collective variables of one network on fixed subsets of one data split.
 
@@ -61,8 +65,12 @@ class Measurement:
         return [take(self.point_mask, idx) for idx in self.subsets]
 
     def run(self, params) -> Iterator[tuple[str, float]]:
+        """(name, value) of each collective variable; NonFiniteKernel if a kernel holds NaN or Inf."""
         kernels = self.ntk.subset_kernels(params, self.points, self.subsets, self.point_mask)
         self.last_kernels = np.asarray(kernels, dtype=np.float64)
+        bad = int(np.sum(~np.isfinite(self.last_kernels).all(axis=(1, 2))))
+        if bad:
+            raise NonFiniteKernel(f"{bad} of {len(self.last_kernels)} kernels hold NaN or Inf")
         values: dict[str, list[float]] = {}
         spectra = []
         for kernel in self.last_kernels:

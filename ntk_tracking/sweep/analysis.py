@@ -15,6 +15,8 @@ def analyze_sweep(parent_run_id: str, settings=None, progress: bool = True,
                   mlflow_client=None, data_paths: tuple[str, ...] = ()) -> dict[str, list[int]]:
     """Analyze every FINISHED child's pending checkpoints under one progress bar; child id -> epochs."""
     from ntk_tracking.analyze import AnalysisSettings, Analyzer
+    from ntk_tracking.checkpointing import CheckpointError
+    from ntk_tracking.ntk.measure import NonFiniteKernel
 
     client = mlflow_client or tracking.client()
     if not is_sweep_run(parent_run_id, client):
@@ -40,8 +42,12 @@ def analyze_sweep(parent_run_id: str, settings=None, progress: bool = True,
             done = []
             for epoch in pending[key]:
                 bar.set_postfix(child=key, epoch=epoch)
-                if analyzer.analyze_epoch(epoch) is not None:
-                    done.append(epoch)
+                try:
+                    if analyzer.analyze_epoch(epoch) is not None:
+                        done.append(epoch)
+                except (CheckpointError, NonFiniteKernel) as err:  # reported; the others still count
+                    warnings.warn(f"child {key}: checkpoint {epoch} not analyzed: {err}", RuntimeWarning,
+                                  stacklevel=2)
                 bar.update(1)
             if done:
                 analyzer.log_figure()

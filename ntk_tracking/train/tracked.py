@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import sys
+import time
 
 import jax
 import mlflow
 
 from ntk_tracking import tracking
 from ntk_tracking.checkpointing import CheckpointStore
+from ntk_tracking.claims import TTL_SECONDS, Claim, Held
 
 RUN_KIND_TAG = "ntk_tracking.kind"
 
@@ -41,14 +44,35 @@ def run_training(task, config, dataset, progress: bool = True, experiment: str |
     # The experiment by id, not mlflow.set_experiment: that would also set MLFLOW_EXPERIMENT_ID in
     # this process's environment, where it would outlive the call.
     experiment_id = tracking.experiment_id(experiment) if experiment else None
-    # A launched or resumed run (MLFLOW_RUN_ID) keeps its name; a new one is named by its architecture.
-    name = None if os.environ.get("MLFLOW_RUN_ID") else task.run_name(config)
-    run_id = mlflow.start_run(run_name=name, experiment_id=experiment_id).info.run_id
     client = tracking.client()
+    # A relaunch (MLFLOW_RUN_ID) is checked and claimed before mlflow.start_run touches the run, so a
+    # refusal leaves its status and tags as they were.
+    relaunched = os.environ.get("MLFLOW_RUN_ID")
+    claim = None
+    if relaunched:
+        tracking.check_artifacts_writable(client.get_run(relaunched).info.artifact_uri)
+        saved = tracking.load_json_artifact(relaunched, tracking.CONFIG_ARTIFACT)
+        if saved is not None:  # fields added since the run started take their defaults
+            _check_same_config(dataclasses.asdict(task.config_from_dict(saved)), config)
+        claim = _claim_training(client, relaunched)
+    else:
+        location = client.get_experiment(experiment_id or _default_experiment_id()).artifact_location
+        tracking.check_artifacts_writable(location)
+    # A launched or resumed run keeps its name; a new one is named by its architecture.
+    name = None if relaunched else task.run_name(config)
+    try:
+        run_id = mlflow.start_run(run_name=name, experiment_id=experiment_id).info.run_id
+    except BaseException:
+        if claim is not None:
+            claim.release()
+        raise
+    claim = (claim or _claim_training(client, run_id)).start_heartbeat()
     try:
         _train_in_run(client, run_id, task, config, dataset, progress, resume_interval_seconds or None)
+        claim.release()
         mlflow.end_run()
     except BaseException as err:
+        _quietly(claim.release)
         lost = not isinstance(err, KeyboardInterrupt) and _server_lost()
         if not lost:
             _quietly(client.set_tag, run_id, "error", tracking.redact(f"{type(err).__name__}: {err}")[:5000])
@@ -63,6 +87,24 @@ def run_training(task, config, dataset, progress: bool = True, experiment: str |
                 "checkpoint and logs no epoch twice") from None
         raise
     return run_id
+
+
+def _default_experiment_id() -> str:
+    from mlflow.tracking.fluent import _get_experiment_id
+
+    return _get_experiment_id()
+
+
+def _claim_training(client, run_id: str):
+    """The run's training claim (one trainer per run), or RunError naming the live trainer."""
+    try:
+        return Claim.acquire(client, run_id, "training")
+    except Held as held:
+        raise tracking.RunError(
+            f"run {run_id} is being trained by another process ({held.owner}; its heartbeat keeps the claim "
+            f"until {time.strftime('%H:%M:%S', time.localtime(held.expires))} unless renewed): a second trainer "
+            "is refused. Wait for it to finish, or, if it was killed, relaunch once its claim has expired "
+            f"(at most {TTL_SECONDS:.0f} s after its last heartbeat)") from None
 
 
 class TrackingServerLost(tracking.RunError):
@@ -114,8 +156,16 @@ def _train_in_run(client, run_id: str, task, config, dataset, progress: bool,
             logged.add(start_epoch)
         print(f"resuming run {run_id} after epoch {start_epoch}")
     cv_epochs = set(config.cv_epochs())
+    losses = {m.step: m.value for m in client.get_metric_history(run_id, "train/loss")}
+    diverged = [client.get_run(run_id).data.tags.get(tracking.DIVERGED_TAG)]
 
     def on_epoch(epoch, state, metrics):
+        if "train/loss" in metrics and not diverged[0]:  # flag it in the run, once
+            losses.setdefault(epoch, float(metrics["train/loss"]))
+            diverged[0] = tracking.divergence(list(losses.items()))
+            if diverged[0]:
+                client.set_tag(run_id, tracking.DIVERGED_TAG, diverged[0])
+                print(f"warning: run {run_id} diverged: {diverged[0]}", file=sys.stderr)
         if epoch in cv_epochs:
             store.save_cv(epoch, task.cv_variables(state))
         store.save_resume(epoch, state, {"epoch": epoch, "metrics": metrics}, force=epoch == config.epochs)
