@@ -188,7 +188,7 @@ def figure(runs: dict, path: pathlib.Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from matplotlib.ticker import LogLocator, ScalarFormatter
+    from matplotlib.ticker import FuncFormatter, LogLocator
 
     present = [(m, title) for m, title in PANELS if m in runs]
     fig, axes = plt.subplots(2, len(present), figsize=(3.6 * len(present), 6.2), squeeze=False)
@@ -205,7 +205,7 @@ def figure(runs: dict, path: pathlib.Path) -> None:
             if name == "trace":
                 ax.set_yscale("log")
             ax.xaxis.set_major_locator(LogLocator(base=10, numticks=6))
-            ax.xaxis.set_major_formatter(ScalarFormatter())
+            ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
             ax.set_xlabel(("PPO update" if model == "pong_actor_critic" else "epoch") + " + 1")
             if col == 0:
                 ax.set_ylabel(label)

@@ -2,13 +2,47 @@
 
 from __future__ import annotations
 
+import atexit
+import ctypes
 import os
+import signal
 import socket
 import subprocess
 import sys
 import time
 import urllib.request
 from pathlib import Path
+
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:
+    """In the child before exec (Linux): SIGTERM it when the process that started it dies, however
+    that dies (SIGKILL, a timeout), so no server outlives an interrupted test run."""
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    except (OSError, AttributeError):
+        pass
+
+
+_STARTED: list["MlflowServer"] = []
+
+
+def _stop_all(*_args) -> None:
+    for server in list(_STARTED):
+        server.stop()
+
+
+def _on_signal(signum, frame) -> None:
+    _stop_all()
+    signal.signal(signum, signal.SIG_DFL)
+    os.kill(os.getpid(), signum)
+
+
+atexit.register(_stop_all)
+for _sig in (signal.SIGTERM, signal.SIGHUP):
+    if signal.getsignal(_sig) in (signal.SIG_DFL, None):
+        signal.signal(_sig, _on_signal)
 
 
 def free_port() -> int:
@@ -35,7 +69,9 @@ class MlflowServer:
         env["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] = "false"  # its job runner delays shutdown
         with open(self.log_path, "ab") as log:
             self.process = subprocess.Popen(command, cwd=self.root, env=env, stdout=log,
-                                            stderr=subprocess.STDOUT, start_new_session=True)
+                                            stderr=subprocess.STDOUT, start_new_session=True,
+                                            preexec_fn=_die_with_parent)
+        _STARTED.append(self)
         return self
 
     def wait_until_healthy(self, timeout: float = 120) -> "MlflowServer":
@@ -51,6 +87,8 @@ class MlflowServer:
 
     def stop(self) -> None:
         """Stops the server and its workers (its own process group)."""
+        if self in _STARTED:
+            _STARTED.remove(self)
         if self.process is not None and self.process.poll() is None:
             os.killpg(self.process.pid, 15)
             try:

@@ -131,7 +131,7 @@ def test_corrupt_or_missing_step_raises(run_id):
     for name in os.listdir(data):
         os.remove(os.path.join(data, name))
     reader = CheckpointStore(run_id)
-    with pytest.raises(CheckpointError, match=r"epoch 1 .*checkpoints/1"):
+    with pytest.raises(CheckpointError, match=r"epoch 1: .*checkpoints/1"):
         reader.restore_cv(1, ABSTRACT_VARIABLES)
     with pytest.raises(CheckpointError, match="epoch 4"):
         reader.restore_cv(4, ABSTRACT_VARIABLES)

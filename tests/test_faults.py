@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import pathlib
+import signal
 import subprocess
 import sys
 import time
@@ -212,3 +213,35 @@ def test_many_trainers_and_followers_against_one_server(shared_tracking_server, 
             f.close()
     for run_id in runs:
         assert_complete_once(client, run_id, ntk=True)
+
+
+ORPHAN = """\
+import sys, time
+sys.path.insert(0, sys.argv[2])
+from servers import MlflowServer
+server = MlflowServer(sys.argv[1]).start().wait_until_healthy()
+print(server.port, server.process.pid, flush=True)
+time.sleep(600)
+"""
+
+
+@pytest.mark.parametrize("how", ["SIGKILL", "SIGTERM"])
+def test_an_interrupted_test_process_leaves_no_server_behind(tmp_path, how):
+    """A test run killed (a timeout, Ctrl-C) must not leave its `mlflow server` running."""
+    script = tmp_path / "holder.py"
+    script.write_text(ORPHAN)
+    holder = subprocess.Popen([sys.executable, str(script), str(tmp_path), str(pathlib.Path(__file__).parent)],
+                              stdout=subprocess.PIPE, text=True)
+    port, server_pid = map(int, holder.stdout.readline().split())
+    os.kill(holder.pid, getattr(signal, how))
+    holder.communicate(timeout=60)
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        try:
+            os.kill(server_pid, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.2)
+    else:
+        os.killpg(server_pid, signal.SIGKILL)
+        pytest.fail(f"the server (pid {server_pid}, port {port}) outlived the process that started it")

@@ -70,21 +70,37 @@ def analyze_exit(argv, capsys) -> tuple[int, str, str]:
 # -- claims ----------------------------------------------------------------------------------------
 
 
-def test_a_claim_is_exclusive_expires_and_is_taken_over(store):
+@pytest.fixture(params=["sqlite", "server"])
+def any_store(request, tmp_path, monkeypatch):
+    """A SQLite store in tmp_path, or the session's real `mlflow server` (run from tmp_path)."""
+    if request.param == "sqlite":
+        use_tracking_store(monkeypatch, tmp_path)
+        uri = f"sqlite:///{tmp_path}/mlflow.db"
+    else:
+        uri = request.getfixturevalue("shared_tracking_server").uri
+        monkeypatch.chdir(tmp_path)
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+        mlflow.set_tracking_uri(uri)
+    yield uri
+    mlflow.set_tracking_uri(None)
+
+
+def test_a_claim_is_exclusive_expires_and_is_taken_over(any_store, tmp_path):
     client = mlflow.MlflowClient()
-    first = claims.Claim.acquire(client, "run1", "analysis/3", ttl=60)
+    run = f"run-{tmp_path.name}"  # the server is shared by the session's tests
+    first = claims.Claim.acquire(client, run, "analysis/3", ttl=60)
     with pytest.raises(claims.Held, match="analysis/3"):
-        claims.Claim.acquire(client, "run1", "analysis/3", ttl=60)
-    assert claims.holder(client, "run1", "analysis/3")[0] == first.owner
+        claims.Claim.acquire(client, run, "analysis/3", ttl=60)
+    assert claims.holder(client, run, "analysis/3")[0] == first.owner
     first.release()
-    assert claims.holder(client, "run1", "analysis/3") is None
-    with claims.Claim.acquire(client, "run1", "analysis/3", ttl=0.5) as dying:  # a holder that stops beating
+    assert claims.holder(client, run, "analysis/3") is None
+    with claims.Claim.acquire(client, run, "analysis/3", ttl=0.5) as dying:  # a holder that stops beating
         time.sleep(0.7)
-        taker = claims.Claim.acquire(client, "run1", "analysis/3", ttl=60)
+        taker = claims.Claim.acquire(client, run, "analysis/3", ttl=60)
         assert not dying.holds() and taker.holds()
         taker.release()
     # Claims stay out of the UI's experiment list.
-    assert [e.name for e in client.search_experiments()] == ["Default"]
+    assert not [e.name for e in client.search_experiments() if e.name.startswith(claims.PREFIX)]
 
 
 def test_settings_are_recorded_once(store):
@@ -161,30 +177,32 @@ main(["train", "mnist_dense", *sys.argv[2:]])
 """
 
 
-def start_slow_trainer(store, seconds_per_epoch: float, argv, **env) -> subprocess.Popen:
-    script = store / "slow_trainer.py"
+def start_slow_trainer(cwd, uri: str, seconds_per_epoch: float, argv, **env) -> subprocess.Popen:
+    script = cwd / "slow_trainer.py"
     script.write_text(SLOW_TRAINER)
-    return subprocess.Popen([sys.executable, str(script), str(seconds_per_epoch), *argv], cwd=store,
-                            env=env_for(f"sqlite:///{store}/mlflow.db", **env), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    return subprocess.Popen([sys.executable, str(script), str(seconds_per_epoch), *argv], cwd=cwd,
+                            env=env_for(uri, **env), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
 
 
-def wait_for_run(store, timeout=120):
+def wait_for_run(experiment: str, timeout=120):
     client = mlflow.MlflowClient()
     deadline = time.time() + timeout
     while time.time() < deadline:
-        runs = client.search_runs(["0"])
+        found = client.get_experiment_by_name(experiment)
+        runs = client.search_runs([found.experiment_id]) if found else []
         if runs and steps(runs[0].info.run_id, "train/loss"):
             return runs[0].info.run_id
         time.sleep(0.2)
     raise AssertionError("the trainer did not start")
 
 
-def test_a_second_trainer_is_refused_and_a_refusal_changes_nothing(store, monkeypatch, capsys):
+def test_a_second_trainer_is_refused_and_a_refusal_changes_nothing(any_store, tmp_path, monkeypatch, capsys):
     mlflow.MlflowClient().search_experiments()  # the store's tables, before two processes race for them
-    live = start_slow_trainer(store, 0.6, TINY)
+    experiment = f"live-{tmp_path.name}"
+    live = start_slow_trainer(tmp_path, any_store, 0.6, [*TINY, "--experiment", experiment])
     try:
-        run_id = wait_for_run(store)
+        run_id = wait_for_run(experiment)
         before = mlflow.MlflowClient().get_run(run_id)
         monkeypatch.setenv("MLFLOW_RUN_ID", run_id)
         with pytest.raises(SystemExit):
@@ -205,9 +223,9 @@ def test_a_second_trainer_is_refused_and_a_refusal_changes_nothing(store, monkey
 
 def test_follow_on_a_killed_trainer_ends_with_a_message(store, capsys):
     mlflow.MlflowClient().search_experiments()
-    live = start_slow_trainer(store, 30, [*TINY[:-3], "--epochs", "50", "--no-progress"],
-                              NTK_TRACKING_CLAIM_TTL_SECONDS="2")
-    run_id = wait_for_run(store)
+    live = start_slow_trainer(store, f"sqlite:///{store}/mlflow.db", 30,
+                              [*TINY[:-3], "--epochs", "50", "--no-progress"], NTK_TRACKING_CLAIM_TTL_SECONDS="2")
+    run_id = wait_for_run("Default")
     while not steps(run_id, "train/loss") or not checkpoint_dir(run_id, 0).joinpath("commit_success.txt").exists():
         time.sleep(0.2)
     os.killpg(live.pid, signal.SIGKILL)
