@@ -17,7 +17,6 @@ import os
 import sys
 import tempfile
 import time
-import warnings
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -106,6 +105,11 @@ class AnalysisReport:
         return "skipped: " + ", ".join(parts) if parts else ""
 
 
+def _other_settings(run_id: str, recorded: dict) -> ValueError:
+    return ValueError(f"run {run_id} was analyzed with other settings {recorded}; rerun with those settings "
+                      "(metrics of two protocols must not mix in one history)")
+
+
 class Analyzer:
     """The collective variables of one training run, checkpoint by checkpoint."""
 
@@ -147,15 +151,8 @@ class Analyzer:
         if previous is not None:
             previous = {k: v for k, v in previous.items() if k in self.settings.to_dict()}
         if previous is not None and previous != self.settings.to_dict():
-            raise ValueError(
-                f"run {run_id} was analyzed with other settings {previous}; rerun with those "
-                "settings (metrics of two protocols must not mix in one history)"
-            )
-        value = recorded(self.client, run_id, "settings")
-        if value is not None and json.loads(value) != self.settings.to_dict():
-            raise ValueError(
-                f"run {run_id} was analyzed with other settings {json.loads(value)}; rerun with those "
-                "settings (metrics of two protocols must not mix in one history)")
+            raise _other_settings(run_id, previous)
+        self._check_recorded_settings()
         self.store = CheckpointStore(run_id, self.client)
         self.report = AnalysisReport()
         self._data_override = data
@@ -234,11 +231,10 @@ class Analyzer:
 
     def _record_settings(self) -> None:
         """The run's protocol, recorded once and for all by the first analyzer to log."""
-        value = record_once(self.client, self.run_id, "settings", json.dumps(self._protocol(), sort_keys=True))
-        if json.loads(value) != self._protocol():
-            raise ValueError(
-                f"run {self.run_id} was analyzed with other settings {json.loads(value)}; rerun with those "
-                "settings (metrics of two protocols must not mix in one history)")
+        value = json.loads(record_once(self.client, self.run_id, "settings",
+                                       json.dumps(self.settings.to_dict(), sort_keys=True)))
+        if value != self.settings.to_dict():
+            raise _other_settings(self.run_id, value)
 
     def _write_settings(self) -> None:
         document = self.settings.to_dict()
@@ -315,16 +311,11 @@ class Analyzer:
             claim.release()
 
     def _check_recorded_settings(self) -> None:
-        """Before each checkpoint is logged: the run's protocol is still ours (another analyzer
-        with other settings may have recorded its own first)."""
+        """At start and before each checkpoint is logged: the run's recorded protocol is ours
+        (another analyzer with other settings may have recorded its own first)."""
         value = recorded(self.client, self.run_id, "settings")
-        if value is not None and json.loads(value) != self._protocol():
-            raise ValueError(
-                f"run {self.run_id} is being analyzed with other settings {json.loads(value)}; rerun with "
-                "those settings (metrics of two protocols must not mix in one history)")
-
-    def _protocol(self) -> dict:
-        return self.settings.to_dict()
+        if value is not None and json.loads(value) != self.settings.to_dict():
+            raise _other_settings(self.run_id, json.loads(value))
 
     def diverged(self) -> str | None:
         """How the run's training diverged (tagged by the trainer, or read from its loss), or None."""

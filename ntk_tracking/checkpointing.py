@@ -62,26 +62,24 @@ class DamagedCheckpoint(CheckpointError):
 
 
 class _DropOrbaxInfo(logging.Filter):
-    """Drops Orbax's INFO chatter from the shared absl logger; warnings and errors pass."""
+    """Drops Orbax's records below `level` (INFO chatter) from the shared absl logger."""
+
+    def __init__(self, level: int = logging.WARNING):
+        super().__init__()
+        self.level = level
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return record.levelno >= logging.WARNING or f"{os.sep}orbax{os.sep}" not in record.pathname
+        return record.levelno >= self.level or f"{os.sep}orbax{os.sep}" not in record.pathname
 
 
 _QUIET = _DropOrbaxInfo()
 
 
-class _DropOrbax(logging.Filter):
-    """While a restore's failure is turned into one line: Orbax's own error records too."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return f"{os.sep}orbax{os.sep}" not in record.pathname
-
-
 @contextlib.contextmanager
 def _orbax_silenced():
+    """While a restore's failure is turned into one line: Orbax's own error records dropped too."""
     absl = logging.getLogger("absl")
-    quiet = _DropOrbax()
+    quiet = _DropOrbaxInfo(logging.CRITICAL)
     absl.addFilter(quiet)
     try:
         yield

@@ -132,10 +132,8 @@ def _quietly(call, *args) -> None:
 
 def _train_in_run(client, run_id: str, task, config, dataset, progress: bool,
                   resume_interval_seconds: int | None) -> None:
-    saved = tracking.load_json_artifact(run_id, tracking.CONFIG_ARTIFACT)
-    if saved is not None:  # fields added since the run started take their defaults
-        _check_same_config(dataclasses.asdict(task.config_from_dict(saved)), config)
-    else:
+    # A relaunch's config was compared with this one before the run was touched (run_training).
+    if tracking.load_json_artifact(run_id, tracking.CONFIG_ARTIFACT) is None:
         params = client.get_run(run_id).data.params  # `mlflow run` logs its own first
         missing = {k: v for k, v in dataclasses.asdict(config).items() if k not in params}
         mlflow.log_params(missing)
