@@ -10,13 +10,14 @@ The analyzer knows no model kind: everything model-specific comes from `ntk_trac
 from __future__ import annotations
 
 import dataclasses
-import io
+import functools
 import json
 import math
 import os
 import sys
 import tempfile
 import time
+from typing import Callable
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -158,6 +159,9 @@ class Analyzer:
         self._data_override = data
         self._measurements = None
         self.check: dict | None = None
+        # Called with what runs now (loading data, compiling, checking the engine, logging):
+        # the progress bar shows it, so a first checkpoint that takes minutes says why.
+        self.on_stage: Callable[[str], None] = lambda text: None
 
     def _check_data_exists(self, override: str | None) -> None:
         value = self.config.dataset
@@ -258,6 +262,10 @@ class Analyzer:
         self.check = results if len(results) > 1 else results[next(iter(results))]
         self._write_settings()
 
+    def _implementation(self) -> str:
+        ntk = next(iter(self._measurements.values())).ntk
+        return ntk.implementation if ntk.implementation != "auto" else "fast-path"
+
     # -- per checkpoint ---------------------------------------------------------------------
 
     def _marker_key(self) -> str:
@@ -279,6 +287,7 @@ class Analyzer:
         analyzer holds it or finished it first. CheckpointError (one line) for a damaged or
         missing step, NonFiniteKernel for a kernel with NaN/Inf: neither is logged."""
         if self._measurements is None:
+            self.on_stage("loading data and probe sets")
             self._setup()
         try:
             claim = Claim.acquire(self.client, self.run_id, f"analysis/{epoch}").start_heartbeat()
@@ -287,9 +296,12 @@ class Analyzer:
         try:
             if epoch in tracking.logged_steps(self.client, self.run_id, self._marker_key()):
                 return None  # another analyzer finished it before we claimed it
+            self.on_stage(f"epoch {epoch}: restoring")
             variables = self.store.restore_cv(epoch, self.abstract)
             metrics, spectra = {}, {}
             for (network, split), measurement in self._measurements.items():
+                compiling = "compiling and " if measurement.last_kernels is None else ""
+                self.on_stage(f"epoch {epoch}: {compiling}measuring {network} on {split}")
                 for name, value in measurement.run(variables):
                     metrics[metric_key(name, split, network)] = value
                 spectra[split if network == PRIMARY_NETWORK else f"{network}.{split}"] = measurement.last_spectra
@@ -298,10 +310,12 @@ class Analyzer:
             if bad:
                 raise NonFiniteKernel(f"{', '.join(bad)} came out NaN or Inf")
             if self.check is None:
+                self.on_stage(f"epoch {epoch}: checking the {self._implementation()} kernel against ntvp")
                 self._check_engine(variables)
             self._check_recorded_settings()
             if not claim.holds():  # expired while we measured (a stall) and taken over
                 return None
+            self.on_stage(f"epoch {epoch}: logging")
             self._log_spectra(epoch, spectra)
             for path, fig in self.task.checkpoint_artifacts(self.config, self.data, variables, epoch):
                 self._log_figure_file(fig, path)
@@ -372,6 +386,7 @@ class Analyzer:
                 )
             first = False
             bar = tqdm(pending, desc=f"NTK {self.run_id[:8]}", unit="ckpt", disable=not progress)
+            self.on_stage = functools.partial(bar.set_postfix_str, refresh=True)
             for epoch in bar:
                 t0 = time.perf_counter()
                 if epoch in report.failed():
@@ -389,6 +404,7 @@ class Analyzer:
                 (report.analyzed if done is not None else report.skipped).append(epoch)
                 bar.set_postfix(epoch=epoch, seconds=f"{time.perf_counter() - t0:.2f}")
             bar.close()
+            self.on_stage = lambda text: None
             if not follow:
                 break
             status = self.client.get_run(self.run_id).info.status

@@ -7,6 +7,7 @@ import dataclasses
 import os
 import sys
 
+from ntk_tracking.helpformat import HelpFormatter, yes_no
 from ntk_tracking.tasks import TASK_NAMES, get_task
 
 RESUME_INTERVAL_SECONDS = 60  # the tracked wrapper's default; kept here so --help needs no jax import
@@ -22,18 +23,18 @@ def _fail(message: str) -> "NoReturn":  # noqa: F821
     raise SystemExit(2)
 
 
-def train_parser(task: str) -> argparse.ArgumentParser:
+def train_parser(task: str, prog: str | None = None) -> argparse.ArgumentParser:
     """Parameters of a training entry point: the task config's fields, defaulted from the task."""
     from ntk_tracking.tasks import base
 
     t = get_task(task)
     d = t.default_config()
     p = argparse.ArgumentParser(
-        prog=f"python -m pipelines.{task}",
+        prog=prog or f"ntk-tracking train {task}",
         description=f"Train {t.summary or task} tracked in MLflow, with Orbax checkpoints at the "
         "collective-variable cadence. No NTK is computed here: run `ntk-tracking analyze RUN_ID` "
-        "afterwards.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        "afterwards (training prints the command).",
+        formatter_class=HelpFormatter,
     )
     for field in base.cli_fields(t.config_class):
         kind, optional = base.field_type(t.config_class, field.name)
@@ -42,24 +43,18 @@ def train_parser(task: str) -> argparse.ArgumentParser:
         if optional:  # None (all / unset) is 0 on the command line
             default = 0 if default is None else default
         if kind is bool:
-            p.add_argument(*names, dest=field.name, type=_yes_no, default=default, help=field.metadata.get("help"))
+            p.add_argument(*names, dest=field.name, type=yes_no, default=default, metavar="{yes,no}",
+                           help=field.metadata.get("help"))
         else:
             p.add_argument(*names, dest=field.name, type=kind, default=default, help=field.metadata.get("help"))
-    p.add_argument("--experiment", default=None, help="MLflow experiment name (default: the active one)")
+    p.add_argument("--experiment", default=None, help="MLflow experiment name; default: the active one "
+                   "($MLFLOW_EXPERIMENT_NAME, or MLflow's Default)")
     p.add_argument("--resume-interval-seconds", "--resume_interval_seconds", dest="resume_interval_seconds",
                    type=int, default=RESUME_INTERVAL_SECONDS,
                    help="write the resume checkpoint at most this often (and after the last epoch); "
                    "0 = every epoch")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
-
-
-def _yes_no(text: str) -> bool:
-    if str(text).lower() in ("1", "true", "yes", "y", "on"):
-        return True
-    if str(text).lower() in ("0", "false", "no", "n", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected yes or no, got {text!r}")
 
 
 def config_from_args(task: str, args: argparse.Namespace):
@@ -79,13 +74,13 @@ def config_from_args(task: str, args: argparse.Namespace):
     return config.validate()
 
 
-def prepare_training(task: str, argv=None):
+def prepare_training(task: str, argv=None, prog: str | None = None):
     """Parse, validate and load the data: every error here comes before any run or file."""
     try:
         t = get_task(task)
     except ValueError as err:
         _fail(str(err))
-    args = train_parser(task).parse_args(argv)
+    args = train_parser(task, prog).parse_args(argv)
     try:
         config = config_from_args(task, args)
         dataset = t.load_data(config)
@@ -100,9 +95,9 @@ def prepare_training(task: str, argv=None):
     return args, config, dataset
 
 
-def train_main(task: str, argv=None) -> str:
-    """A training entry point: prints and returns the run id."""
-    args, config, dataset = prepare_training(task, argv)
+def train_main(task: str, argv=None, prog: str | None = None) -> str:
+    """A training entry point (`prog`: how its usage line names it): prints and returns the run id."""
+    args, config, dataset = prepare_training(task, argv, prog)
     if args.resume_interval_seconds < 0:
         _fail(f"--resume-interval-seconds must be ≥ 0, got {args.resume_interval_seconds}")
     from ntk_tracking.tracking import RunError
@@ -117,9 +112,9 @@ def train_main(task: str, argv=None) -> str:
     return run_id
 
 
-def analyze_parser() -> argparse.ArgumentParser:
+def analyze_parser(prog: str = "ntk-tracking analyze") -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="ntk-tracking analyze",
+        prog=prog,
         description="Restore a training run's CV checkpoints and log the NTK's collective "
         "variables (entropy, trace, …) into the same run, step = checkpoint epoch. Each checkpoint is "
         "claimed in the tracking store while it is measured, so analyzers started together share the "
@@ -128,7 +123,7 @@ def analyze_parser() -> argparse.ArgumentParser:
         f"2 refused (bad input or settings; nothing logged); {EXIT_INCOMPLETE} some checkpoints are damaged, "
         "missing or gave a non-finite kernel (each named on its own line; every other one is analyzed, "
         "and a rerun retries them); 4 --follow found the trainer stopped.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     p.add_argument("run_id", help="the MLflow run id of a training run, or of a sweep's parent run "
                    "(analyzes every finished child)")
@@ -158,22 +153,29 @@ def analyze_parser() -> argparse.ArgumentParser:
     return p
 
 
-def analyze_main(argv=None) -> list[int] | dict[str, list[int]]:
+def settings_from_args(args: argparse.Namespace):
+    """The AnalysisSettings an analyze command line asks for, validated."""
+    from ntk_tracking.analyze import AnalysisSettings
+
+    if args.memory_budget_mb < 0:
+        raise ValueError(f"--memory-budget-mb must be ≥ 0, got {args.memory_budget_mb}")
+    return AnalysisSettings(
+        num_subsets=args.subsets, subset_size=args.points,
+        splits=tuple(s.strip() for s in args.splits.split(",") if s.strip()),
+        seed=args.seed, implementation=args.implementation,
+        memory_budget=args.memory_budget_mb * 2**20 if args.memory_budget_mb > 0 else None,
+    ).validate()
+
+
+def analyze_main(argv=None, prog: str = "ntk-tracking analyze") -> list[int] | dict[str, list[int]]:
     """`ntk-tracking analyze RUN_ID`: every pending checkpoint of a run (or of a sweep's children)."""
-    args = analyze_parser().parse_args(argv)
+    args = analyze_parser(prog).parse_args(argv)
     from ntk_tracking import tracking
-    from ntk_tracking.analyze import AnalysisSettings, Analyzer, TrainerStopped
+    from ntk_tracking.analyze import Analyzer, TrainerStopped
 
     try:
         tracking.prepare_tracking(reading=True)
-        settings = AnalysisSettings(
-            num_subsets=args.subsets, subset_size=args.points,
-            splits=tuple(s.strip() for s in args.splits.split(",") if s.strip()),
-            seed=args.seed, implementation=args.implementation,
-            memory_budget=args.memory_budget_mb * 2**20 if args.memory_budget_mb > 0 else None,
-        ).validate()
-        if args.memory_budget_mb < 0:
-            raise ValueError(f"--memory-budget-mb must be ≥ 0, got {args.memory_budget_mb}")
+        settings = settings_from_args(args)
         if os.environ.get("MLFLOW_RUN_ID") == args.run_id:
             raise ValueError("the run to analyze is the run this command was launched in; pass a training run id")
         from ntk_tracking.sweep import analyze_sweep, is_sweep_run
@@ -235,19 +237,45 @@ def _link_launched_run(client, analyzed: str) -> None:
     client.set_tag(analyzed, "ntk_tracking.analyzed_by", launched)
 
 
+COMMANDS = {
+    "quickstart": "train a small dense network on bundled MNIST digits and analyze it (offline, ~1 min)",
+    "train TASK": "train a paper model tracked in MLflow, with Orbax checkpoints at the CV cadence",
+    "analyze RUN_ID": "measure the NTK's entropy, trace, … on a run's checkpoints; log them into the run",
+    "sweep": "train (and analyze) a grid of configurations as child runs of one parent run; local or Ray",
+    "report RUN_ID": "a sweep's table and figures (entropy and trace against the swept options)",
+}
+
+
+def usage() -> str:
+    """The top-level help: every command with what it does, and the tasks."""
+    width = max(map(len, COMMANDS))
+    lines = ["usage: ntk-tracking COMMAND [options]", "",
+             "Track how a neural network's neural tangent kernel evolves during training.", "", "commands:"]
+    lines += [f"  {name:<{width}}  {text}" for name, text in COMMANDS.items()]
+    lines += ["", f"tasks: {', '.join(TASK_NAMES)}", "",
+              "`ntk-tracking COMMAND --help` lists a command's options; `ntk-tracking train TASK --help`, a task's."]
+    return "\n".join(lines)
+
+
 def main(argv=None) -> None:
     """`ntk-tracking COMMAND …`."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    commands = {"analyze": None, "train": None, "sweep": None, "report": None, "quickstart": None}
-    if not argv or argv[0] in ("-h", "--help") or argv[0] not in commands:
-        print("usage: ntk-tracking {analyze RUN_ID | train TASK | sweep | report RUN_ID | quickstart} [options]\n"
-              f"  tasks: {', '.join(TASK_NAMES)}\n  add --help after a command for its options",
-              file=sys.stderr if argv and argv[0] not in ("-h", "--help") else sys.stdout)
-        raise SystemExit(0 if argv and argv[0] in ("-h", "--help") else 2)
+    commands = {name.split()[0] for name in COMMANDS}
+    if not argv or argv[0] in ("-h", "--help"):
+        print(usage())
+        raise SystemExit(0 if argv else 2)
+    if argv[0] not in commands:
+        print(f"{usage()}\n\nerror: unknown command {argv[0]!r}", file=sys.stderr)
+        raise SystemExit(2)
     command, rest = argv[0], argv[1:]
     if command == "analyze":
         analyze_main(rest)
     elif command == "train":
+        if rest and rest[0] in ("-h", "--help"):
+            print("usage: ntk-tracking train TASK [options]\n\ntasks:\n" + "\n".join(
+                f"  {name:<18} {get_task(name).summary}" for name in TASK_NAMES)
+                + "\n\n`ntk-tracking train TASK --help` lists the task's options and defaults.")
+            raise SystemExit(0)
         if not rest or rest[0] not in TASK_NAMES:
             _fail(f"ntk-tracking train needs a task, one of {list(TASK_NAMES)}")
         train_main(rest[0], rest[1:])

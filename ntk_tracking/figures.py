@@ -26,12 +26,20 @@ def smoothing_window(n: int) -> int:
     return 2 * (n // 20) + 1
 
 
-def plot_series(ax, points, split: str, label: bool = True) -> None:
-    """Raw values and, for long series, their running average (paper Fig. 3 style)."""
+def plot_series(ax, points, split: str, label: bool = True, spread=None) -> None:
+    """Raw values and, for long series, their running average (paper Fig. 3 style); `spread`,
+    (step, std) points over the measurement subsets, is drawn as a band of ±1 std."""
     if not points:
         return
     steps, values = zip(*points)
     color = SPLIT_COLORS.get(split, "tab:gray")
+    if spread:
+        std = dict(spread)
+        both = [(s, v, std[s]) for s, v in points if s in std]
+        if both:
+            s_, v_, d_ = (np.asarray(a, float) for a in zip(*both))
+            ax.fill_between(s_, v_ - d_, v_ + d_, color=color, alpha=0.18, lw=0,
+                            label=f"{split} ± std over subsets" if label else None)
     window = smoothing_window(len(values))
     if window == 1:
         ax.plot(steps, values, color=color, lw=1.5, marker=".", ms=4, label=split if label else None)
@@ -41,30 +49,70 @@ def plot_series(ax, points, split: str, label: bool = True) -> None:
             label=f"{split} (running mean, {window} pts)" if label else None)
 
 
+def log_spaced(steps) -> bool:
+    """Whether checkpoint steps crowd at the start as log-spaced ones do (cv_log_points): over
+    a range of at least ×20, a third or more of the positive steps lie in its first tenth."""
+    positive = np.asarray(sorted({s for s in steps if s > 0}), float)
+    if len(positive) < 4 or positive[-1] / positive[0] < 20:
+        return False
+    return bool(np.mean(positive <= positive[0] + 0.1 * (positive[-1] - positive[0])) >= 1 / 3)
+
+
+def epoch_axis(ax, steps, label: str) -> None:
+    """Integer ticks; a symmetric-log axis (linear from 0 to 1, so epoch 0 stays) for log-spaced steps."""
+    from matplotlib.ticker import FuncFormatter, MaxNLocator, NullFormatter, SymmetricalLogLocator
+
+    if log_spaced(steps):
+        ax.set_xscale("symlog", linthresh=1, linscale=0.4)
+        ax.set_xlim(left=0)
+        subs = (1.0, 2.0, 5.0) if max(steps) <= 100 else (1.0, 3.0)  # labels that do not collide
+        ax.xaxis.set_major_locator(SymmetricalLogLocator(base=10, linthresh=1, subs=subs))
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:.0f}"))
+        ax.xaxis.set_minor_formatter(NullFormatter())
+        label += " (log scale)"
+    else:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel(label)
+
+
+def log_axis_if_spanning(ax, axis: str = "y", ratio: float = 10.0) -> None:
+    """A log scale with plain-number ticks where every plotted value is positive and they span
+    more than `ratio`; linear otherwise."""
+    values = [np.asarray(line.get_ydata() if axis == "y" else line.get_xdata(), float) for line in ax.get_lines()]
+    values = np.concatenate(values) if values else np.array([])
+    values = values[np.isfinite(values)]
+    if values.size and values.min() > 0 and values.max() / values.min() > ratio:
+        getattr(ax, f"set_{axis}scale")("log")
+        _plain_log_ticks(getattr(ax, f"{axis}axis"), values.min(), values.max())
+
+
 def evolution_figure(histories: dict, splits, title: str = "", networks=("model",),
                      loss_keys=("train/loss", "test/loss"), xlabel: str = "epoch"):
     """Entropy, trace and loss against epoch, one row per network; `histories` maps metric keys
-    to (step, value) lists."""
+    to (step, value) lists (`…/entropy_std/…`, `…/trace_std/…` where present: bands)."""
     from ntk_tracking.tasks.base import metric_key
 
     fig, axes = plt.subplots(len(networks), 3, figsize=(13, 3.6 * len(networks)), squeeze=False)
     for row, network in zip(axes, networks):
         prefix = "" if network == "model" else f"{network}: "
+        cv_steps = []
         for ax, variable, ylabel in ((row[0], "entropy", "NTK entropy S (nats)"), (row[1], "trace", "NTK trace Tr Θ")):
             for split in splits:
-                plot_series(ax, histories.get(metric_key(network, variable, split), []), split)
+                points = histories.get(metric_key(network, variable, split), [])
+                cv_steps += [s for s, _ in points]
+                plot_series(ax, points, split, spread=histories.get(metric_key(network, f"{variable}_std", split)))
             ax.set_ylabel(prefix + ylabel)
+        log_axis_if_spanning(row[1])
         losses = [k for k in loss_keys if histories.get(k)]
         for key in losses:
             plot_series(row[2], histories[key], key.split("/")[0])
         row[2].set_ylabel(", ".join(sorted({k.split("/", 1)[-1] for k in loss_keys})))
-        if losses and all(v > 0 for k in losses for _, v in histories[k]):
-            row[2].set_yscale("log")
+        log_axis_if_spanning(row[2], ratio=3.0)
         for ax in row:
-            ax.set_xlabel(xlabel)
+            epoch_axis(ax, cv_steps, xlabel)
             ax.grid(alpha=0.3)
             if ax.get_legend_handles_labels()[0]:
-                ax.legend(frameon=False)
+                ax.legend(frameon=False, fontsize=8)
     if title:
         fig.suptitle(title)
     fig.tight_layout()
@@ -90,7 +138,7 @@ def _plain_log_ticks(axis, lo: float, hi: float) -> None:
     narrow range shows none: below ×3 use even steps, below ×100 label 1s, 2s and 5s."""
     from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullFormatter, NullLocator
 
-    axis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    axis.set_major_formatter(FuncFormatter(lambda v, _: plain_number(v)))
     axis.set_minor_formatter(NullFormatter())
     ratio = hi / lo if 0 < lo else np.inf
     if ratio < 3:
@@ -98,6 +146,14 @@ def _plain_log_ticks(axis, lo: float, hi: float) -> None:
         axis.set_minor_locator(NullLocator())
     elif ratio < 100:
         axis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+
+
+def plain_number(v: float) -> str:
+    """A tick label: plain from 0.001 to 9999 (0.05, 20, 5000), else mantissa e exponent (1e5, 2.5e-4)."""
+    if v == 0 or 1e-3 <= abs(v) < 1e4:
+        return f"{v:g}"
+    exponent = int(np.floor(np.log10(abs(v))))
+    return f"{v / 10**exponent:.2g}e{exponent}"
 
 
 def cell_text(v: float) -> str:

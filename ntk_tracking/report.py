@@ -39,6 +39,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from ntk_tracking import figures, regimes, tracking
+from ntk_tracking.helpformat import HelpFormatter
 from ntk_tracking.tasks import TASK_NAMES, get_task
 
 SWEEP_ARTIFACT = "sweep.json"
@@ -369,13 +370,13 @@ def report(parent_run_id: str, split: str = "train", progress: bool = True,
     return SweepReport(parent_run_id, split, {c.run_id: c.regime for c in analyzed}, skipped, artifacts)
 
 
-def report_parser() -> argparse.ArgumentParser:
+def report_parser(prog: str = "ntk-tracking report") -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="ntk-tracking report",
+        prog=prog,
         description="Report a sweep from its MLflow runs: classify each child's entropy regime "
         "(logged on the child), and log evolution grids, width × depth scaling maps and CSV tables "
         "to the parent run under report/. Analyze the children first (ntk-tracking analyze).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     p.add_argument("run_id", help="the MLflow run id of the sweep's parent run")
     p.add_argument("--split", default="train", choices=SPLITS, help="data split whose NTK entropy sets the regime")
@@ -386,11 +387,11 @@ def report_parser() -> argparse.ArgumentParser:
     return p
 
 
-def report_main(argv=None) -> SweepReport:
+def report_main(argv=None, prog: str = "ntk-tracking report") -> SweepReport:
     """`ntk-tracking report RUN_ID`: report a sweep into its parent run."""
     from ntk_tracking.cli import _fail
 
-    args = report_parser().parse_args(argv)
+    args = report_parser(prog).parse_args(argv)
     try:
         tracking.prepare_tracking(reading=True)
         if os.environ.get("MLFLOW_RUN_ID") == args.run_id:

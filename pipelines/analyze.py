@@ -3,4 +3,4 @@
 from ntk_tracking.cli import analyze_main
 
 if __name__ == "__main__":
-    analyze_main()
+    analyze_main(prog="python -m pipelines.analyze")

@@ -8,4 +8,4 @@
 from ntk_tracking.cli import train_main
 
 if __name__ == "__main__":
-    train_main("cifar_resnet")
+    train_main("cifar_resnet", prog="python -m pipelines.cifar_resnet")

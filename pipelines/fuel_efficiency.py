@@ -7,4 +7,4 @@
 from ntk_tracking.cli import train_main
 
 if __name__ == "__main__":
-    train_main("fuel_efficiency")
+    train_main("fuel_efficiency", prog="python -m pipelines.fuel_efficiency")

@@ -8,4 +8,4 @@
 from ntk_tracking.cli import train_main
 
 if __name__ == "__main__":
-    train_main("greek_pos")
+    train_main("greek_pos", prog="python -m pipelines.greek_pos")

@@ -7,4 +7,4 @@
 from ntk_tracking.cli import train_main
 
 if __name__ == "__main__":
-    train_main("mnist_vae")
+    train_main("mnist_vae", prog="python -m pipelines.mnist_vae")

@@ -7,4 +7,4 @@
 from ntk_tracking.cli import train_main
 
 if __name__ == "__main__":
-    train_main("molpcba_gnn")
+    train_main("molpcba_gnn", prog="python -m pipelines.molpcba_gnn")

@@ -7,4 +7,4 @@
 from ntk_tracking.cli import train_main
 
 if __name__ == "__main__":
-    train_main("pong_actor_critic")
+    train_main("pong_actor_critic", prog="python -m pipelines.pong_actor_critic")

@@ -6,4 +6,4 @@
 from ntk_tracking.quickstart import quickstart_main
 
 if __name__ == "__main__":
-    quickstart_main()
+    quickstart_main(prog="python -m pipelines.quickstart")

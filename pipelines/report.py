@@ -3,4 +3,4 @@
 from ntk_tracking.report import report_main
 
 if __name__ == "__main__":
-    report_main()
+    report_main(prog="python -m pipelines.report")

@@ -8,4 +8,4 @@
 from ntk_tracking.sweep import sweep_main
 
 if __name__ == "__main__":
-    sweep_main()
+    sweep_main(prog="python -m pipelines.sweep")

@@ -671,3 +671,25 @@ def test_guard_stops_a_structured_path_that_drops_a_term(monkeypatch):
     monkeypatch.setattr(structured, "contract", dropped)
     with pytest.raises(NTKMismatchError):
         check_against_ntvp(NTK(apply_fn), params, x)
+
+
+def test_guard_checks_points_spread_over_the_subset():
+    """The reference covers CHECK_POINTS points, first and last included; an error confined to the
+    last point's entries (a wrong last tile, say) is caught, and every point can be checked."""
+    from ntk_tracking.ntk.guard import CHECK_POINTS, check_points
+
+    assert list(check_points(20)) == [0, 6, 13, 19] and CHECK_POINTS == 4
+    assert list(check_points(3)) == [0, 1, 2] and list(check_points(20, 2)) == [0, 19]
+    apply_fn, params, x, _, _ = build("mlp")
+    x = np.random.default_rng(0).normal(size=(9,) + np.shape(x)[1:]).astype(np.asarray(x).dtype)
+    ntk = NTK(apply_fn)
+    kernel = np.asarray(ntk(params, x), np.float64)
+    m = len(kernel)
+    result = check_against_ntvp(ntk, params, x, kernel=kernel)
+    assert result["ok"] and result["checked_points"] == [int(i) for i in check_points(m)]
+    wrong = kernel.copy()
+    wrong[-1, :] *= 1.01
+    wrong[:, -1] *= 1.01
+    with pytest.raises(NTKMismatchError):
+        check_against_ntvp(ntk, params, x, kernel=wrong)
+    assert check_against_ntvp(ntk, params, x, kernel=kernel, points=None)["checked_points"] == list(range(m))

@@ -358,3 +358,23 @@ def test_analyzer_guard_records_the_check_and_stops_a_wrong_fast_path(store, mon
         analyze_main([run_id] + TINY_ANALYSIS)
     assert "differs from the ntvp reference" in capsys.readouterr().err
     assert not any(k.startswith("ntk/") for k in mlflow.MlflowClient().get_run(run_id).data.metrics)
+
+
+def test_analyzer_says_what_runs_while_the_first_checkpoint_waits(store):
+    """Stages reach the progress bar: data, compiling, the engine check on the first checkpoint only, logging."""
+    run_id = train_main("mnist_dense", TINY)
+    analyzer = Analyzer(run_id, AnalysisSettings(num_subsets=2, subset_size=4))
+    stages = []
+    analyzer.on_stage = stages.append
+    first, second = analyzer.pending_epochs()[:2]
+    for epoch in (first, second):
+        analyzer.analyze_epoch(epoch)
+    assert stages == [
+        "loading data and probe sets",
+        f"epoch {first}: restoring", f"epoch {first}: compiling and measuring model on train",
+        f"epoch {first}: compiling and measuring model on test",
+        f"epoch {first}: checking the fast-path kernel against ntvp", f"epoch {first}: logging",
+        f"epoch {second}: restoring", f"epoch {second}: measuring model on train",
+        f"epoch {second}: measuring model on test", f"epoch {second}: logging",
+    ]
+    assert analyzer.check["checked_points"] == [0, 1, 2, 3]

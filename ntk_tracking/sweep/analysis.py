@@ -40,8 +40,8 @@ def analyze_sweep(parent_run_id: str, settings=None, progress: bool = True,
         for key in list(analyzers):
             analyzer = analyzers.pop(key)  # dropped after its child: measurements hold data
             done = []
+            analyzer.on_stage = lambda text, key=key: bar.set_postfix_str(f"{key}: {text}", refresh=True)
             for epoch in pending[key]:
-                bar.set_postfix(child=key, epoch=epoch)
                 try:
                     if analyzer.analyze_epoch(epoch) is not None:
                         done.append(epoch)

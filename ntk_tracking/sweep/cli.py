@@ -19,11 +19,11 @@ def _fail(message: str):
     raise SystemExit(2)
 
 
-def sweep_main(argv=None) -> str:
+def sweep_main(argv=None, prog: str = "ntk-tracking sweep") -> str:
     """`ntk-tracking sweep …`: returns the parent run id; exits 1 if a child did not finish."""
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
-        spec, args = parse_sweep(argv)
+        spec, args = parse_sweep(argv, prog)
         settings = None
         if args.analyze:
             from ntk_tracking.analyze import AnalysisSettings

@@ -8,6 +8,7 @@ import itertools
 import json
 
 from ntk_tracking import tracking
+from ntk_tracking.helpformat import HelpFormatter
 from ntk_tracking.cli import config_from_args, train_parser
 from ntk_tracking.tasks import TASK_NAMES, get_task
 
@@ -124,16 +125,16 @@ class _Parser(argparse.ArgumentParser):
         super().error(message)
 
 
-def sweep_parser(task: str = "mnist_dense") -> argparse.ArgumentParser:
+def sweep_parser(task: str = "mnist_dense", prog: str = "ntk-tracking sweep") -> argparse.ArgumentParser:
     """The sweep's options; training defaults come from `task`."""
     d = get_task(task).default_config()
     p = _Parser(
-        prog="ntk-tracking sweep", allow_abbrev=False,
+        prog=prog, allow_abbrev=False,
         description="Train every combination of the grid as a child run of one MLflow parent run "
         "(nested runs). Relaunch with --parent-run-id (or `mlflow run --run-id`) to skip finished "
         "children and resume the others. Grid lists are comma-separated; an empty value means the "
         "task's default.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     p.add_argument("--task", default=task, help=f"one of {list(TASK_NAMES)}")
     grid = p.add_argument_group("grid (one child run per combination)")
@@ -179,7 +180,7 @@ def sweep_parser(task: str = "mnist_dense") -> argparse.ArgumentParser:
     return p
 
 
-def parse_sweep(argv) -> tuple[SweepSpec, argparse.Namespace]:
+def parse_sweep(argv, prog: str = "ntk-tracking sweep") -> tuple[SweepSpec, argparse.Namespace]:
     """The spec and the sweep-level options; ValueError for any bad value (argparse exits on syntax)."""
     pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     pre.add_argument("--task", default="mnist_dense")
@@ -190,7 +191,7 @@ def parse_sweep(argv) -> tuple[SweepSpec, argparse.Namespace]:
     if lacking:
         raise ValueError(f"the sweep grid scans {list(_GRID_FIELDS)}, but task {task!r} has no "
                          f"{lacking}; sweep one of the tasks that have them: {', '.join(_scan_tasks())}")
-    args = sweep_parser(task).parse_args(argv)
+    args = sweep_parser(task, prog).parse_args(argv)
     d = get_task(task).default_config()
     grid = {field: _parse_list(getattr(args, option), convert, option.replace("_", "-"), getattr(d, field))
             for field, option, convert in GRID}

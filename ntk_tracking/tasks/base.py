@@ -31,7 +31,7 @@ class TaskConfig:
 
     task: str = option("", "the task's name", cli=False)
     dataset: str = option("", "dataset name or local path")
-    epochs: int = option(10, "training epochs (for RL: PPO updates)")
+    epochs: int = option(10, "training epochs (passes over the training set)")
     seed: int = option(0, "initialization and data order")
     train_size: int | None = option(None, "training points; 0 = all")
     test_size: int | None = option(None, "test points; 0 = all")
@@ -207,7 +207,8 @@ class Task:
         """The run's evolution figure; `history(key)` gives a metric's (step, value) points."""
         from ntk_tracking.figures import evolution_figure
 
-        keys = [metric_key(n, v, s) for n in networks for v in ("entropy", "trace") for s in probe_sets]
+        keys = [metric_key(n, v, s) for n in networks for v in ("entropy", "trace", "entropy_std", "trace_std")
+                for s in probe_sets]
         histories = {k: history(k) for k in keys + list(self.loss_metrics)}
         return evolution_figure(histories, probe_sets, title=title, networks=networks,
                                 loss_keys=self.loss_metrics, xlabel=self.step_name)

@@ -24,6 +24,7 @@ class PongConfig(TaskConfig):
     """Environment, agent and PPO settings; defaults learn the corrected Pong on a CPU (benchmarks/pong_learning.py)."""
 
     dataset: str = option("", "unused: an RL run has no dataset (see --env)", cli=False)
+    epochs: int = option(600, "PPO updates: one rollout of num_envs × num_steps steps, then update_epochs passes")
     train_size: int | None = option(None, "unused by RL", cli=False)
     test_size: int | None = option(None, "unused by RL", cli=False)
     # Environment.
