@@ -36,6 +36,20 @@ KILL_WORKER = textwrap.dedent("""
                     os.kill(os.getppid(), 9)
                     import time; time.sleep(60)  # dies with the worker
             tracking.log_metrics = log_then_kill
+    elif os.environ.get("NTK_TEST_KILL_DIR") and any("default_worker" in a for a in sys.orig_argv):
+        # A Ray worker (an analysis actor): killed once, as it is about to log the checkpoint that
+        # the file analysis-victim names ("RUN_ID EPOCH"), holding that checkpoint's claim.
+        from ntk_tracking import tracking
+        real_log = tracking.log_metrics
+        def log_or_die(client, run_id, metrics, step):
+            request = os.path.join(os.environ["NTK_TEST_KILL_DIR"], "analysis-victim")
+            marker = request + ".killed"
+            if any(k.startswith("ntk/") for k in metrics) and os.path.exists(request) \
+                    and open(request).read().split() == [run_id, str(step)] and not os.path.exists(marker):
+                open(marker, "w").write(str(os.getpid()))
+                os.kill(os.getpid(), 9)
+            real_log(client, run_id, metrics, step)
+        tracking.log_metrics = log_or_die
 """)
 
 
@@ -142,3 +156,70 @@ def test_ray_refuses_a_local_store(tmp_path, monkeypatch, capsys):
     err = capsys.readouterr().err
     assert "needs a tracking server that every worker can reach" in err and "mlflow server" in err
     assert os.listdir(tmp_path) == []
+
+
+def test_analysis_on_ray_equals_the_local_analyzer_once_each(cluster, shared_tracking_server, tmp_path,
+                                                             monkeypatch, capsys):
+    """A sweep's children analyzed by Ray workers, one worker killed as it was about to log: the
+    metrics equal the local analyzer's on the same configuration, every checkpoint logged once, and
+    a rerun adds nothing."""
+    from ntk_tracking.cli import analyze_main, train_main
+
+    _use_server(monkeypatch, shared_tracking_server, tmp_path)
+    grid = ["--widths", "4,8", "--depths", "1", "--activations", "relu"] + TINY
+    parent = sweep_main(grid + ["--experiment", "ray-analysis"])
+    client = mlflow.MlflowClient()
+    children = {k: r.info.run_id for k, r in find_children(client, parent).items()}
+    victim = children["w8-d1-relu-lecun_normal-lr0.001-s0"]
+    (cluster / "analysis-victim").write_text(f"{victim} 1")
+    analysis = ["--subsets", "2", "--points", "4", "--no-progress"]
+    capsys.readouterr()
+    analyzed = analyze_main([parent] + analysis + ["--executor", "ray", "--cpus-per-task", "1"])
+    assert (cluster / "analysis-victim.killed").exists(), "no analysis worker was killed"
+    assert analyzed == {run_id: [0, 1, 2] for run_id in children.values()}
+    keys = ("ntk/entropy/train", "ntk/entropy/test", "ntk/trace/train", "ntk/trace/test", "ntk/entropy_std/train")
+    for run_id in children.values():
+        for key in keys:
+            assert [s for s, _ in history(client, run_id, key)] == [0, 1, 2], (run_id, key)  # once each
+        assert "analysis/evolution.png" in {a.path for a in client.list_artifacts(run_id, "analysis")}
+
+    # The local analyzer on the same configuration, trained alone, measures the same values.
+    reference = train_main("mnist_dense", ["--width", "8", "--depth", "1", "--activation", "relu",
+                                           "--experiment", "ray-analysis-reference"] + TINY)
+    assert analyze_main([reference] + analysis) == [0, 1, 2]
+    for key in keys:
+        ray_values = [v for _, v in history(client, victim, key)]
+        assert ray_values == pytest.approx([v for _, v in history(client, reference, key)], rel=1e-5), key
+
+    # A rerun finds nothing to do and logs nothing.
+    capsys.readouterr()
+    assert analyze_main([parent, "--executor", "ray"] + analysis) == {run_id: [] for run_id in children.values()}
+    assert "3 already analyzed" in capsys.readouterr().out
+    for run_id in children.values():
+        assert [s for s, _ in history(client, run_id, "ntk/entropy/train")] == [0, 1, 2]
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--executor", "ray", "--cpus-per-task", "0"], "--cpus-per-task must be > 0"),
+    (["--ray-address", "127.0.0.1:1"], "--ray-address needs --executor ray"),
+    (["--executor", "ray", "--follow"], "--follow follows one training run"),
+])
+def test_bad_ray_analysis_options_are_refused(extra, message, tmp_path, monkeypatch, capsys):
+    from ntk_tracking.cli import analyze_main
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:9")  # never contacted
+    with pytest.raises(SystemExit):
+        analyze_main(["0123456789abcdef"] + extra)
+    assert message in capsys.readouterr().err
+
+
+def test_ray_analysis_needs_a_tracking_server(tmp_path, monkeypatch, capsys):
+    from ntk_tracking.cli import analyze_main
+    from conftest import use_tracking_store
+
+    use_tracking_store(monkeypatch, tmp_path)
+    mlflow.MlflowClient().search_experiments()  # the store exists
+    with pytest.raises(SystemExit):
+        analyze_main(["0123456789abcdef", "--executor", "ray"])
+    assert "needs a tracking server that every worker can reach" in capsys.readouterr().err
