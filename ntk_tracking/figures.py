@@ -5,6 +5,7 @@ from __future__ import annotations
 import matplotlib
 
 matplotlib.use("Agg")  # figures are files; no display needed
+import matplotlib.ticker
 import matplotlib.pyplot as plt
 import numpy as np
 
@@ -213,6 +214,38 @@ def evolution_grid(rows, loss_label: str = "loss", title: str = ""):
                           fontsize=9)
     if title:
         fig.suptitle(title, fontsize=13)
+    fig.tight_layout()
+    return fig
+
+
+def against_field(field: str, xs, panels: dict, title: str = ""):
+    """Entropy and trace against a swept numeric option, at initialization and after training.
+
+    `panels[(variable, when)]`: one (mean, std, count) per x, variable in (entropy, trace), when in
+    (initial, final). Error bars: std over seeds where there are several."""
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
+    xs = np.asarray(xs, float)
+    for ax, variable, ylabel in ((axes[0], "entropy", "NTK entropy S (nats)"), (axes[1], "trace", "NTK trace Tr Θ")):
+        for when, style, label in (("initial", "o--", "initialization (epoch 0)"), ("final", "s-", "after training")):
+            rows = panels.get((variable, when), [])
+            if not rows:
+                continue
+            mean, std, _ = (np.asarray(a, float) for a in zip(*rows))
+            ax.errorbar(xs, mean, yerr=std, fmt=style, color="tab:gray" if when == "initial" else "tab:blue",
+                        capsize=3, lw=1.5, ms=5, label=label)
+        if xs.min() > 0 and xs.max() / xs.min() >= 4:
+            ax.set_xscale("log")
+            _plain_log_ticks(ax.xaxis, xs.min(), xs.max())
+        ax.set_xticks(xs, [plain_number(x) for x in xs])
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+        if variable == "trace":
+            log_axis_if_spanning(ax)
+        ax.set_xlabel(field)
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3, lw=0.5)
+        ax.legend(frameon=False, fontsize=8)
+    if title:
+        fig.suptitle(title, fontsize=11)
     fig.tight_layout()
     return fig
 

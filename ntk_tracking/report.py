@@ -46,10 +46,10 @@ SWEEP_ARTIFACT = "sweep.json"
 KIND_TAG = "ntk_tracking.kind"
 REGIME_TAG = "ntk_tracking.regime"
 REGIME_SPLIT_TAG = "ntk_tracking.regime_split"
-# The sweep's grid axes (ntk_tracking.sweep.GRID) but the seed; evolution rows in the paper's order.
+# The architecture scan's axes but the seed; evolution rows in the paper's order. Other sweeps'
+# properties are their grid's fields (sweep.json), in the order given.
 PROPERTIES = ("activation", "width", "depth", "init", "learning_rate")
 TUPLE_ORDER = ("width", "depth", "activation", "init", "learning_rate")  # the paper's (W, D, A) titles
-NUMERIC = ("width", "depth", "learning_rate", "seed")
 HISTORY_PREFIXES = ("train/", "test/", "ntk/")
 SPLITS = ("train", "test")
 
@@ -61,7 +61,7 @@ class Child:
     run_id: str
     name: str
     status: str
-    grid: dict[str, str]  # PROPERTIES and seed, as MLflow stores params (strings)
+    grid: dict[str, str]  # the swept properties and seed, as MLflow stores params (strings)
     points: dict[str, list]  # metric key → Metric entities, sorted by (step, timestamp)
     num_subsets: int | None
     regime: regimes.Regime | None = None
@@ -86,9 +86,28 @@ class SweepReport:
     artifacts: list[str]
 
 
-def _sort_key(prop: str, value: str):
+def properties(sweep: dict) -> tuple[str, ...]:
+    """The swept properties but the seed: the scan's in the paper's order, else sweep.json's."""
+    fields = [f for f in sweep.get("grid", {}) if f != "seed"]
+    if set(fields) == set(PROPERTIES):
+        return PROPERTIES
+    return tuple(fields)
+
+
+def title_order(props) -> tuple[str, ...]:
+    return TUPLE_ORDER if tuple(props) == PROPERTIES else tuple(props)
+
+
+def _numeric(values) -> bool:
     try:
-        return (0, float(value), value) if prop in NUMERIC else (0, 0.0, value)
+        return all(math.isfinite(float(v)) for v in values if v != "") and any(v != "" for v in values)
+    except ValueError:
+        return False
+
+
+def _sort_key(numeric: bool, value: str):
+    try:
+        return (0, float(value), value) if numeric else (0, 0.0, value)
     except ValueError:
         return (1, 0.0, value)
 
@@ -123,7 +142,7 @@ def load_sweep(client, parent_run_id: str) -> tuple[dict, list]:
     return sweep, children
 
 
-def read_child(client, run) -> Child:
+def read_child(client, run, props=PROPERTIES) -> Child:
     """Params, every train/test/ntk metric history and K of one child run."""
     run_id = run.info.run_id
     points = {}
@@ -134,7 +153,7 @@ def read_child(client, run) -> Child:
         k.startswith("ntk/") for k in points) else None
     params = run.data.params
     return Child(run_id=run_id, name=run.info.run_name or "", status=run.info.status,
-                 grid={p: params.get(p, "") for p in PROPERTIES + ("seed",)}, points=points,
+                 grid={p: params.get(p, "") for p in (*props, "seed")}, points=points,
                  num_subsets=None if settings is None else int(settings["num_subsets"]))
 
 
@@ -166,20 +185,27 @@ def log_regime(client, child: Child, split: str) -> None:
 # -- the grid -------------------------------------------------------------------------------
 
 def grid_values(sweep: dict, children: list[Child]) -> dict[str, list[str]]:
-    """Each property's values as strings: numbers ascending, names in sweep.json's order."""
+    """Each property's values as strings (as MLflow params): numbers ascending, names in sweep.json's order."""
     grid = sweep.get("grid", {})
     out = {}
-    for prop in PROPERTIES + ("seed",):
-        values = [str(v) for v in grid.get(prop, [])]
-        values += sorted({c.grid[prop] for c in children} - set(values), key=lambda v: _sort_key(prop, v))
+    for prop in (*properties(sweep), "seed"):
+        values = [_param_text(v) for v in grid.get(prop, [])]
+        values += sorted({c.grid[prop] for c in children} - set(values))
         values = list(dict.fromkeys(values))
-        out[prop] = sorted(values, key=lambda v: _sort_key(prop, v)) if prop in NUMERIC else values
+        numeric = _numeric(values)
+        out[prop] = sorted(values, key=lambda v: _sort_key(numeric, v)) if numeric else values
     return out
+
+
+def _param_text(value) -> str:
+    """A grid value as MLflow stores the child's param (str of the config value)."""
+    return str(value)
 
 
 def references(values: dict[str, list[str]]) -> dict[str, str]:
     """The value a property is held at while another varies: lower middle number, first name."""
-    return {p: values[p][(len(values[p]) - 1) // 2] if p in NUMERIC else values[p][0] for p in PROPERTIES}
+    return {p: values[p][(len(values[p]) - 1) // 2] if _numeric(values[p]) else values[p][0]
+            for p in values if p != "seed"}
 
 
 def _loss_label(task: str | None) -> str:
@@ -190,8 +216,9 @@ def _loss_label(task: str | None) -> str:
 
 def evolution_rows(children: list[Child], values: dict, ref: dict) -> list[dict]:
     """One row per property with > 1 value (the others at `ref`); one row if nothing varies."""
-    varied = [p for p in PROPERTIES if len(values[p]) > 1]
-    shown = [p for p in TUPLE_ORDER if values[p] != [""]]  # properties the runs have at all
+    props = [p for p in values if p != "seed"]
+    varied = [p for p in props if len(values[p]) > 1]
+    shown = [p for p in title_order(props) if values[p] != [""]]  # properties the runs have at all
     rows = []
     for prop in varied or [None]:
         members = [c for c in children if all(c.grid[q] == ref[q] for q in varied if q != prop)]
@@ -219,12 +246,15 @@ def _cell_value(points: list[tuple[int, float]], when: str) -> float:
 
 
 def scaling_figures(children: list[Child], values: dict, split: str, loss_label: str, threshold: float):
-    """(name, figure) per activation (and init, learning rate where they vary): Fig. 2."""
+    """(name, figure) per activation (and init, learning rate where they vary): Fig. 2. Only for
+    the architecture scan (width, depth and activation among the properties)."""
+    if not {"width", "depth", "activation"} <= set(values):
+        return []
     widths, depths = values["width"], values["depth"]  # ascending
     columns = [(f"NTK entropy S on {split} (nats)", False), (f"NTK trace Tr Θ on {split}", True),
                (f"{split} {loss_label}", True)]
     keys = [f"ntk/entropy/{split}", f"ntk/trace/{split}", f"{split}/loss"]
-    others = [p for p in ("init", "learning_rate") if len(values[p]) > 1]  # one map set per combination
+    others = [p for p in ("init", "learning_rate") if len(values.get(p, [])) > 1]  # one map set per combination
     try:
         geometric = all(math.log2(float(w)).is_integer() for w in widths) and len(widths) > 1
     except ValueError:
@@ -271,29 +301,62 @@ def scaling_figures(children: list[Child], values: dict, split: str, loss_label:
     return out
 
 
+def field_figures(children: list[Child], values: dict, ref: dict, split: str):
+    """(name, figure) per numeric swept property with > 1 value: entropy and trace at epoch 0 and
+    at the last epoch against it, the other properties at `ref`, mean ± std over seeds."""
+    out = []
+    for prop in (p for p in values if p != "seed" and len(values[p]) > 1 and _numeric(values[p])):
+        members = [c for c in children if all(c.grid[q] == ref[q] for q in ref if q != prop)]
+        xs = [float(v) for v in values[prop]]
+        panels = {}
+        for variable in ("entropy", "trace"):
+            for when in ("initial", "final"):
+                rows = []
+                for v in values[prop]:
+                    vals = [_cell_value(c.series(f"ntk/{variable}/{split}"), when) for c in members if c.grid[prop] == v]
+                    vals = [x for x in vals if math.isfinite(x)]
+                    rows.append((np.mean(vals) if vals else math.nan, np.std(vals) if len(vals) > 1 else 0.0, len(vals)))
+                panels[variable, when] = rows
+        if not any(n for rows in panels.values() for _, _, n in rows):
+            continue
+        held = ", ".join(f"{q}={ref[q]}" for q in ref if q != prop and len(values[q]) > 1)
+        seeds = len(values["seed"])
+        title = f"NTK on {split} against {prop}" + (f" · {held}" if held else "") + (
+            f" · mean ± std over {seeds} seeds" if seeds > 1 else "")
+        for c in members:
+            c.figures.append(f"against_{prop}")
+        out.append((f"against_{prop}", figures.against_field(prop, xs, panels, title)))
+    return out
+
+
 # -- tables ---------------------------------------------------------------------------------
 
-GRID_COLUMNS = TUPLE_ORDER + ("seed",)
+def grid_columns(children: list[Child]) -> tuple[str, ...]:
+    """The CSVs' property columns: the swept properties (in title order) and seed."""
+    props = [p for p in (children[0].grid if children else {}) if p != "seed"]
+    return (*title_order(props), "seed")
 
 
 def write_history(path: str, children: list[Child]) -> None:
     """Every logged point of every child: the data behind every figure."""
+    columns = grid_columns(children)
     with open(path, "w", newline="") as f:
         out = csv.writer(f)
-        out.writerow(("run_id",) + GRID_COLUMNS + ("metric", "step", "timestamp", "value"))
+        out.writerow(("run_id",) + columns + ("metric", "step", "timestamp", "value"))
         for c in children:
             for key, points in sorted(c.points.items()):
                 for m in points:
-                    out.writerow([c.run_id] + [c.grid[g] for g in GRID_COLUMNS] + [key, m.step, m.timestamp, repr(m.value)])
+                    out.writerow([c.run_id] + [c.grid[g] for g in columns] + [key, m.step, m.timestamp, repr(m.value)])
 
 
 def write_runs(path: str, children: list[Child], split: str) -> None:
     """One row per child: grid values, regime, each metric at epoch 0 and at its last step."""
     keys = sorted({k for c in children for k in c.points})
     regime_fields = [f.name for f in dataclasses.fields(regimes.Regime) if f.name != "label"]
+    columns = grid_columns(children)
     with open(path, "w", newline="") as f:
         out = csv.writer(f)
-        out.writerow(["run_id", "run_name", "status", *GRID_COLUMNS, "analyzed", "num_subsets", "epochs",
+        out.writerow(["run_id", "run_name", "status", *columns, "analyzed", "num_subsets", "epochs",
                       "regime_split", "regime", "regime_mark", *(f"regime_{n}" for n in regime_fields),
                       *(f"{k}@{w}" for k in keys for w in ("epoch0", "last")), "last_ntk_epoch", "figures"])
         for c in children:
@@ -301,7 +364,7 @@ def write_runs(path: str, children: list[Child], split: str) -> None:
             loss = c.series("train/loss")
             ntk = c.series(f"ntk/entropy/{split}")
             out.writerow([
-                c.run_id, c.name, c.status, *(c.grid[g] for g in GRID_COLUMNS), c.analyzed(split),
+                c.run_id, c.name, c.status, *(c.grid[g] for g in columns), c.analyzed(split),
                 c.num_subsets or "", loss[-1][0] if loss else "", split,
                 r.label if r else "", r.mark if r else "",
                 *((repr(getattr(r, n)) if not isinstance(getattr(r, n), str) else getattr(r, n)) if r else ""
@@ -322,8 +385,10 @@ def report(parent_run_id: str, split: str = "train", progress: bool = True,
         raise ValueError(f"recovery threshold must be ≥ 0, got {recovery_threshold}")
     client = mlflow_client or tracking.client()
     sweep, runs = load_sweep(client, parent_run_id)
-    children = [read_child(client, r) for r in tqdm(runs, desc="reading runs", unit="run", disable=not progress)]
-    children.sort(key=lambda c: tuple(_sort_key(p, c.grid[p]) for p in PROPERTIES + ("seed",)))
+    props = properties(sweep)
+    children = [read_child(client, r, props) for r in tqdm(runs, desc="reading runs", unit="run", disable=not progress)]
+    values = grid_values(sweep, children)
+    children.sort(key=lambda c: tuple(_sort_key(_numeric(values[p]), c.grid[p]) for p in (*props, "seed")))
     analyzed = [c for c in children if c.analyzed(split)]
     skipped = [c.run_id for c in children if not c.analyzed(split)]
     if not analyzed:
@@ -341,7 +406,6 @@ def report(parent_run_id: str, split: str = "train", progress: bool = True,
         c.regime = classify_child(c, split, recovery_threshold)
         log_regime(client, c, split)
 
-    values = grid_values(sweep, children)
     ref = references(values)
     loss_label = _loss_label(sweep.get("task"))
     task = sweep.get("task", "sweep")
@@ -354,6 +418,7 @@ def report(parent_run_id: str, split: str = "train", progress: bool = True,
         made = [("evolution", figures.evolution_grid(
             rows, loss_label, title=f"{task} · sweep {parent_run_id[:8]} · train (blue) and test (orange)"))] if rows else []
         made += scaling_figures(analyzed, values, split, loss_label, recovery_threshold)
+        made += field_figures(analyzed, values, ref, split)
         for name, fig in made:
             fig.savefig(os.path.join(tmp, f"{name}.png"), dpi=110)
             figures.plt.close(fig)

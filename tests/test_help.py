@@ -131,3 +131,18 @@ def test_entry_scripts_name_themselves():
     done = subprocess.run([sys.executable, "-m", "ntk_tracking.cli", "train", "cifar_resnet", "--help"],
                           cwd=ROOT, capture_output=True, text=True, check=True)
     assert done.stdout.startswith("usage: ntk-tracking train cifar_resnet ")
+
+
+def test_analyze_entry_point_parameters_are_analyze_options_with_the_same_defaults():
+    import yaml
+
+    entry = yaml.safe_load((ROOT / "MLproject").read_text())["entry_points"]["analyze"]
+    parser = cli.analyze_parser()
+    options = {a.option_strings[0]: a for a in parser._actions if a.option_strings}
+    for name, spec in entry["parameters"].items():
+        if name == "run_id":
+            continue
+        action = options[f"--{name.replace('_', '-')}"]
+        assert f"--{name.replace('_', '-')} {{{name}}}" in entry["command"], name
+        default = action.default if action.default != [] else ""
+        assert str(spec["default"]) == str(default), name

@@ -302,6 +302,10 @@ def test_children_get_every_training_option(task):
     assert len(spec.points()) == 18
 
 
-def test_a_task_without_the_scanned_fields_is_refused_with_the_tasks_that_have_them():
-    with pytest.raises(ValueError, match="has no .*width.*sweep one of the tasks that have them"):
-        sweep.parse_sweep(["--task", "molpcba_gnn"])
+def test_a_task_without_the_scanned_fields_needs_a_grid_and_lists_its_options():
+    with pytest.raises(ValueError, match="nothing to sweep: give --grid FIELD=V1,V2.*latents"):
+        sweep.parse_sweep(["--task", "mnist_vae"])
+    with pytest.raises(ValueError, match="--widths: task 'molpcba_gnn' has no option 'width' to sweep; its options: "):
+        sweep.parse_sweep(["--task", "molpcba_gnn", "--widths", "4,8"])
+
+

@@ -9,7 +9,7 @@ import mlflow
 from mlflow.entities import ViewType
 
 from ntk_tracking import tracking
-from ntk_tracking.sweep.spec import KEY_TAG, KIND_TAG, PARENT_TAG, SPEC_ARTIFACT, SweepSpec, child_key
+from ntk_tracking.sweep.spec import KEY_TAG, KIND_TAG, PARENT_TAG, SPEC_ARTIFACT, SweepSpec
 
 
 @dataclasses.dataclass
@@ -25,15 +25,15 @@ class SweepPlan:
 def plan_sweep(spec: SweepSpec, parent_run_id: str | None = None, experiment: str | None = None,
                mlflow_client=None) -> SweepPlan:
     """Validate every grid point, the data and the parent run; ValueError (RunError) if anything is off."""
-    from ntk_tracking.data import load_dataset
+    from ntk_tracking.tasks import get_task
 
-    points = {child_key(p): p for p in spec.points()}
+    points = {spec.key(p): p for p in spec.points()}
     configs = [spec.config(p) for p in points.values()]
     first = configs[0]
-    try:  # the data does not depend on the grid: one load catches bad paths and sizes
-        load_dataset(first.dataset, train_size=first.train_size, test_size=first.test_size, seed=first.seed)
+    try:  # one load catches bad paths and sizes (a grid over data options is checked at training)
+        get_task(spec.task).load_data(first)
     except ValueError as err:
-        raise ValueError(f"dataset {first.dataset!r}: {err}") from None
+        raise ValueError(f"dataset {getattr(first, 'dataset', '') or spec.task!r}: {err}") from None
     client = mlflow_client or tracking.client()
     launched = os.environ.get("MLFLOW_RUN_ID")
     if parent_run_id and launched and parent_run_id != launched:

@@ -181,8 +181,11 @@ def _record_spec(plan: SweepPlan, parent_run_id: str) -> None:
     if tracking.load_json_artifact(parent_run_id, SPEC_ARTIFACT) is not None:
         return
     params = client.get_run(parent_run_id).data.params  # `mlflow run` logs its own first
-    values = {"task": spec.task, **{o: ",".join(map(repr if c is float else str, spec.grid[f]))
-                                    for f, o, c in GRID}, **spec.fixed}
+    if set(spec.grid) == {f for f, _, _ in GRID}:  # the architecture scan: its shorthand options
+        grid = {o: ",".join(map(repr if c is float else str, spec.grid[f])) for f, o, c in GRID}
+    else:
+        grid = {"grid": spec.grid_text()}
+    values = {"task": spec.task, **grid, **spec.fixed}
     client.log_batch(parent_run_id, params=[Param(k, str(v)) for k, v in values.items() if k not in params])
     client.set_tag(parent_run_id, KIND_TAG, "sweep")
     client.set_tag(parent_run_id, TASK_TAG, spec.task)

@@ -8,7 +8,7 @@ import itertools
 import json
 
 from ntk_tracking import tracking
-from ntk_tracking.helpformat import HelpFormatter
+from ntk_tracking.helpformat import HelpFormatter, yes_no
 from ntk_tracking.cli import config_from_args, train_parser
 from ntk_tracking.tasks import TASK_NAMES, get_task
 
@@ -30,15 +30,19 @@ _NOT_PASSED = {"help", "experiment", "no_progress", "resume_interval_seconds"}  
 _LOG_TAIL_LINES = 15
 
 
-def _scan_tasks() -> list[str]:
-    """Tasks whose config has every grid field (the architecture scans)."""
-    return [t for t in TASK_NAMES if all(hasattr(get_task(t).default_config(), f) for f in _GRID_FIELDS)]
+def _scans(task: str) -> bool:
+    """Whether the task's config has every field of the architecture scan (width × depth × …)."""
+    return all(hasattr(get_task(task).default_config(), f) for f in _GRID_FIELDS)
 
 
 def child_key(point: dict) -> str:
-    """The stable name of a grid point, e.g. w64-d2-relu-lecun_normal-lr0.001-s0."""
+    """The stable name of a point of the architecture scan, e.g. w64-d2-relu-lecun_normal-lr0.001-s0."""
     return (f"w{point['width']}-d{point['depth']}-{point['activation']}-{point['init']}"
             f"-lr{point['learning_rate']!r}-s{point['seed']}")
+
+
+def _text(value) -> str:
+    return repr(value) if isinstance(value, float) else str(value)
 
 
 def _training_options(task: str) -> dict[str, argparse.Action]:
@@ -56,8 +60,22 @@ class SweepSpec:
 
     def points(self) -> list[dict]:
         """Every grid point as {field: value}, in grid order."""
-        values = itertools.product(*(self.grid[f] for f in _GRID_FIELDS))
-        return [dict(zip(_GRID_FIELDS, v)) for v in values]
+        return [dict(zip(self.grid, v)) for v in itertools.product(*self.grid.values())]
+
+    def varying(self) -> list[str]:
+        """The grid fields with more than one value, in grid order."""
+        return [f for f, values in self.grid.items() if len(values) > 1]
+
+    def key(self, point: dict) -> str:
+        """A child's stable name: the architecture scan's w64-d2-relu-…-s0 form, else the varying
+        fields' values, e.g. latents=4-seed=1."""
+        if set(self.grid) == set(_GRID_FIELDS):
+            return child_key(point)
+        return "-".join(f"{f}={_text(point[f])}" for f in self.varying()) or "default"
+
+    def grid_text(self) -> str:
+        """The grid as one --grid value: 'latents=4,8 seed=0,1'."""
+        return " ".join(f"{f}={','.join(map(_text, v))}" for f, v in self.grid.items())
 
     def child_argv(self, point: dict) -> list[str]:
         """The training entry point's command line for one grid point (every value explicit)."""
@@ -75,7 +93,7 @@ class SweepSpec:
         try:
             return config_from_args(self.task, argparse.Namespace(**self.fixed, **point))
         except ValueError as err:
-            raise ValueError(f"grid point {child_key(point)}: {err}") from None
+            raise ValueError(f"grid point {self.key(point)}: {err}") from None
 
     def to_dict(self) -> dict:
         """The sweep.json document (JSON types only)."""
@@ -91,8 +109,9 @@ def _parse_list(text: str, convert, option: str, default) -> list:
         raise ValueError(f"--{option}: empty item in {text!r}")
     try:
         values = [convert(s) for s in items]
-    except ValueError:
-        raise ValueError(f"--{option}: {text!r} is not a comma-separated list of {convert.__name__}") from None
+    except (ValueError, argparse.ArgumentTypeError):
+        kind = "yes/no values" if convert is yes_no else convert.__name__
+        raise ValueError(f"--{option}: {text!r} is not a comma-separated list of {kind}") from None
     duplicates = sorted({str(v) for v in values if values.count(v) > 1})
     if duplicates:
         raise ValueError(f"--{option}: {', '.join(duplicates)} given more than once")
@@ -137,12 +156,20 @@ def sweep_parser(task: str = "mnist_dense", prog: str = "ntk-tracking sweep") ->
         formatter_class=HelpFormatter,
     )
     p.add_argument("--task", default=task, help=f"one of {list(TASK_NAMES)}")
-    grid = p.add_argument_group("grid (one child run per combination)")
+    grid = p.add_argument_group(
+        "grid (one child run per combination)",
+        "Sweep any training option of the task with --grid FIELD=V1,V2 (repeatable). Without --grid, a "
+        "task with width, depth, activation, init and learning_rate options is scanned over width × depth "
+        "× activation (the defaults below); --widths … --seeds are shorthands for --grid width=… … seed=….")
+    grid.add_argument("--grid", action="append", default=[], metavar="FIELD=V1,V2",
+                      help="a training option of the task and its comma-separated values, parsed with the "
+                      "option's type; several may share one value, separated by spaces ('width=0.25,0.5 seed=0,1')")
     for field, option, convert in GRID:
         names = [f"--{option.replace('_', '-')}", f"--{field.replace('_', '-')}", f"--{option}", f"--{field}"]
-        grid.add_argument(*dict.fromkeys(names), dest=option, help=f"{field} values",
-                          default=GRID_DEFAULTS.get(option, str(getattr(d, field))))
-    fixed = p.add_argument_group("training options, the same for every child")
+        scan_default = f"; scan default: {GRID_DEFAULTS[option]}" if option in GRID_DEFAULTS else ""
+        grid.add_argument(*dict.fromkeys(names), dest=option, default=None,
+                          help=f"{field} values, as --grid {field}=…{scan_default}")
+    fixed = p.add_argument_group("training options, the same for every child (unless in --grid)")
     for dest, action in _training_options(task).items():
         if dest in _GRID_FIELDS:
             continue
@@ -180,6 +207,46 @@ def sweep_parser(task: str = "mnist_dense", prog: str = "ntk-tracking sweep") ->
     return p
 
 
+def _split_grid(values: list[str]) -> list[tuple[str, str]]:
+    """--grid values ('a=1,2', or 'a=1,2 b=x' in one value) as (field, text) pairs."""
+    pairs = []
+    for item in (part for value in values for part in value.split()):
+        field, sep, text = item.partition("=")
+        if not sep or not field:
+            raise ValueError(f"--grid {item!r}: expected FIELD=V1,V2 (e.g. --grid seed=0,1)")
+        pairs.append((field.replace("-", "_"), text))
+    return pairs
+
+
+def _grid(task: str, args) -> dict[str, list]:
+    """The swept fields and their values: --grid, the shorthands, or the architecture scan."""
+    options = _training_options(task)
+    d = get_task(task).default_config()
+    listing = ", ".join(sorted(o for o in options if o not in _NOT_PASSED))
+    given = [(field, text, f"grid {field}") for field, text in _split_grid(args.grid)]
+    scan = _scans(task) and not given
+    shorthand = []
+    for field, option, _ in GRID:
+        text = getattr(args, option)
+        if scan:  # unset: the scan's values, or the task's own
+            shorthand.append((field, GRID_DEFAULTS.get(option, "") if text is None else text, option.replace("_", "-")))
+        elif text not in (None, "", GRID_DEFAULTS.get(option)):  # the scan's values: MLproject's defaults
+            shorthand.append((field, text, option.replace("_", "-")))
+    grid = {}
+    for field, text, option in shorthand + given:
+        if field not in options or field in _NOT_PASSED:
+            raise ValueError(f"--{option}: task {task!r} has no option {field!r} to sweep; its options: {listing}")
+        if field in grid:
+            raise ValueError(f"--{option}: {field} is given more than once")
+        grid[field] = _parse_list(text, options[field].type or str, option, getattr(d, field))
+    if scan:
+        grid = {f: grid[f] for f in _GRID_FIELDS}
+    if not any(len(v) > 1 for v in grid.values()) and not scan:
+        raise ValueError(f"nothing to sweep: give --grid FIELD=V1,V2 with two or more values (task {task!r}'s "
+                         f"options: {listing})")
+    return grid
+
+
 def parse_sweep(argv, prog: str = "ntk-tracking sweep") -> tuple[SweepSpec, argparse.Namespace]:
     """The spec and the sweep-level options; ValueError for any bad value (argparse exits on syntax)."""
     pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
@@ -187,15 +254,14 @@ def parse_sweep(argv, prog: str = "ntk-tracking sweep") -> tuple[SweepSpec, argp
     task = pre.parse_known_args(argv)[0].task
     if task not in TASK_NAMES:
         raise ValueError(f"unknown task {task!r}; choose one of {list(TASK_NAMES)}")
-    lacking = [f for f in _GRID_FIELDS if not hasattr(get_task(task).default_config(), f)]
-    if lacking:
-        raise ValueError(f"the sweep grid scans {list(_GRID_FIELDS)}, but task {task!r} has no "
-                         f"{lacking}; sweep one of the tasks that have them: {', '.join(_scan_tasks())}")
     args = sweep_parser(task, prog).parse_args(argv)
-    d = get_task(task).default_config()
-    grid = {field: _parse_list(getattr(args, option), convert, option.replace("_", "-"), getattr(d, field))
-            for field, option, convert in GRID}
-    fixed = {dest: getattr(args, dest) for dest in _training_options(task) if dest not in _GRID_FIELDS}
+    grid = _grid(task, args)
+    options = _training_options(task)
+    fixed = {dest: (options[dest].default if dest in _GRID_FIELDS else getattr(args, dest))
+             for dest in options if dest not in grid}
+    for field in grid:  # a swept option also given as a fixed one
+        if field not in _GRID_FIELDS and getattr(args, field) != options[field].default:
+            raise ValueError(f"--{field.replace('_', '-')} is both swept (--grid) and fixed; give it once")
     if args.workers < 1:
         raise ValueError(f"--workers must be ≥ 1, got {args.workers}")
     if args.executor not in EXECUTORS:
