@@ -20,7 +20,7 @@ Models (float32 parameters; inputs synthetic, with the shapes and dtypes of the 
     vae_encoder   mnist_vae's "encoder" network: μ(x), 20 latents   (--models vae = both)
     tagger        greek_pos' transformer (2 blocks, d = 128, multi-hot embedding as the probe builds it):
                   sentence pieces of probe_max_tokens = 16 tokens × 8 feature ids, padded, with their
-                  mask as output mask (14 tags; vocabulary of the README's Perseus run, 1.05 M parameters)
+                  mask as output mask (14 tags; vocabulary of docs/models.md's Perseus run, 1.05 M parameters)
     gcn           molpcba_gnn's GCN (5 rounds, 256 wide, 128 task logits): synthetic molecules of ~26
                   atoms (~56 directed bonds), each padded alone to the largest of a probe pool
     actor, critic pong_actor_critic's CNNs (summed action logits / value) on 30×40×3 observations; as

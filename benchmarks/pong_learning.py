@@ -5,7 +5,7 @@ compare with random and the scripted tracker, optionally analyze the NTK, draw t
 
 Prints env steps, wall time, returns and, with --analyze, the per-checkpoint collective
 variables used in studies/pong_rl.md; writes pong_learning.png (and pong_rl_evolution.png) to
---figures (default: the README's docs/ folder).
+--figures (default: docs/).
 """
 
 from __future__ import annotations

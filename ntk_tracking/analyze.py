@@ -28,8 +28,8 @@ from ntk_tracking.checkpointing import CheckpointError, CheckpointStore
 from ntk_tracking.claims import Claim, Held, holder, record_once, recorded
 from ntk_tracking.ntk import IMPLEMENTATIONS, NTK, Measurement, check_against_ntvp, draw_subsets
 from ntk_tracking.ntk.measure import NonFiniteKernel
-from ntk_tracking.tasks import PRIMARY_NETWORK, TASK_NAMES, ProbeContext, get_task
-from ntk_tracking.tasks.base import metric_key as _network_metric_key
+from ntk_tracking.tasks import PRIMARY_NETWORK, task_names, ProbeContext, get_task
+from ntk_tracking.keys import metric_key
 
 AUTO_SPLITS = ("auto",)  # the task's own probe sets
 SETTINGS_ARTIFACT = "analysis/settings.json"
@@ -66,11 +66,6 @@ class AnalysisSettings:
         d = dataclasses.asdict(self)
         d["splits"] = list(self.splits)
         return d
-
-
-def metric_key(name: str, split: str, network: str = PRIMARY_NETWORK) -> str:
-    """`ntk/<name>/<split>`, or `ntk/<network>/<name>/<split>` for a task's other networks."""
-    return _network_metric_key(network, name, split)
 
 
 STALL_SECONDS = 300.0  # --follow: a trainer silent this long (no checkpoint, no heartbeat) has stopped
@@ -129,10 +124,10 @@ class Analyzer:
                 f"run {run_id} has no {tracking.CONFIG_ARTIFACT}: it was not made by an "
                 "ntk_tracking training entry point, so there is no model to rebuild"
             )
-        if saved.get("task") not in TASK_NAMES:
+        if saved.get("task") not in task_names():
             raise tracking.RunError(
                 f"run {run_id} trained a {saved.get('task')!r} model, which this analyzer does not "
-                f"support (it knows {list(TASK_NAMES)})"
+                f"support (it knows {list(task_names())})"
             )
         self.task = get_task(saved["task"])
         self.config = self.task.config_from_dict(saved)
@@ -270,7 +265,7 @@ class Analyzer:
 
     def _marker_key(self) -> str:
         """The metric whose steps say which checkpoints are analyzed (logged in the same batch)."""
-        return metric_key("entropy", self.settings.splits[0], next(iter(self._network_names())))
+        return metric_key(next(iter(self._network_names())), "entropy", self.settings.splits[0])
 
     def _network_names(self) -> list[str]:
         if self._measurements is not None:
@@ -303,7 +298,7 @@ class Analyzer:
                 compiling = "compiling and " if measurement.last_kernels is None else ""
                 self.on_stage(f"epoch {epoch}: {compiling}measuring {network} on {split}")
                 for name, value in measurement.run(variables):
-                    metrics[metric_key(name, split, network)] = value
+                    metrics[metric_key(network, name, split)] = value
                 spectra[split if network == PRIMARY_NETWORK else f"{network}.{split}"] = measurement.last_spectra
             bad = sorted(k for k, v in metrics.items()
                          if not math.isfinite(v) and k.split("/")[-2] in ("entropy", "trace"))

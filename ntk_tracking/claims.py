@@ -9,7 +9,7 @@ when (`expires`: Unix seconds); the holder renews the expiry while it works (a h
 checks before each write that the claim is still its own. A released claim is renamed to a
 unique tombstone name and deleted, so the UI's experiment list hides it and the name is free.
 
-Guarantees and assumptions (also in README's reliability section):
+Guarantees and assumptions (also in docs/reliability.md):
 
 - two live processes never hold the same claim: creation is atomic in the store;
 - a killed holder's claim expires `ttl` seconds after its last heartbeat (default 60 s), and then

@@ -91,7 +91,7 @@ def evolution_figure(histories: dict, splits, title: str = "", networks=("model"
                      loss_keys=("train/loss", "test/loss"), xlabel: str = "epoch"):
     """Entropy, trace and loss against epoch, one row per network; `histories` maps metric keys
     to (step, value) lists (`…/entropy_std/…`, `…/trace_std/…` where present: bands)."""
-    from ntk_tracking.tasks.base import metric_key
+    from ntk_tracking.keys import metric_key
 
     fig, axes = plt.subplots(len(networks), 3, figsize=(13, 3.6 * len(networks)), squeeze=False)
     for row, network in zip(axes, networks):

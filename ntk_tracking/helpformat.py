@@ -1,8 +1,10 @@
-"""How every command's --help shows its options: defaults as the command line takes them."""
+"""How every command talks: --help with defaults as the command line takes them, and the error exit."""
 
 from __future__ import annotations
 
 import argparse
+import sys
+from typing import NoReturn
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -27,3 +29,24 @@ def yes_no(text: str) -> bool:
     if str(text).lower() in ("0", "false", "no", "n", "off"):
         return False
     raise argparse.ArgumentTypeError(f"expected yes or no, got {text!r}")
+
+
+def fail(message: str) -> NoReturn:
+    """End a command on bad input: `error: MESSAGE` (credentials redacted), exit status 2, and a run
+    launched by `mlflow run` for this command marked FAILED with the message."""
+    from ntk_tracking.tracking import fail_launched_run, redact
+
+    message = redact(message)
+    fail_launched_run(message)
+    print(f"error: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+def add_ray_options(group, per: str, who: str) -> None:
+    """--ray-address and the resources each Ray task asks for (--cpus-per-PER, --gpus-per-PER)."""
+    group.add_argument("--ray-address", "--ray_address", dest="ray_address", default="",
+                       help="with --executor ray: the cluster (auto, HOST:PORT, ray://HOST:PORT); empty: "
+                       "RAY_ADDRESS, else a Ray started on this machine")
+    for kind, default in (("cpus", 1.0), ("gpus", 0.0)):
+        group.add_argument(f"--{kind}-per-{per}", f"--{kind}_per_{per}", dest=f"{kind}_per_{per}", type=float,
+                           default=default, help=f"with --executor ray: {kind[:3].upper()}s {who} asks for")

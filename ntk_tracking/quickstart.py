@@ -32,7 +32,8 @@ def quickstart_parser(prog: str = "ntk-tracking quickstart") -> argparse.Argumen
 
 def quickstart_main(argv=None, prog: str = "ntk-tracking quickstart") -> str:
     """Train `mnist_dense` for 10 epochs, measure its NTK at every epoch, say where to look."""
-    from ntk_tracking.cli import analyze_main, train_main
+    from ntk_tracking.analyze_command import analyze_main
+    from ntk_tracking.train_command import train_main
 
     args = quickstart_parser(prog).parse_args(argv)
     t0 = time.perf_counter()

@@ -40,12 +40,10 @@ from tqdm.auto import tqdm
 
 from ntk_tracking import figures, regimes, tracking
 from ntk_tracking.helpformat import HelpFormatter
-from ntk_tracking.tasks import TASK_NAMES, get_task
+from ntk_tracking.tasks import task_names, get_task
 
 SWEEP_ARTIFACT = "sweep.json"
-KIND_TAG = "ntk_tracking.kind"
-REGIME_TAG = "ntk_tracking.regime"
-REGIME_SPLIT_TAG = "ntk_tracking.regime_split"
+from ntk_tracking.keys import KIND_TAG, REGIME_SPLIT_TAG, REGIME_TAG, REPORTED_RUN_TAG
 # The architecture scan's axes but the seed; evolution rows in the paper's order. Other sweeps'
 # properties are their grid's fields (sweep.json), in the order given.
 PROPERTIES = ("activation", "width", "depth", "init", "learning_rate")
@@ -87,9 +85,13 @@ class SweepReport:
 
 
 def properties(sweep: dict) -> tuple[str, ...]:
-    """The swept properties but the seed: the scan's in the paper's order, else sweep.json's."""
+    """The swept properties but the seed: the architecture scan's five in the paper's order (a
+    task with width, depth and activation options sweeping no other), else sweep.json's."""
     fields = [f for f in sweep.get("grid", {}) if f != "seed"]
-    if set(fields) == set(PROPERTIES):
+    task = sweep.get("task")
+    scans = task in task_names() and all(hasattr(get_task(task).default_config(), p)
+                                         for p in ("width", "depth", "activation"))
+    if set(fields) <= set(PROPERTIES) and (scans or task is None):
         return PROPERTIES
     return tuple(fields)
 
@@ -209,7 +211,7 @@ def references(values: dict[str, list[str]]) -> dict[str, str]:
 
 
 def _loss_label(task: str | None) -> str:
-    objective = getattr(get_task(task).default_config(), "objective", None) if task in TASK_NAMES else None
+    objective = getattr(get_task(task).default_config(), "objective", None) if task in task_names() else None
     return {"classification": "loss (cross-entropy, nats)",
             "regression": "loss (mean squared error)"}.get(objective, "loss")
 
@@ -417,8 +419,10 @@ def report(parent_run_id: str, split: str = "train", progress: bool = True,
                           RuntimeWarning, stacklevel=2)
         made = [("evolution", figures.evolution_grid(
             rows, loss_label, title=f"{task} · sweep {parent_run_id[:8]} · train (blue) and test (orange)"))] if rows else []
-        made += scaling_figures(analyzed, values, split, loss_label, recovery_threshold)
-        made += field_figures(analyzed, values, ref, split)
+        maps = scaling_figures(analyzed, values, split, loss_label, recovery_threshold)
+        # The architecture scan's maps already show width, depth (and learning rate): other sweeps
+        # get entropy and trace against each numeric option.
+        made += maps or field_figures(analyzed, values, ref, split)
         for name, fig in made:
             fig.savefig(os.path.join(tmp, f"{name}.png"), dpi=110)
             figures.plt.close(fig)
@@ -454,7 +458,7 @@ def report_parser(prog: str = "ntk-tracking report") -> argparse.ArgumentParser:
 
 def report_main(argv=None, prog: str = "ntk-tracking report") -> SweepReport:
     """`ntk-tracking report RUN_ID`: report a sweep into its parent run."""
-    from ntk_tracking.cli import _fail
+    from ntk_tracking.helpformat import fail as _fail
 
     args = report_parser(prog).parse_args(argv)
     try:
@@ -464,7 +468,7 @@ def report_main(argv=None, prog: str = "ntk-tracking report") -> SweepReport:
         result = report(args.run_id, args.split, progress=not args.no_progress,
                         recovery_threshold=args.recovery_threshold)
         if os.environ.get("MLFLOW_RUN_ID"):  # launched by `mlflow run`: point its run at the sweep
-            tracking.client().set_tag(os.environ["MLFLOW_RUN_ID"], "ntk_tracking.reported_run", args.run_id)
+            tracking.client().set_tag(os.environ["MLFLOW_RUN_ID"], REPORTED_RUN_TAG, args.run_id)
     except ValueError as err:  # RunError included
         _fail(str(err))
     counts = {}

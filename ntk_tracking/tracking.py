@@ -117,7 +117,7 @@ def check_artifacts_writable(artifact_uri: str | None) -> None:
                        "make it writable, or use a tracking store whose artifacts you can write") from None
 
 
-DIVERGED_TAG = "ntk_tracking.diverged"
+from ntk_tracking.keys import DIVERGED_TAG  # noqa: E402,F401 (re-exported)
 EXPLODING_FACTOR = 1e6  # a loss this many times its first value (in magnitude) has diverged
 
 
@@ -162,7 +162,7 @@ HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "3", "MLFLOW_HTTP_REQUEST_BA
                  "MLFLOW_HTTP_REQUEST_TIMEOUT": "20"}
 REACHABLE_TIMEOUT_SECONDS = 10.0
 _SERVER_HINT = ("start one with `mlflow server --backend-store-uri sqlite:///mlflow.db "
-                "--artifacts-destination ./mlartifacts --host 0.0.0.0 --port 5000` (see the README) "
+                "--artifacts-destination ./mlartifacts --host 0.0.0.0 --port 5000` (see docs/reliability.md) "
                 "or point MLFLOW_TRACKING_URI at a running one")
 
 

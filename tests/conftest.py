@@ -16,7 +16,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 # The tests compile hundreds of tiny programs, here and in the runs they start (which inherit
 # this). XLA's CPU backend compiles them with far less CPU using its older fusion code generator
-# in one LLVM module (README, Tests: 395 -> 165 CPU-s for the two NTK test files); it changes how
+# in one LLVM module (docs/contributing.md, Tests: 395 -> 165 CPU-s for the two NTK test files); it changes how
 # code is generated, not what is computed. Set before JAX starts its backend; flags already
 # given in XLA_FLAGS win.
 FAST_CPU_COMPILE = ("--xla_cpu_use_fusion_emitters=false", "--xla_cpu_parallel_codegen_split_count=1")
@@ -132,11 +132,21 @@ def x64():
 # The files that take longest (measured one after another: many processes and servers, the
 # engine's float64 checks, trained sweeps) start first, so that the parallel workers finish at
 # about the same time (pyproject's --no-loadscope-reorder keeps this order); order within a file stays.
-SLOW_FIRST = ("test_faults.py", "test_ntk_structured.py", "test_ntk_kernel.py", "test_pipeline.py",
-              "test_pong_actor_critic.py", "test_sweep.py", "test_ray_sweep.py", "test_cifar_resnet.py",
-              "test_options.py")
+SLOW_FIRST = ("test_ray_sweep.py", "test_faults.py", "test_sweep_any_task.py", "test_ntk_structured.py",
+              "test_ntk_kernel.py", "test_pipeline.py", "test_pong_actor_critic.py", "test_sweep.py",
+              "test_cifar_resnet.py", "test_options.py")
+
+
+# The fast tier (`python -m pytest -m "not slow"`, docs/contributing.md) leaves out these files:
+# trained sweeps, Ray clusters, tracking servers killed and restarted, many processes at once.
+# Single slow tests elsewhere carry @pytest.mark.slow themselves.
+SLOW_FILES = ("test_ray_sweep.py", "test_faults.py", "test_pipeline.py", "test_one_writer.py", "test_sweep.py",
+              "test_pong_actor_critic.py", "test_options.py", "test_data_paths.py")
 
 
 def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if item.path.name in SLOW_FILES:
+            item.add_marker(pytest.mark.slow)
     rank = {name: i for i, name in enumerate(SLOW_FIRST)}
     items.sort(key=lambda item: rank.get(item.path.name, len(rank)))

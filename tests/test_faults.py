@@ -73,7 +73,7 @@ def child_env(uri: str, **extra) -> dict:
 
 def train_process(uri: str, run_id: str, script: str | None = None, log=None, **extra) -> subprocess.Popen:
     command = ([sys.executable, "-c", script, "mnist_dense"] if script
-               else [sys.executable, "-m", "pipelines.mnist_dense"]) + TINY
+               else [sys.executable, "-m", "pipelines.train", "mnist_dense"]) + TINY
     return subprocess.Popen(command, env=child_env(uri, MLFLOW_RUN_ID=run_id, **extra),
                             stdout=log, stderr=subprocess.STDOUT if log else None)
 

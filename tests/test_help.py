@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import pathlib
 import re
@@ -115,19 +116,19 @@ def test_top_level_help_describes_every_command(capsys):
 
 def test_entry_scripts_name_themselves():
     """`python -m pipelines.X --help` says `python -m pipelines.X`; `ntk-tracking …` says itself."""
-    scripts = [f"pipelines.{t}" for t in TASK_NAMES] + ["pipelines.analyze", "pipelines.sweep",
-                                                        "pipelines.report", "pipelines.quickstart"]
-    code = ("import contextlib, io, runpy, sys\n"
-            "for module in sys.argv[1:]:\n"
-            "    sys.argv = [module, '--help']\n"
+    calls = [["pipelines.train", t] for t in TASK_NAMES] + [[m] for m in (
+        "pipelines.analyze", "pipelines.sweep", "pipelines.report", "pipelines.quickstart")]
+    code = ("import contextlib, io, json, runpy, sys\n"
+            "for call in json.loads(sys.argv[1]):\n"
+            "    sys.argv = [call[0], *call[1:], '--help']\n"
             "    out = io.StringIO()\n"
             "    with contextlib.redirect_stdout(out), contextlib.suppress(SystemExit):\n"
-            "        runpy.run_module(module, run_name='__main__')\n"
+            "        runpy.run_module(call[0], run_name='__main__')\n"
             "    print(out.getvalue().split(chr(10))[0])\n")
-    done = subprocess.run([sys.executable, "-c", code, *scripts], cwd=ROOT, capture_output=True, text=True,
-                          check=True, env={**os.environ, "COLUMNS": "2000"})
+    done = subprocess.run([sys.executable, "-c", code, json.dumps(calls)], cwd=ROOT, capture_output=True,
+                          text=True, check=True, env={**os.environ, "COLUMNS": "2000"})
     usages = done.stdout.splitlines()
-    assert [u.split()[1:4] for u in usages] == [["python", "-m", s] for s in scripts]
+    assert [u.split()[1:3 + len(c)] for u, c in zip(usages, calls)] == [["python", "-m", *c] for c in calls]
     done = subprocess.run([sys.executable, "-m", "ntk_tracking.cli", "train", "cifar_resnet", "--help"],
                           cwd=ROOT, capture_output=True, text=True, check=True)
     assert done.stdout.startswith("usage: ntk-tracking train cifar_resnet ")

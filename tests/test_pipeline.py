@@ -61,7 +61,7 @@ def test_train_checkpoint_analyze_end_to_end(store):
     for split in ("train", "test"):
         for name in ("entropy", "entropy_std", "entropy_effective", "trace", "trace_std",
                      "trace_per_point", "covariance_entropy"):
-            steps = [s for s, _ in history(run_id, metric_key(name, split))]
+            steps = [s for s, _ in history(run_id, metric_key("model", name, split))]
             assert steps == [0, 2, 4], (name, split)
     entropies = [v for _, v in history(run_id, "ntk/entropy/train")]
     assert all(0 < v <= np.log(4) + 1e-9 for v in entropies)

@@ -35,7 +35,7 @@ def table(env, params, num_envs: int, max_steps: int, modes=(RANDOM, 0, 1, 2, TR
 
 
 def test_gymnax_pong_misc_is_degenerate_as_shipped():
-    """256 vmapped episodes, up to 1,200 steps. If a gymnax release changes this, the README's
+    """256 vmapped episodes, up to 1,200 steps. If a gymnax release changes this, the table in docs/models.md
     table and the reason for Pong-fixed must be revisited."""
     env, params = pong.make_env("Pong-misc")
     assert params.max_steps_in_episode == 1000

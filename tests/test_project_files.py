@@ -77,7 +77,9 @@ def test_mlflow_sqlite_store_works_with_the_installed_sqlalchemy(tmp_path):
 def test_entry_point_runs_a_pipeline_module(name):
     command = MLPROJECT["entry_points"][name]["command"]
     module = re.match(r"python -m (\S+)", command).group(1)
-    assert module == f"pipelines.{name}"
+    assert module == ("pipelines.train" if name in TASKS else f"pipelines.{name}")
+    if name in TASKS:
+        assert command.startswith(f"python -m pipelines.train {name} ")
     importlib.import_module(module)
     for param in MLPROJECT["entry_points"][name].get("parameters", {}):
         assert "{" + param + "}" in command, f"{name}: parameter {param} is not passed on"

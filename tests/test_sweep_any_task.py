@@ -79,6 +79,7 @@ def report_table(client, parent, name):
         return list(csv.DictReader(f))
 
 
+@pytest.mark.slow
 def test_vae_sweep_over_latents_and_seeds_trains_analyzes_and_reports(tmp_path, monkeypatch):
     use_tracking_store(monkeypatch, tmp_path)
     monkeypatch.setenv("JAX_PLATFORMS", "cpu")
@@ -104,6 +105,7 @@ def test_vae_sweep_over_latents_and_seeds_trains_analyzes_and_reports(tmp_path, 
     assert summary["values"]["latents"] == ["4", "8"] and summary["references"] == {"latents": "4"}
 
 
+@pytest.mark.slow
 def test_cifar_width_by_learning_rate_sweep_on_local_files(tmp_path, monkeypatch):
     use_tracking_store(monkeypatch, tmp_path)
     monkeypatch.setenv("JAX_PLATFORMS", "cpu")

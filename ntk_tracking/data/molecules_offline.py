@@ -96,7 +96,7 @@ def read_sdf_records(path: str) -> list[tuple[str, str]]:
 
 
 def graphs_from_records(records: list[tuple[str, str]]):
-    from ntk_tracking.data.ogbg import make_graphs
+    from ntk_tracking.data.graphs import make_graphs
 
     graphs = [smiles_to_graph(s) for s, _ in records]
     labels = np.array([[float(c == k) for k in CLASSES] for _, c in records], np.float32)

@@ -181,7 +181,7 @@ class NTK:
         subset at a time in one compiled call (``lax.map``). ``group`` = g computes the per-point
         factors of up to g subsets at once (as many as the memory budget allows) and contracts
         them within each subset, all K in one compiled call: fewer dispatches, more memory. On
-        CPU it measured slower than one subset at a time (README), hence not the default. Where
+        CPU it measured slower than one subset at a time (docs/analysis.md), hence not the default. Where
         one subset alone exceeds the budget, or for ``ntvp``, the subsets are computed one by one.
         """
         subsets = np.asarray(subsets)

@@ -5,7 +5,7 @@
     mlflow run . -e sweep --env-manager local -P widths=16,64 -P depths=1,2 -P epochs=5
     python -m pipelines.sweep --help
 
-Each child is a normal tracked training run: `python -m pipelines.<task>` in a subprocess with
+Each child is a normal tracked training run: `python -m pipelines.train <task>` in a subprocess with
 MLFLOW_RUN_ID set to the child, so it writes config.json, per-epoch metrics and CV checkpoints
 exactly as a training entry point does, and resumes from its resume checkpoint when relaunched.
 Children are created up front with a stable key tag; relaunching the sweep with the parent's id

@@ -2,7 +2,7 @@
 
     ntk-tracking sweep --widths 16,64 --depths 1,2 --executor ray --ray-address auto --cpus-per-run 2
 
-A Ray task starts `python -m pipelines.<task> …` with MLFLOW_RUN_ID set to its child, exactly as
+A Ray task starts `python -m pipelines.train <task> …` with MLFLOW_RUN_ID set to its child, exactly as
 the local executor does, so the child logs its own metrics, checkpoints and (from the task) its
 log, and a relaunched child resumes from its resume checkpoint. The training process dies with
 the Ray worker that started it (PR_SET_DEATHSIG), so a worker lost mid-run leaves no orphan
@@ -214,7 +214,7 @@ class _RayRunner(_Runner):
 
     def train(self, key: str, run_id: str, log_path: Path) -> int | None:
         plan = self.plan
-        argv = [f"pipelines.{plan.spec.task}", *plan.spec.child_argv(plan.points[key])]
+        argv = ["pipelines.train", plan.spec.task, *plan.spec.child_argv(plan.points[key])]
         returncode = self._call(argv, child_variables(run_id, plan.experiment_id), run_id, "logs")
         log_path.write_text("(the log is the run's artifact logs/train.log)\n")
         return returncode

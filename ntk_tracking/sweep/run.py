@@ -44,7 +44,7 @@ class SweepResult:
 
 def _child_command(task: str, argv: list[str]) -> list[str]:
     """The training process of one child (tests replace it to simulate a killed process)."""
-    return [sys.executable, "-m", f"pipelines.{task}", *argv]
+    return [sys.executable, "-m", "pipelines.train", task, *argv]
 
 
 def child_variables(run_id: str | None, experiment_id: str) -> dict[str, str]:

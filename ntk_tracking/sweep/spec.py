@@ -8,15 +8,11 @@ import itertools
 import json
 
 from ntk_tracking import tracking
-from ntk_tracking.helpformat import HelpFormatter, yes_no
-from ntk_tracking.cli import config_from_args, train_parser
-from ntk_tracking.tasks import TASK_NAMES, get_task
+from ntk_tracking.helpformat import HelpFormatter, add_ray_options, yes_no
+from ntk_tracking.train_command import config_from_args, train_parser
+from ntk_tracking.tasks import task_names, get_task
 
-KIND_TAG = "ntk_tracking.kind"
-TASK_TAG = "ntk_tracking.task"
-KEY_TAG = "ntk_tracking.sweep_key"
-PARENT_TAG = "mlflow.parentRunId"
-FAILED_TAG = "ntk_tracking.sweep_failed"
+from ntk_tracking.keys import FAILED_TAG, KEY_TAG, KIND_TAG, PARENT_TAG, TASK_TAG  # noqa: F401 (re-exported)
 SPEC_ARTIFACT = "sweep.json"
 # (config field, sweep option, value type): one child per combination, in this order.
 GRID = (("width", "widths", int), ("depth", "depths", int), ("activation", "activations", str),
@@ -146,7 +142,6 @@ class _Parser(argparse.ArgumentParser):
 
 def sweep_parser(task: str = "mnist_dense", prog: str = "ntk-tracking sweep") -> argparse.ArgumentParser:
     """The sweep's options; training defaults come from `task`."""
-    d = get_task(task).default_config()
     p = _Parser(
         prog=prog, allow_abbrev=False,
         description="Train every combination of the grid as a child run of one MLflow parent run "
@@ -155,7 +150,7 @@ def sweep_parser(task: str = "mnist_dense", prog: str = "ntk-tracking sweep") ->
         "task's default.",
         formatter_class=HelpFormatter,
     )
-    p.add_argument("--task", default=task, help=f"one of {list(TASK_NAMES)}")
+    p.add_argument("--task", default=task, help=f"one of {list(task_names())}")
     grid = p.add_argument_group(
         "grid (one child run per combination)",
         "Sweep any training option of the task with --grid FIELD=V1,V2 (repeatable). Without --grid, a "
@@ -184,13 +179,7 @@ def sweep_parser(task: str = "mnist_dense", prog: str = "ntk-tracking sweep") ->
                      "cluster's resources decide")
     run.add_argument("--executor", default="local",
                      help="where children train: local (subprocesses here) or ray (Ray tasks on a cluster)")
-    run.add_argument("--ray-address", "--ray_address", dest="ray_address", default="",
-                     help="with --executor ray: the cluster (auto, HOST:PORT, ray://HOST:PORT); empty: "
-                     "RAY_ADDRESS, else a Ray started on this machine")
-    run.add_argument("--cpus-per-run", "--cpus_per_run", dest="cpus_per_run", type=float, default=1.0,
-                     help="with --executor ray: CPUs each child's Ray task asks for")
-    run.add_argument("--gpus-per-run", "--gpus_per_run", dest="gpus_per_run", type=float, default=0.0,
-                     help="with --executor ray: GPUs each child's Ray task asks for")
+    add_ray_options(run, "run", "each child's Ray task")
     run.add_argument("--parent-run-id", "--parent_run_id", dest="parent_run_id", default="",
                      help="relaunch this sweep; empty: MLFLOW_RUN_ID under `mlflow run`, else a new parent run")
     run.add_argument("--experiment", default=None, help="MLflow experiment of a new sweep; unset: the active one")
@@ -252,8 +241,8 @@ def parse_sweep(argv, prog: str = "ntk-tracking sweep") -> tuple[SweepSpec, argp
     pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     pre.add_argument("--task", default="mnist_dense")
     task = pre.parse_known_args(argv)[0].task
-    if task not in TASK_NAMES:
-        raise ValueError(f"unknown task {task!r}; choose one of {list(TASK_NAMES)}")
+    if task not in task_names():
+        raise ValueError(f"unknown task {task!r}; choose one of {list(task_names())}")
     args = sweep_parser(task, prog).parse_args(argv)
     grid = _grid(task, args)
     options = _training_options(task)

@@ -5,7 +5,7 @@
 
 import sys
 
-from ntk_tracking.tasks import TASK_NAMES, get_task
+from ntk_tracking.tasks import task_names, get_task
 from ntk_tracking.tasks.base import cli_fields, field_type
 
 _TYPES = {int: "int", float: "float", str: "string", bool: "string"}
@@ -23,10 +23,10 @@ def mlproject_entry(name: str) -> str:
         text = repr(value) if kind is float else str(value).lower() if kind is bool else str(value)
         lines.append(f"      {field.name}: {{type: {_TYPES[kind]}, default: {text}}}")
         flags.append(f"--{field.name.replace('_', '-')} {{{field.name}}}")
-    lines.append(f'    command: "python -m pipelines.{name} {" ".join(flags)}"')
+    lines.append(f'    command: "python -m pipelines.train {name} {" ".join(flags)}"')
     return "\n".join(lines)
 
 
 if __name__ == "__main__":
-    for name in sys.argv[1:] or TASK_NAMES:
+    for name in sys.argv[1:] or task_names():
         print(mlproject_entry(name) + "\n")

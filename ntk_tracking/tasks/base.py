@@ -17,7 +17,7 @@ from typing import Any, Callable, Iterable
 
 import numpy as np
 
-PRIMARY_NETWORK = "model"  # its metrics keep the short names `ntk/<variable>/<set>`
+from ntk_tracking.keys import PRIMARY_NETWORK, metric_key  # noqa: F401 (the task interface exports them)
 
 
 def option(default, help: str, cli: bool = True):
@@ -216,13 +216,6 @@ class Task:
     def checkpoint_artifacts(self, config, data, variables, epoch: int) -> Iterable[tuple[str, Any]]:
         """(artifact path, matplotlib figure) pairs the analyzer logs per checkpoint (VAE pictures)."""
         return ()
-
-
-def metric_key(network: str, name: str, probe_set: str) -> str:
-    """`ntk/<variable>/<set>` for the primary network, `ntk/<network>/<variable>/<set>` otherwise."""
-    if network == PRIMARY_NETWORK:
-        return f"ntk/{name}/{probe_set}"
-    return f"ntk/{network}/{name}/{probe_set}"
 
 
 def stack_points(points: list) -> Any:

@@ -1,7 +1,7 @@
 """Molecular property prediction (paper §4.3, Fig. 3d): a jraph GCN on ogbg-molpcba.
 
     mlflow run . -e molpcba_gnn --env-manager local -P epochs=10
-    python -m pipelines.molpcba_gnn --dataset path/to/ogbg_molpcba --epochs 10
+    ntk-tracking train molpcba_gnn --dataset path/to/ogbg_molpcba --epochs 10
 """
 
 from __future__ import annotations

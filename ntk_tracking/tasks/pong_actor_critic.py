@@ -1,7 +1,7 @@
 """The RL study (paper §4, Fig. 3c): PPO with an actor and a critic network on Pong.
 
     mlflow run . -e pong_actor_critic --env-manager local
-    python -m pipelines.pong_actor_critic --epochs 600
+    ntk-tracking train pong_actor_critic --epochs 600
 
 One task epoch is one PPO update; metrics and checkpoints use step = update, and
 `train/episodes` maps updates to training episodes (the paper's x axis).
@@ -28,7 +28,7 @@ class PongConfig(TaskConfig):
     train_size: int | None = option(None, "unused by RL", cli=False)
     test_size: int | None = option(None, "unused by RL", cli=False)
     # Environment.
-    env: str = option("Pong-fixed", "Pong-fixed (corrected, see README) or Pong-misc (gymnax's original)")
+    env: str = option("Pong-fixed", "Pong-fixed (corrected, see docs/models.md) or Pong-misc (gymnax's original)")
     max_steps: int = option(200, "episode step limit (return = steps the ball stays in play; gymnax: 1000)")
     # Agent.
     encoder: str = option("cnn", "cnn (two strided 3×3 convolutions on the frame, as in the paper) or positions "

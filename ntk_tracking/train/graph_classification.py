@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import functools
 import math
-import time
 from typing import Callable
 
 import jax
@@ -18,8 +17,8 @@ import jraph
 import numpy as np
 import optax
 from flax.training import train_state
-from tqdm.auto import tqdm
 
+from ntk_tracking.train.loop import epoch_order, run_epochs
 from ntk_tracking.data.graph_batches import Budget, batches, labels_of
 from ntk_tracking.data.ogbg import Graphs
 from ntk_tracking.models.graph_net import GraphConvNet
@@ -136,46 +135,32 @@ def evaluate(predict, params, graphs: Graphs, budget: Budget, prefix: str) -> di
     return {f"{prefix}/loss": bce_loss(logits, labels), f"{prefix}/mean_ap": mean_average_precision(logits, labels)}
 
 
-def epoch_order(seed: int, epoch: int, n: int) -> np.ndarray:
-    """The graph order of one epoch: a pure function of (seed, epoch), so resumed runs repeat it."""
-    return np.random.default_rng([seed, epoch]).permutation(n)
-
-
 def fit(config, data, state: TrainState, start_epoch: int, on_epoch: Callable, budget: Budget,
         eval_sets: dict[str, Graphs], progress: bool = True) -> TrainState:
-    """Train from `start_epoch` to config.epochs; on_epoch(epoch, state, metrics) after epoch 0
-    (when start_epoch is 0) and after every epoch. `eval_sets` maps metric prefixes to graphs."""
+    """Train from `start_epoch` to config.epochs (train/loop.py). `eval_sets` maps metric
+    prefixes to graphs."""
     num_outputs = data.num_tasks
     train_step = make_train_step(config, num_outputs)
     predict = make_predict(config, num_outputs)
 
-    def evaluation(state):
+    def evaluation(state, epoch):
         metrics = {}
         for prefix, graphs in eval_sets.items():
             metrics.update(evaluate(predict, state.params, graphs, budget, prefix))
         return metrics
 
-    if start_epoch == 0:
-        on_epoch(0, state, evaluation(state))
-    bar = tqdm(range(start_epoch + 1, config.epochs + 1), desc=f"{config.task} epochs",
-               disable=not progress, initial=start_epoch, total=config.epochs)
-    for epoch in bar:
-        t0 = time.perf_counter()
+    def step(state, epoch):
         epoch_key = jax.random.fold_in(jax.random.PRNGKey(config.seed), epoch)
         sums = {"loss": 0.0, "labels": 0.0, "grad_norm": 0.0}
         steps = 0
-        for step, batch in enumerate(batches(data.train, budget, epoch_order(config.seed, epoch, len(data.train)))):
-            state, m = train_step(state, batch, jax.random.fold_in(epoch_key, step))
+        for i, batch in enumerate(batches(data.train, budget, epoch_order(config.seed, epoch, len(data.train)))):
+            state, m = train_step(state, batch, jax.random.fold_in(epoch_key, i))
             sums = {k: sums[k] + m[k] for k in sums}  # device values: no host sync inside the epoch
             steps += 1
-        metrics = evaluation(state)
-        metrics["train/step_loss"] = float(sums["loss"]) / max(steps, 1)
-        metrics["train/grad_norm"] = float(sums["grad_norm"]) / max(steps, 1)
-        metrics["train/param_norm"] = float(optax.tree.norm(state.params))
-        metrics["train/steps"] = float(steps)
-        metrics["time/epoch_seconds"] = time.perf_counter() - t0
-        on_epoch(epoch, state, metrics)
-        bar.set_postfix(loss=f"{metrics['train/loss']:.4g}", test_ap=f"{metrics.get('test/mean_ap', math.nan):.3g}")
-        if not math.isfinite(metrics["train/step_loss"]):
-            raise FloatingPointError(f"training diverged at epoch {epoch}; lower --learning-rate")
-    return state
+        return state, {"train/step_loss": float(sums["loss"]) / max(steps, 1),
+                       "train/grad_norm": float(sums["grad_norm"]) / max(steps, 1),
+                       "train/param_norm": float(optax.tree.norm(state.params)), "train/steps": float(steps)}
+
+    # Mean AP is NaN where a split has no positive label for a task: only the loss must stay finite.
+    return run_epochs(config, state, start_epoch, on_epoch, step, evaluation, progress=progress,
+                      shown={"loss": "train/loss", "test_ap": "test/mean_ap"}, finite=("train/step_loss",))

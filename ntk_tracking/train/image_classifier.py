@@ -8,17 +8,14 @@ step), so a resumed run repeats an uninterrupted one exactly.
 from __future__ import annotations
 
 import functools
-import math
-import time
 from typing import Callable
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
-from tqdm.auto import tqdm
 
-from ntk_tracking.train.supervised import TrainState, epoch_order, model_variables
+from ntk_tracking.train.loop import chunked_means, run_epochs, shuffled_batches, train_and_test
+from ntk_tracking.train.supervised import TrainState, model_variables
 
 EVAL_BATCH = 500
 CROP_PADDING = 4
@@ -141,57 +138,27 @@ def make_evaluate(mean, std) -> Callable:
         return {"loss": jnp.sum(loss * weight), "accuracy": jnp.sum(correct * weight)}
 
     def evaluate(state, x, y) -> dict[str, float]:
-        n = len(x)
-        totals: dict[str, float] = {}
-        for start in range(0, n, EVAL_BATCH):
-            xc, yc = x[start:start + EVAL_BATCH], y[start:start + EVAL_BATCH]
-            weight = np.ones(len(xc), np.float32)
-            if len(xc) < EVAL_BATCH and n > EVAL_BATCH:  # pad: one compiled shape
-                pad = EVAL_BATCH - len(xc)
-                xc = np.concatenate([xc, np.repeat(xc[:1], pad, 0)])
-                yc = np.concatenate([yc, np.repeat(yc[:1], pad, 0)])
-                weight = np.concatenate([weight, np.zeros(pad, np.float32)])
-            for k, v in chunk_sums(state, xc, yc, weight).items():
-                totals[k] = totals.get(k, 0.0) + float(v)
-        return {k: v / n for k, v in totals.items()}
+        return chunked_means(chunk_sums, state, (x, y), EVAL_BATCH)
 
     return evaluate
 
 
 def fit(config, data, state: TrainState, start_epoch: int, on_epoch: Callable, progress: bool = True):
-    """Train from `start_epoch` to config.epochs; on_epoch(epoch, state, metrics) after epoch 0 and each epoch."""
+    """Train from `start_epoch` to config.epochs (train/loop.py)."""
     norm = data.info["normalization"]
     train_epoch, evaluate = compiled(config, tuple(norm["mean"]), tuple(norm["std"]))
     schedule = learning_rate_schedule(config, steps_per_epoch(config, len(data.x_train)))
-    x_train, y_train = data.x_train, data.y_train
-    n = len(x_train)
-    batch = min(config.batch_size, n)
-    steps = n // batch
+    train, test = (data.x_train, data.y_train), (data.x_test, data.y_test)
+    steps = len(data.x_train) // min(config.batch_size, len(data.x_train))
 
-    def evaluation(state):
-        metrics = {f"train/{k}": v for k, v in evaluate(state, x_train, y_train).items()}
-        metrics.update({f"test/{k}": v for k, v in evaluate(state, data.x_test, data.y_test).items()})
-        return metrics
+    def evaluation(state, epoch):
+        return train_and_test(evaluate, state, train, test)
 
-    if start_epoch == 0:
-        on_epoch(0, state, evaluation(state))
-    bar = tqdm(range(start_epoch + 1, config.epochs + 1), desc=f"{config.task} epochs",
-               disable=not progress, initial=start_epoch, total=config.epochs)
-    for epoch in bar:
-        t0 = time.perf_counter()
-        order = epoch_order(config.seed, epoch, n)[: steps * batch]
-        xs = x_train[order].reshape((steps, batch) + x_train.shape[1:])
-        ys = y_train[order].reshape((steps, batch))
-        state, step_metrics = train_epoch(state, xs, ys, epoch)
-        metrics = evaluation(state)
-        metrics["train/step_loss"] = float(step_metrics["loss"])
-        metrics["train/grad_norm"] = float(step_metrics["grad_norm"])
-        metrics["train/param_norm"] = float(step_metrics["param_norm"])
-        metrics["train/learning_rate"] = float(schedule(epoch * steps))
-        metrics["time/epoch_seconds"] = time.perf_counter() - t0
-        on_epoch(epoch, state, metrics)
-        bar.set_postfix(loss=f"{metrics['train/loss']:.4g}", test_acc=f"{metrics['test/accuracy']:.3f}")
-        if not all(math.isfinite(v) for v in metrics.values()):
-            raise FloatingPointError(f"training diverged at epoch {epoch} (train loss {metrics['train/loss']}); "
-                                     "lower the learning rate")
-    return state
+    def step(state, epoch):
+        state, m = train_epoch(state, *shuffled_batches(config.seed, epoch, config.batch_size, *train), epoch)
+        return state, {"train/step_loss": float(m["loss"]), "train/grad_norm": float(m["grad_norm"]),
+                       "train/param_norm": float(m["param_norm"]),
+                       "train/learning_rate": float(schedule(epoch * steps))}
+
+    return run_epochs(config, state, start_epoch, on_epoch, step, evaluation, progress=progress,
+                      shown={"loss": "train/loss", "test_acc": "test/accuracy"})

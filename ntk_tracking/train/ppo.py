@@ -11,7 +11,6 @@ key — lives in the `Runner` pytree.
 from __future__ import annotations
 
 import functools
-import time
 from typing import Any, Callable, NamedTuple
 
 import jax
@@ -19,8 +18,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax.training.train_state import TrainState
-from tqdm.auto import tqdm
 
+from ntk_tracking.train.loop import run_epochs
 from ntk_tracking.envs.pong import evaluate_policy, make_env
 from ntk_tracking.models import actor_critic
 
@@ -215,10 +214,11 @@ def _is_default_env(config, data) -> bool:
 
 def fit(config, data, runner: Runner, start_epoch: int, on_epoch: Callable[[int, Runner, dict], None],
         progress: bool = True, eval_epochs=()) -> Runner:
-    """PPO updates start_epoch+1 … config.epochs (one update per task epoch), calling on_epoch after each.
+    """PPO updates start_epoch+1 … config.epochs (one update per task epoch; train/loop.py).
 
     Update 0 reports the initial policy's evaluation return; `eval/episode_return` is measured
     at `eval_epochs` with a key that is a function of (seed, epoch), so resumed runs repeat it.
+    A non-finite update is refused before it is reported (its checkpoint would be NaN).
     """
     update, evaluate = _compiled(config) if _is_default_env(config, data) else (
         make_update(config, data.env, data.params), make_evaluate(config, data.env, data.params, config.eval_envs))
@@ -228,25 +228,18 @@ def fit(config, data, runner: Runner, start_epoch: int, on_epoch: Callable[[int,
         key = jax.random.fold_in(jax.random.PRNGKey(config.seed + 1), epoch)
         return float(evaluate(runner.train.params, key))
 
-    if start_epoch == 0:
-        r = eval_return(runner, 0)
-        on_epoch(0, runner, {"train/episode_return": r, "eval/episode_return": r, "train/episodes": 0.0,
-                             "train/env_steps": 0.0})
-    bar = tqdm(range(start_epoch + 1, config.epochs + 1), desc=f"{config.task} updates", disable=not progress,
-               initial=start_epoch, total=config.epochs)
-    for epoch in bar:
-        t0 = time.perf_counter()
+    def evaluation(runner, epoch):
+        if epoch == 0:
+            r = eval_return(runner, 0)
+            return {"train/episode_return": r, "eval/episode_return": r, "train/episodes": 0.0, "train/env_steps": 0.0}
+        return {"eval/episode_return": eval_return(runner, epoch)} if epoch in eval_epochs else {}
+
+    def step(runner, epoch):
         runner, m = update(runner)
-        m = jax.device_get(m)
-        metrics = {f"train/{k}": float(v) for k, v in m.items() if k != "completed"}
-        if epoch in eval_epochs:
-            metrics["eval/episode_return"] = eval_return(runner, epoch)
-        metrics["time/update_seconds"] = time.perf_counter() - t0
-        if not all(np.isfinite(v) for v in metrics.values()):
-            raise FloatingPointError(f"PPO diverged at update {epoch} ({metrics}); lower the learning rate")
-        on_epoch(epoch, runner, metrics)
-        bar.set_postfix(ret=f"{metrics['train/episode_return']:.1f}", eps=int(metrics["train/episodes"]))
-    return runner
+        return runner, {f"train/{k}": float(v) for k, v in jax.device_get(m).items() if k != "completed"}
+
+    return run_epochs(config, runner, start_epoch, on_epoch, step, evaluation, progress=progress, unit="update",
+                      shown={"ret": "train/episode_return", "eps": "train/episodes"}, check_before_reporting=True)
 
 
 def make_state_collector(config, env, env_params, count: int, num_envs: int = 32, every: int = 4):

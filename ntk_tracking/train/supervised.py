@@ -6,17 +6,14 @@ kernel to the post-hoc analyzer.
 
 from __future__ import annotations
 
-import math
-import time
 from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 from flax.training import train_state
-from tqdm.auto import tqdm
 
+from ntk_tracking.train.loop import chunked_means, run_epochs, shuffled_batches, train_and_test
 from ntk_tracking.models import create_model
 
 EVAL_BATCH = 1024
@@ -107,26 +104,9 @@ def make_evaluate(objective: str) -> Callable:
         return sums
 
     def evaluate(state, x, y) -> dict[str, float]:
-        n = len(x)
-        totals: dict[str, float] = {}
-        for start in range(0, n, EVAL_BATCH):
-            xc, yc = x[start:start + EVAL_BATCH], y[start:start + EVAL_BATCH]
-            weight = np.ones(len(xc), np.float32)
-            if len(xc) < EVAL_BATCH and n > EVAL_BATCH:  # pad: one compiled shape
-                pad = EVAL_BATCH - len(xc)
-                xc = np.concatenate([xc, np.repeat(xc[:1], pad, 0)])
-                yc = np.concatenate([yc, np.repeat(yc[:1], pad, 0)])
-                weight = np.concatenate([weight, np.zeros(pad, np.float32)])
-            for k, v in chunk_sums(state, xc, yc, weight).items():
-                totals[k] = totals.get(k, 0.0) + float(v)
-        return {k: v / n for k, v in totals.items()}
+        return chunked_means(chunk_sums, state, (x, y), EVAL_BATCH)
 
     return evaluate
-
-
-def epoch_order(seed: int, epoch: int, n: int) -> np.ndarray:
-    """The data order of one epoch: a pure function of (seed, epoch), so resumed runs repeat it."""
-    return np.random.default_rng([seed, epoch]).permutation(n)
 
 
 def fit(
@@ -137,42 +117,20 @@ def fit(
     on_epoch: Callable[[int, TrainState, dict], None],
     progress: bool = True,
 ) -> TrainState:
-    """Train from `start_epoch` (the epochs already done) to config.epochs.
+    """Train from `start_epoch` (the epochs already done) to config.epochs (train/loop.py).
 
     `on_epoch(epoch, state, metrics)` runs after evaluating epoch 0 (initialization, when
     start_epoch is 0) and after every epoch: it logs, checkpoints and saves the resume state.
     """
     train_epoch = make_train_epoch(config.objective)
     evaluate = make_evaluate(config.objective)
-    x_train, y_train = dataset.x_train, dataset.y_train
-    n = len(x_train)
-    batch = min(config.batch_size, n)
-    steps = n // batch
+    train, test = (dataset.x_train, dataset.y_train), (dataset.x_test, dataset.y_test)
 
-    def evaluation(state):
-        metrics = {f"train/{k}": v for k, v in evaluate(state, x_train, y_train).items()}
-        metrics.update({f"test/{k}": v for k, v in evaluate(state, dataset.x_test, dataset.y_test).items()})
-        return metrics
+    def evaluation(state, epoch):
+        return train_and_test(evaluate, state, train, test)
 
-    if start_epoch == 0:
-        on_epoch(0, state, evaluation(state))
-    bar = tqdm(range(start_epoch + 1, config.epochs + 1), desc=f"{config.task} epochs",
-               disable=not progress, initial=start_epoch, total=config.epochs)
-    for epoch in bar:
-        t0 = time.perf_counter()
-        order = epoch_order(config.seed, epoch, n)[: steps * batch]
-        xs = x_train[order].reshape((steps, batch) + x_train.shape[1:])
-        ys = y_train[order].reshape((steps, batch) + y_train.shape[1:])
-        state, step_metrics = train_epoch(state, xs, ys)
-        metrics = evaluation(state)
-        metrics["train/grad_norm"] = float(step_metrics["grad_norm"])
-        metrics["train/param_norm"] = float(step_metrics["param_norm"])
-        metrics["time/epoch_seconds"] = time.perf_counter() - t0
-        on_epoch(epoch, state, metrics)
-        bar.set_postfix(loss=f"{metrics['train/loss']:.4g}", test=f"{metrics['test/loss']:.4g}")
-        if not all(math.isfinite(v) for v in metrics.values()):
-            raise FloatingPointError(
-                f"training diverged at epoch {epoch} (train loss {metrics['train/loss']}); "
-                "lower the learning rate"
-            )
-    return state
+    def step(state, epoch):
+        state, m = train_epoch(state, *shuffled_batches(config.seed, epoch, config.batch_size, *train))
+        return state, {"train/grad_norm": float(m["grad_norm"]), "train/param_norm": float(m["param_norm"])}
+
+    return run_epochs(config, state, start_epoch, on_epoch, step, evaluation, progress=progress)

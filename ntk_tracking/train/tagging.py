@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import functools
 import math
-import time
 from typing import Callable
 
 import jax
@@ -16,8 +15,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax.training import train_state
-from tqdm.auto import tqdm
 
+from ntk_tracking.train.loop import run_epochs
 from ntk_tracking.models.transformer import TransformerConfig, TransformerTagger
 
 EVAL_BATCH = 256
@@ -159,32 +158,20 @@ def make_evaluate(apply_fn) -> Callable:
 
 
 def fit(config, data, state, start_epoch: int, on_epoch: Callable, progress: bool = True):
-    """Train from `start_epoch` to config.epochs; on_epoch(epoch, state, metrics) after each
-    (and after evaluating the initialization when start_epoch is 0)."""
+    """Train from `start_epoch` to config.epochs (train/loop.py)."""
     train_epoch = make_train_epoch(config.seed, *word_dropout_probabilities(config, data))
     evaluate = make_evaluate(state.apply_fn)
 
-    def evaluation(state):
+    def evaluation(state, epoch):
         metrics = {}
         for name, split in data.splits.items():
             metrics.update({f"{name}/{k}": float(v) for k, v in evaluate(state, split).items()})
         return metrics
 
-    if start_epoch == 0:
-        on_epoch(0, state, evaluation(state))
-    bar = tqdm(range(start_epoch + 1, config.epochs + 1), desc=f"{config.task} epochs",
-               disable=not progress, initial=start_epoch, total=config.epochs)
-    for epoch in bar:
-        t0 = time.perf_counter()
+    def step(state, epoch):
         batches = epoch_batches(data.splits["train"], config.batch_size, config.seed, epoch)
-        state, step_metrics = train_epoch(state, batches, epoch)
-        metrics = evaluation(state)
-        metrics["train/grad_norm"] = float(step_metrics["grad_norm"])
-        metrics["train/param_norm"] = float(step_metrics["param_norm"])
-        metrics["time/epoch_seconds"] = time.perf_counter() - t0
-        on_epoch(epoch, state, metrics)
-        bar.set_postfix(loss=f"{metrics['train/loss']:.4g}", test=f"{metrics['test/accuracy']:.4f}")
-        if not all(math.isfinite(v) for v in metrics.values()):
-            raise FloatingPointError(f"training diverged at epoch {epoch} (train loss "
-                                     f"{metrics['train/loss']}); lower the learning rate")
-    return state
+        state, m = train_epoch(state, batches, epoch)
+        return state, {"train/grad_norm": float(m["grad_norm"]), "train/param_norm": float(m["param_norm"])}
+
+    return run_epochs(config, state, start_epoch, on_epoch, step, evaluation, progress=progress,
+                      shown={"loss": "train/loss", "test": "test/accuracy"})

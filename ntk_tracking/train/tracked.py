@@ -14,7 +14,7 @@ from ntk_tracking import tracking
 from ntk_tracking.checkpointing import CheckpointStore
 from ntk_tracking.claims import TTL_SECONDS, Claim, Held
 
-RUN_KIND_TAG = "ntk_tracking.kind"
+from ntk_tracking.keys import KIND_TAG as RUN_KIND_TAG, TASK_TAG
 
 
 def _check_same_config(saved: dict, config) -> None:
@@ -137,7 +137,7 @@ def _train_in_run(client, run_id: str, task, config, dataset, progress: bool,
         params = client.get_run(run_id).data.params  # `mlflow run` logs its own first
         missing = {k: v for k, v in dataclasses.asdict(config).items() if k not in params}
         mlflow.log_params(missing)
-        mlflow.set_tags({RUN_KIND_TAG: "training", "ntk_tracking.task": config.task})
+        mlflow.set_tags({RUN_KIND_TAG: "training", TASK_TAG: config.task})
         tracking.log_json_artifact(client, run_id, dataclasses.asdict(config), tracking.CONFIG_ARTIFACT)
         tracking.log_json_artifact(client, run_id, task.data_info(dataset), "data.json")
 

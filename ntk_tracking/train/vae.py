@@ -8,19 +8,15 @@ point, the same at every epoch, so loss curves move only with the parameters.
 from __future__ import annotations
 
 import functools
-import math
-import time
 from typing import Callable
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 from flax.training import train_state
-from tqdm.auto import tqdm
 
+from ntk_tracking.train.loop import chunked_means, run_epochs, shuffled_batches, train_and_test
 from ntk_tracking.models.vae import VAE, bernoulli_nll, gaussian_kl
-from ntk_tracking.train.supervised import epoch_order
 
 EVAL_BATCH = 1000
 _EVAL_STREAM = 2**31 - 1  # fold_in index of the evaluation noise: no training epoch uses it
@@ -85,54 +81,24 @@ def make_evaluate(seed: int) -> Callable:
                 "kl": jnp.sum(kl * weight)}
 
     def evaluate(state, x) -> dict[str, float]:
-        n = len(x)
-        totals: dict[str, float] = {}
-        for start in range(0, n, EVAL_BATCH):
-            xc = x[start:start + EVAL_BATCH]
-            weight = np.ones(len(xc), np.float32)
-            if len(xc) < EVAL_BATCH and n > EVAL_BATCH:  # pad: one compiled shape
-                pad = EVAL_BATCH - len(xc)
-                xc = np.concatenate([xc, np.repeat(xc[:1], pad, 0)])
-                weight = np.concatenate([weight, np.zeros(pad, np.float32)])
-            for k, v in chunk_sums(state, xc, weight, start).items():
-                totals[k] = totals.get(k, 0.0) + float(v)
-        return {k: v / n for k, v in totals.items()}
+        return chunked_means(chunk_sums, state, (x,), EVAL_BATCH, lambda start: start)
 
     return evaluate
 
 
 def fit(config, data, state, start_epoch: int, on_epoch: Callable, progress: bool = True):
-    """Train from `start_epoch` to config.epochs; on_epoch(epoch, state, metrics) after epoch 0 and each epoch.
+    """Train from `start_epoch` to config.epochs (train/loop.py).
 
     `data` holds x_train and x_test as float32 pixels in [0, 1], points × pixels.
     """
     train_epoch, evaluate = compiled(config.seed)
-    x_train = data.x_train
-    n = len(x_train)
-    batch = min(config.batch_size, n)
-    steps = n // batch
+    def evaluation(state, epoch):
+        return train_and_test(evaluate, state, (data.x_train,), (data.x_test,))
 
-    def evaluation(state):
-        metrics = {f"train/{k}": v for k, v in evaluate(state, x_train).items()}
-        metrics.update({f"test/{k}": v for k, v in evaluate(state, data.x_test).items()})
-        return metrics
+    def step(state, epoch):
+        (xs,) = shuffled_batches(config.seed, epoch, config.batch_size, data.x_train)
+        state, m = train_epoch(state, xs.reshape(xs.shape[:2] + (-1,)), epoch)
+        return state, {"train/step_loss": float(m["loss"]), "train/grad_norm": float(m["grad_norm"]),
+                       "train/param_norm": float(m["param_norm"])}
 
-    if start_epoch == 0:
-        on_epoch(0, state, evaluation(state))
-    bar = tqdm(range(start_epoch + 1, config.epochs + 1), desc=f"{config.task} epochs",
-               disable=not progress, initial=start_epoch, total=config.epochs)
-    for epoch in bar:
-        t0 = time.perf_counter()
-        order = epoch_order(config.seed, epoch, n)[: steps * batch]
-        state, step_metrics = train_epoch(state, x_train[order].reshape(steps, batch, -1), epoch)
-        metrics = evaluation(state)
-        metrics["train/step_loss"] = float(step_metrics["loss"])
-        metrics["train/grad_norm"] = float(step_metrics["grad_norm"])
-        metrics["train/param_norm"] = float(step_metrics["param_norm"])
-        metrics["time/epoch_seconds"] = time.perf_counter() - t0
-        on_epoch(epoch, state, metrics)
-        bar.set_postfix(loss=f"{metrics['train/loss']:.4g}", test=f"{metrics['test/loss']:.4g}")
-        if not all(math.isfinite(v) for v in metrics.values()):
-            raise FloatingPointError(f"training diverged at epoch {epoch} (train loss {metrics['train/loss']}); "
-                                     "lower the learning rate")
-    return state
+    return run_epochs(config, state, start_epoch, on_epoch, step, evaluation, progress=progress)

@@ -1,0 +1,191 @@
+"""`ntk-tracking analyze RUN_ID …`: the analyzer's options, checked before anything is logged, then
+the analysis of each run here or of all of them on a Ray cluster."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import sys
+
+from ntk_tracking.helpformat import HelpFormatter, add_ray_options, fail as _fail
+from ntk_tracking.keys import ANALYZED_BY_TAG, ANALYZED_RUN_TAG, DESCRIPTION_TAG
+
+EXIT_INCOMPLETE = 3  # some checkpoints damaged, missing or non-finite (the rest analyzed)
+
+
+def analyze_parser(prog: str = "ntk-tracking analyze") -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog=prog,
+        description="Restore a training run's CV checkpoints and log the NTK's collective "
+        "variables (entropy, trace, …) into the same run, step = checkpoint epoch. Each checkpoint is "
+        "claimed in the tracking store while it is measured, so analyzers started together share the "
+        "work and log every checkpoint once.",
+        epilog="exit status: 0 every checkpoint is analyzed (or being analyzed by another process); "
+        f"2 refused (bad input or settings; nothing logged); {EXIT_INCOMPLETE} some checkpoints are damaged, "
+        "missing or gave a non-finite kernel (each named on its own line; every other one is analyzed, "
+        "and a rerun retries them); 4 --follow found the trainer stopped.",
+        formatter_class=HelpFormatter,
+    )
+    p.add_argument("run_id", nargs="+", help="MLflow run ids (or one comma- or space-separated list) of "
+                   "training runs or of sweeps' parent runs (a parent: every finished child)")
+    p.add_argument("--subsets", type=int, default=20, help="K: measurement subsets per split (paper: 200)")
+    p.add_argument("--points", type=int, default=20, help="m: points per subset (paper: 20)")
+    p.add_argument("--splits", default="auto",
+                   help="comma-separated probe sets to measure on; auto = the task's own (train,test for "
+                   "supervised tasks, states for RL)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the measurement subsets")
+    p.add_argument("--implementation", default="auto", help="NTK implementation: structured, jacobian, ntvp or auto")
+    p.add_argument("--memory-budget-mb", "--memory_budget_mb", dest="memory_budget_mb", type=int, default=0,
+                   help="peak memory for kernel blocks in MiB; 0 = the engine default (4096)")
+    p.add_argument("--allow-data-path", "--allow_data_path", dest="allow_data_path", action="append", default=[],
+                   help="a file or folder that the run's recorded dataset may name (repeatable). Without it, "
+                   "a recorded path is read only if it lies under the current directory, under a path you "
+                   "trained on here, or under a root listed in $NTK_TRACKING_DATA_ROOTS "
+                   "(os.pathsep-separated): a run from a shared store cannot make you read other files")
+    p.add_argument("--data", default="",
+                   help="read the run's dataset from this file or folder instead of the recorded path (the "
+                   "data moved, or lives elsewhere on this machine); its sizes must match the run's data.json")
+    p.add_argument("--follow", action="store_true", help="keep analyzing while the training run writes checkpoints")
+    p.add_argument("--poll-seconds", type=float, default=10.0, help="with --follow: seconds between looks")
+    p.add_argument("--stall-seconds", type=float, default=300.0,
+                   help="with --follow: a RUNNING run whose trainer wrote no checkpoint and no heartbeat for "
+                   "this long has stopped (killed); the analysis then ends with a message")
+    ray = p.add_argument_group("analysis on a Ray cluster")
+    ray.add_argument("--executor", default="local", choices=("local", "ray"),
+                     help="local: checkpoints one after another in this process; ray: every pending "
+                     "checkpoint of every run as a job for a pool of Ray workers (the tracking URI must be "
+                     "an http(s) server every worker reaches)")
+    add_ray_options(ray, "task", "each analysis worker")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return p
+
+
+def settings_from_args(args: argparse.Namespace):
+    """The AnalysisSettings an analyze command line asks for, validated."""
+    from ntk_tracking.analyze import AnalysisSettings
+
+    if args.memory_budget_mb < 0:
+        raise ValueError(f"--memory-budget-mb must be ≥ 0, got {args.memory_budget_mb}")
+    return AnalysisSettings(
+        num_subsets=args.subsets, subset_size=args.points,
+        splits=tuple(s.strip() for s in args.splits.split(",") if s.strip()),
+        seed=args.seed, implementation=args.implementation,
+        memory_budget=args.memory_budget_mb * 2**20 if args.memory_budget_mb > 0 else None,
+    ).validate()
+
+
+def analyze_main(argv=None, prog: str = "ntk-tracking analyze") -> list[int] | dict[str, list[int]]:
+    """`ntk-tracking analyze RUN_ID …`: every pending checkpoint of the runs (a sweep's parent: its
+    children). One training run: the epochs analyzed; several, a sweep or Ray: run id -> epochs."""
+    args = analyze_parser(prog).parse_args(argv)
+    run_ids = list(dict.fromkeys(r for arg in args.run_id for r in re.split(r"[,\s]+", arg) if r))
+    from ntk_tracking import tracking
+    from ntk_tracking.analyze import TrainerStopped
+
+    try:
+        if not run_ids:
+            raise ValueError("no run id given")
+        if args.executor != "ray" and args.ray_address:
+            raise ValueError("--ray-address needs --executor ray")
+        if not args.cpus_per_task > 0:
+            raise ValueError(f"--cpus-per-task must be > 0, got {args.cpus_per_task:g}")
+        if not args.gpus_per_task >= 0:
+            raise ValueError(f"--gpus-per-task must be ≥ 0, got {args.gpus_per_task:g}")
+        if args.follow and (len(run_ids) > 1 or args.executor == "ray"):
+            raise ValueError("--follow follows one training run, in this process; leave out --executor ray")
+        if args.data and len(run_ids) > 1:
+            raise ValueError("--data names one run's dataset; analyze that run alone with it")
+        tracking.prepare_tracking(reading=True)
+        settings = settings_from_args(args)
+        if os.environ.get("MLFLOW_RUN_ID") in run_ids:
+            raise ValueError("the run to analyze is the run this command was launched in; pass a training run id")
+        if os.environ.get("MLFLOW_RUN_ID"):  # launched by `mlflow run`: point its run at the analyzed ones
+            for run_id in run_ids:
+                _link_launched_run(tracking.client(), run_id)
+        if args.executor == "ray":
+            return _analyze_on_ray(args, run_ids, settings)
+        results = {run_id: _analyze_one(args, run_id, settings) for run_id in run_ids}
+    except TrainerStopped as err:
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(4)
+    except ValueError as err:  # RunError included
+        _fail(str(err))
+    except PermissionError as err:
+        _fail(f"cannot write to the run's artifact store at {err.filename or '?'} ({err.strerror}); make it "
+              "writable, or analyze from an account that can write there")
+    if not all(ok for _, ok in results.values()):
+        raise SystemExit(EXIT_INCOMPLETE)
+    if len(results) == 1:
+        return next(iter(results.values()))[0]
+    by_run = {}
+    for run_id, (epochs, _) in results.items():  # a sweep's children stand for their parent
+        by_run.update(epochs if isinstance(epochs, dict) else {run_id: epochs})
+    return by_run
+
+
+def _analyze_one(args, run_id: str, settings):
+    """One training run (or a sweep's parent) in this process: (epochs or run id -> epochs, complete)."""
+    from ntk_tracking.analyze import Analyzer
+    from ntk_tracking.sweep import analyze_sweep, is_sweep_run
+
+    if is_sweep_run(run_id):  # a sweep's parent: every FINISHED child under one progress bar
+        if args.follow:
+            raise ValueError("--follow follows one training run; analyze a sweep once its children finished")
+        if args.data:
+            raise ValueError("--data names one run's dataset; pass it with a training run's id, not a sweep's")
+        analyzed = analyze_sweep(run_id, settings, progress=not args.no_progress,
+                                 data_paths=tuple(args.allow_data_path))
+        print(f"analyzed {sum(map(len, analyzed.values()))} checkpoint(s) of {len(analyzed)} "
+              f"finished child run(s) of sweep {run_id}")
+        return analyzed, True
+    analyzer = Analyzer(run_id, settings, data_paths=tuple(args.allow_data_path), data=args.data or None)
+    diverged = analyzer.diverged()
+    if diverged:
+        print(f"warning: run {run_id} diverged ({diverged}): its kernels measure a broken model", file=sys.stderr)
+    epochs = analyzer.run(follow=args.follow, poll_seconds=args.poll_seconds, progress=not args.no_progress,
+                          stall_seconds=args.stall_seconds)
+    report = analyzer.report
+    print(f"analyzed {len(epochs)} checkpoint(s) of run {run_id}: epochs {epochs}")
+    if report.already:
+        print(f"{len(report.already)} checkpoint(s) were already analyzed with these settings (epochs "
+              f"{report.already})" + ("; nothing was left to do" if not epochs and report.ok else ""))
+    if report.skipped:
+        print(f"{len(report.skipped)} checkpoint(s) were analyzed by another process meanwhile: epochs "
+              f"{sorted(report.skipped)}")
+    if report.unverified:
+        print(f"note: checkpoint(s) {report.unverified} were saved before checkpoints carried a digest: "
+              "they cannot be verified")
+    if not report.ok:
+        print(report.summary(), file=sys.stderr)
+    return epochs, report.ok
+
+
+def _analyze_on_ray(args, run_ids, settings) -> dict[str, list[int]]:
+    from ntk_tracking.analyze_ray import analyze_on_ray
+
+    outcomes = analyze_on_ray(run_ids, settings, args.ray_address or None, args.cpus_per_task, args.gpus_per_task,
+                              data_paths=tuple(args.allow_data_path), data=args.data or None,
+                              progress=not args.no_progress)
+    problems = []
+    for run_id, outcome in outcomes.items():
+        print(f"run {run_id}: analyzed {len(outcome['analyzed'])} checkpoint(s) on Ray: epochs {outcome['analyzed']}"
+              + (f"; {len(outcome['already'])} already analyzed with these settings" if outcome["already"] else ""))
+        problems += [f"{run_id}: {kind}: {m}" for kind in ("damaged", "nonfinite", "failed") for m in outcome[kind]]
+    if problems:
+        print("\n".join(problems), file=sys.stderr)
+        raise SystemExit(EXIT_INCOMPLETE)
+    return {run_id: outcome["analyzed"] for run_id, outcome in outcomes.items()}
+
+
+def _link_launched_run(client, analyzed: str) -> None:
+    """`mlflow run . -e analyze` records a run of its own: tag it with the analyzed run and say so
+    in its description (the UI shows it), and point the analyzed run back at it."""
+    launched = os.environ["MLFLOW_RUN_ID"]
+    client.set_tag(launched, ANALYZED_RUN_TAG, analyzed)
+    client.set_tag(launched, DESCRIPTION_TAG,
+                   f"The `mlflow run . -e analyze` launch that analyzed run {analyzed}: the NTK's collective "
+                   f"variables are logged into run {analyzed} itself; this run only records the launch.")
+    client.set_tag(analyzed, ANALYZED_BY_TAG, launched)
+
+

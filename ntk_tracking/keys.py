@@ -1,0 +1,25 @@
+"""Every MLflow tag name and NTK metric key the product writes, defined once."""
+
+from __future__ import annotations
+
+PRIMARY_NETWORK = "model"  # its metrics keep the short names `ntk/<variable>/<set>`
+
+KIND_TAG = "ntk_tracking.kind"  # training | sweep
+TASK_TAG = "ntk_tracking.task"
+KEY_TAG = "ntk_tracking.sweep_key"  # a sweep child's grid point
+PARENT_TAG = "mlflow.parentRunId"
+FAILED_TAG = "ntk_tracking.sweep_failed"
+DIVERGED_TAG = "ntk_tracking.diverged"
+REGIME_TAG = "ntk_tracking.regime"
+REGIME_SPLIT_TAG = "ntk_tracking.regime_split"
+ANALYZED_RUN_TAG = "ntk_tracking.analyzed_run"  # on an `mlflow run . -e analyze` launch's own run
+ANALYZED_BY_TAG = "ntk_tracking.analyzed_by"  # on the analyzed run: that launch
+REPORTED_RUN_TAG = "ntk_tracking.reported_run"
+DESCRIPTION_TAG = "mlflow.note.content"  # the description the MLflow UI shows
+
+
+def metric_key(network: str, name: str, probe_set: str) -> str:
+    """`ntk/<variable>/<set>` for the primary network, `ntk/<network>/<variable>/<set>` otherwise."""
+    if network == PRIMARY_NETWORK:
+        return f"ntk/{name}/{probe_set}"
+    return f"ntk/{network}/{name}/{probe_set}"

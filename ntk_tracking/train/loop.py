@@ -1,0 +1,89 @@
+"""The epoch loop of every trainer: evaluate the initialization, train, evaluate, report, stop on divergence.
+
+A trainer supplies `step(state, epoch) -> (state, metrics)` (one epoch, or one PPO update) and
+`evaluate(state, epoch) -> metrics`; metrics are plain floats keyed as logged (train/loss, …).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Any, Callable
+
+from tqdm.auto import tqdm
+
+
+def run_epochs(config, state, start_epoch: int, on_epoch: Callable[[int, Any, dict], None],
+               step: Callable[[Any, int], tuple[Any, dict]], evaluate: Callable[[Any, int], dict], *,
+               progress: bool = True, unit: str = "epoch", shown: dict[str, str] | None = None,
+               finite: tuple[str, ...] | None = None, check_before_reporting: bool = False):
+    """Epochs start_epoch+1 … config.epochs; on_epoch(epoch, state, metrics) after evaluating epoch 0
+    (when start_epoch is 0) and after every epoch, with `time/<unit>_seconds`.
+
+    `shown`: progress-bar label -> metric key. `finite`: the keys that must stay finite (all by
+    default); otherwise FloatingPointError, after the epoch is reported (so its metrics show the
+    divergence) or, with `check_before_reporting`, before."""
+    shown = shown or {"loss": "train/loss", "test": "test/loss"}
+    if start_epoch == 0:
+        on_epoch(0, state, evaluate(state, 0))
+    bar = tqdm(range(start_epoch + 1, config.epochs + 1), desc=f"{config.task} {unit}s", disable=not progress,
+               initial=start_epoch, total=config.epochs)
+    for epoch in bar:
+        t0 = time.perf_counter()
+        state, step_metrics = step(state, epoch)
+        metrics = {**evaluate(state, epoch), **step_metrics}
+        metrics[f"time/{unit}_seconds"] = time.perf_counter() - t0
+        bad = {k: metrics[k] for k in (finite or metrics) if not math.isfinite(metrics[k])}
+        if bad and check_before_reporting:
+            _diverged(unit, epoch, bad)
+        on_epoch(epoch, state, metrics)
+        bar.set_postfix({label: f"{metrics[key]:.4g}" for label, key in shown.items() if key in metrics})
+        if bad:
+            _diverged(unit, epoch, bad)
+    return state
+
+
+def _diverged(unit: str, epoch: int, bad: dict) -> None:
+    raise FloatingPointError(f"training diverged at {unit} {epoch} ({', '.join(f'{k} = {v}' for k, v in bad.items())}); "
+                             "lower the learning rate")
+
+
+def epoch_order(seed: int, epoch: int, n: int):
+    """The data order of one epoch: a pure function of (seed, epoch), so resumed runs repeat it."""
+    import numpy as np
+
+    return np.random.default_rng([seed, epoch]).permutation(n)
+
+
+def shuffled_batches(seed: int, epoch: int, batch_size: int, *arrays):
+    """The epoch's full batches of every array (same order): each shaped (steps, batch, …)."""
+    n = len(arrays[0])
+    batch = min(batch_size, n)
+    steps = n // batch
+    order = epoch_order(seed, epoch, n)[: steps * batch]
+    return tuple(a[order].reshape((steps, batch) + a.shape[1:]) for a in arrays)
+
+
+def chunked_means(chunk_sums: Callable, state, arrays: tuple, chunk: int, *extra: Callable[[int], Any]) -> dict:
+    """Means over a whole split of what `chunk_sums(state, *chunks, weight, *(f(start) for f in extra))`
+    sums per fixed-size chunk; the last chunk is padded with weight 0 (one compiled shape)."""
+    import numpy as np
+
+    n = len(arrays[0])
+    totals: dict[str, float] = {}
+    for start in range(0, n, chunk):
+        chunks = [a[start:start + chunk] for a in arrays]
+        weight = np.ones(len(chunks[0]), np.float32)
+        if len(chunks[0]) < chunk and n > chunk:
+            pad = chunk - len(chunks[0])
+            chunks = [np.concatenate([c, np.repeat(c[:1], pad, 0)]) for c in chunks]
+            weight = np.concatenate([weight, np.zeros(pad, np.float32)])
+        for k, v in chunk_sums(state, *chunks, weight, *(f(start) for f in extra)).items():
+            totals[k] = totals.get(k, 0.0) + float(v)
+    return {k: v / n for k, v in totals.items()}
+
+
+def train_and_test(evaluate: Callable, state, train: tuple, test: tuple) -> dict:
+    """`evaluate(state, *arrays)` on both splits, keyed train/… and test/…."""
+    return {**{f"train/{k}": v for k, v in evaluate(state, *train).items()},
+            **{f"test/{k}": v for k, v in evaluate(state, *test).items()}}

@@ -1,0 +1,108 @@
+"""Every command README.md and docs/ show names an entry point, a command and options that exist."""
+
+from __future__ import annotations
+
+import pathlib
+import re
+import shlex
+
+import pytest
+import yaml
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+ENTRIES = yaml.safe_load((ROOT / "MLproject").read_text())["entry_points"]
+STARTS = re.compile(r"(ntk-tracking\s+[a-z]|python -m pipelines\.[a-z_]+|mlflow run \. -e )")
+
+
+def commands(text: str) -> list[str]:
+    """Command lines in a page: `\\`-continued lines joined, each cut at a comment, a closing
+    backtick or a shell operator."""
+    text = re.sub(r"\\\n\s*", " ", text)
+    found = []
+    for line in text.splitlines():
+        for match in STARTS.finditer(line):
+            command = re.split(r"\s#\s|`|\s\|\s|&&|;|\)\s|\)$", line[match.start():])[0]
+            found.append(command.strip())
+    return found
+
+
+def tokens(command: str) -> list[str]:
+    try:
+        return shlex.split(command)
+    except ValueError:  # an unbalanced quote in prose: split on spaces
+        return command.split()
+
+
+def flags(words: list[str]) -> list[str]:
+    return [w.split("=", 1)[0] for w in words if w.startswith("--") and len(w) > 2 and w[2].isalpha()]
+
+
+def options_of(parser) -> set[str]:
+    return {s for a in parser._actions for s in a.option_strings}
+
+
+def parser_for(words: list[str]):
+    """The argparse parser of `ntk-tracking …` / `python -m pipelines.…` (None: not one of ours)."""
+    from ntk_tracking.analyze_command import analyze_parser
+    from ntk_tracking.quickstart import quickstart_parser
+    from ntk_tracking.report import report_parser
+    from ntk_tracking.sweep.spec import sweep_parser
+    from ntk_tracking.tasks import task_names
+    from ntk_tracking.train_command import train_parser
+
+    if words[0] == "ntk-tracking":
+        command, rest = words[1], words[2:]
+    else:
+        command, rest = words[2].removeprefix("pipelines."), words[3:]
+        assert (ROOT / "pipelines" / f"{command}.py").exists(), f"no script pipelines/{command}.py"
+    if command == "train":
+        task = rest[0] if rest and rest[0] in task_names() else None
+        if task is None:  # TASK as a placeholder: an option of some task
+            merged = set().union(*(options_of(train_parser(t)) for t in task_names()))
+            return merged
+        return options_of(train_parser(task))
+    if command == "sweep":
+        task = rest[rest.index("--task") + 1] if "--task" in rest else "mnist_dense"
+        return options_of(sweep_parser(task if task in task_names() else "mnist_dense"))
+    return {"analyze": lambda: options_of(analyze_parser()), "report": lambda: options_of(report_parser()),
+            "quickstart": lambda: options_of(quickstart_parser())}[command]()
+
+
+def all_commands():
+    return [(page.relative_to(ROOT).as_posix(), c) for page in PAGES for c in commands(page.read_text())]
+
+
+def test_the_pages_show_commands():
+    found = all_commands()
+    assert len(found) > 30
+    assert any(c.startswith("mlflow run . -e ") for _, c in found)
+
+
+@pytest.mark.parametrize("page, command", all_commands())
+def test_a_shown_command_exists(page, command):
+    words = tokens(command)
+    if words[0] == "mlflow":
+        entry = words[4]
+        assert entry in ENTRIES, f"{page}: `{command}` names no MLproject entry point {entry!r}"
+        params = set(ENTRIES[entry].get("parameters", {}))
+        given = [words[i + 1].split("=", 1)[0] for i, w in enumerate(words[:-1]) if w == "-P"]
+        if entry == "sweep":  # further training options pass through to every child
+            from ntk_tracking.train_command import train_parser
+
+            task = next((w.split("=", 1)[1] for i, w in enumerate(words[1:]) if w.startswith("task=")), "mnist_dense")
+            params |= {a.dest for a in train_parser(task)._actions}
+        unknown = [p for p in given if p not in params]
+        assert not unknown, f"{page}: `{command}`: entry point {entry!r} has no parameter {unknown}"
+        return
+    known = parser_for(words)
+    if words[0] == "ntk-tracking":
+        assert words[1] in ("train", "analyze", "sweep", "report", "quickstart"), f"{page}: `{command}`"
+    unknown = [f for f in flags(words) if f not in known]
+    assert not unknown, f"{page}: `{command}` uses options that do not exist: {unknown}"
+
+
+def test_the_commands_test_catches_a_wrong_flag_and_entry():
+    assert commands("run `ntk-tracking analyze RUN --subsets 2` then") == ["ntk-tracking analyze RUN --subsets 2"]
+    assert "--no-such-flag" not in parser_for(tokens("ntk-tracking analyze RUN --no-such-flag"))
+    assert "no_such_entry" not in ENTRIES
