@@ -1,6 +1,6 @@
 """What the analyzer's engine check costs on its first checkpoint, per paper model, against one checkpoint.
 
-    python benchmarks/engine_check.py                          # every model, both checks (~30 min, 2 CPU cores)
+    python benchmarks/engine_check.py                          # every model, both checks (hours, 2 CPU cores)
     python benchmarks/engine_check.py --models resnet18e gcn --checks spread
 
 On the run's first checkpoint the analyzer compares the first subset's kernel, as the fast path
