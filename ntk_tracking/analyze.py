@@ -263,7 +263,7 @@ class Analyzer:
 
     # -- per checkpoint ---------------------------------------------------------------------
 
-    def _marker_key(self) -> str:
+    def marker_key(self) -> str:
         """The metric whose steps say which checkpoints are analyzed (logged in the same batch)."""
         return metric_key(next(iter(self._network_names())), "entropy", self.settings.splits[0])
 
@@ -274,7 +274,7 @@ class Analyzer:
 
     def pending_epochs(self) -> list[int]:
         """Complete CV checkpoints whose metrics are not in the run yet."""
-        done = tracking.logged_steps(self.client, self.run_id, self._marker_key())
+        done = tracking.logged_steps(self.client, self.run_id, self.marker_key())
         return [e for e in self.store.cv_epochs() if e not in done]
 
     def analyze_epoch(self, epoch: int) -> dict[str, float] | None:
@@ -289,7 +289,7 @@ class Analyzer:
         except Held:
             return None
         try:
-            if epoch in tracking.logged_steps(self.client, self.run_id, self._marker_key()):
+            if epoch in tracking.logged_steps(self.client, self.run_id, self.marker_key()):
                 return None  # another analyzer finished it before we claimed it
             self.on_stage(f"epoch {epoch}: restoring")
             variables = self.store.restore_cv(epoch, self.abstract)
@@ -369,7 +369,7 @@ class Analyzer:
         that wrote no checkpoint and no heartbeat for `stall_seconds` ends it (TrainerStopped)."""
         report = self.report = AnalysisReport()
         report.already = sorted(set(self.store.cv_epochs())
-                                & tracking.logged_steps(self.client, self.run_id, self._marker_key()))
+                                & tracking.logged_steps(self.client, self.run_id, self.marker_key()))
         first = True
         seen, last_progress = set(), time.time()
         while True:
@@ -416,7 +416,7 @@ class Analyzer:
                     f"killed?). The {len(report.analyzed)} checkpoint(s) it wrote are analyzed; resume training "
                     f"with MLFLOW_RUN_ID={self.run_id} and the same command, then analyze again")
             time.sleep(poll_seconds)
-        done = tracking.logged_steps(self.client, self.run_id, self._marker_key())
+        done = tracking.logged_steps(self.client, self.run_id, self.marker_key())
         present = set(self.store.cv_epochs())
         report.missing = {e: f"epoch {e}: {self.store.location('cv', e)}: absent, though the run's cadence "
                              f"(every {self.config.cv_every}, plus log-spaced) says it was saved"

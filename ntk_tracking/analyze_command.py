@@ -105,7 +105,8 @@ def analyze_main(argv=None, prog: str = "ntk-tracking analyze") -> list[int] | d
                 _link_launched_run(tracking.client(), run_id)
         if args.executor == "ray":
             return _analyze_on_ray(args, run_ids, settings)
-        results = {run_id: _analyze_one(args, run_id, settings) for run_id in run_ids}
+        analyzers = _checked_analyzers(args, run_ids, settings)  # every run checked before any is analyzed
+        results = {run_id: _analyze_one(args, run_id, settings, analyzers.get(run_id)) for run_id in run_ids}
     except TrainerStopped as err:
         print(f"error: {err}", file=sys.stderr)
         raise SystemExit(4)
@@ -124,12 +125,22 @@ def analyze_main(argv=None, prog: str = "ntk-tracking analyze") -> list[int] | d
     return by_run
 
 
-def _analyze_one(args, run_id: str, settings):
-    """One training run (or a sweep's parent) in this process: (epochs or run id -> epochs, complete)."""
+def _checked_analyzers(args, run_ids, settings) -> dict:
+    """An Analyzer per training run (its settings, data and paths checked); sweeps' parents are
+    checked child by child when their turn comes (analyze_sweep checks every child first)."""
     from ntk_tracking.analyze import Analyzer
-    from ntk_tracking.sweep import analyze_sweep, is_sweep_run
+    from ntk_tracking.sweep import is_sweep_run
 
-    if is_sweep_run(run_id):  # a sweep's parent: every FINISHED child under one progress bar
+    return {run_id: Analyzer(run_id, settings, data_paths=tuple(args.allow_data_path), data=args.data or None)
+            for run_id in run_ids if not is_sweep_run(run_id)}
+
+
+def _analyze_one(args, run_id: str, settings, analyzer=None):
+    """One training run (its checked `analyzer`) or a sweep's parent, in this process: (epochs or
+    run id -> epochs, complete)."""
+    from ntk_tracking.sweep import analyze_sweep
+
+    if analyzer is None:  # a sweep's parent: every FINISHED child under one progress bar
         if args.follow:
             raise ValueError("--follow follows one training run; analyze a sweep once its children finished")
         if args.data:
@@ -139,7 +150,6 @@ def _analyze_one(args, run_id: str, settings):
         print(f"analyzed {sum(map(len, analyzed.values()))} checkpoint(s) of {len(analyzed)} "
               f"finished child run(s) of sweep {run_id}")
         return analyzed, True
-    analyzer = Analyzer(run_id, settings, data_paths=tuple(args.allow_data_path), data=args.data or None)
     diverged = analyzer.diverged()
     if diverged:
         print(f"warning: run {run_id} diverged ({diverged}): its kernels measure a broken model", file=sys.stderr)

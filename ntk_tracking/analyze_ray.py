@@ -60,7 +60,7 @@ def analyze_until_logged(analyzer, epoch: int, wait_seconds: float = WAIT_SECOND
             return "damaged", str(err)
         except NonFiniteKernel as err:
             return "nonfinite", f"epoch {epoch}: {err}; not logged (a rerun tries it again)"
-        if epoch in tracking.logged_steps(analyzer.client, analyzer.run_id, analyzer._marker_key()):
+        if epoch in tracking.logged_steps(analyzer.client, analyzer.run_id, analyzer.marker_key()):
             return "already", ""
         time.sleep(wait_seconds)
 

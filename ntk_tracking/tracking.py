@@ -13,6 +13,8 @@ import warnings
 from urllib.parse import urlsplit, urlunsplit
 
 import mlflow
+
+from ntk_tracking.keys import DIVERGED_TAG  # noqa: F401 (re-exported: tracking.DIVERGED_TAG)
 from mlflow.entities import Metric
 from mlflow.exceptions import MlflowException
 
@@ -117,7 +119,6 @@ def check_artifacts_writable(artifact_uri: str | None) -> None:
                        "make it writable, or use a tracking store whose artifacts you can write") from None
 
 
-from ntk_tracking.keys import DIVERGED_TAG  # noqa: E402,F401 (re-exported)
 EXPLODING_FACTOR = 1e6  # a loss this many times its first value (in magnitude) has diverged
 
 

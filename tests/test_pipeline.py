@@ -378,3 +378,13 @@ def test_analyzer_says_what_runs_while_the_first_checkpoint_waits(store):
         f"epoch {second}: measuring model on test", f"epoch {second}: logging",
     ]
     assert analyzer.check["checked_points"] == [0, 1, 2, 3]
+
+
+def test_several_runs_are_all_checked_before_any_is_analyzed(store, capsys):
+    """A bad second run id refuses the whole command: the first run gets no metric."""
+    run_id = train_main("mnist_dense", TINY)
+    with pytest.raises(SystemExit):
+        analyze_main([run_id, "0123456789abcdef0123456789abcdef"] + TINY_ANALYSIS)
+    assert "0123456789abcdef0123456789abcdef" in capsys.readouterr().err
+    assert not any(k.startswith("ntk/") for k in mlflow.MlflowClient().get_run(run_id).data.metrics)
+    assert analyze_main([f"{run_id},{run_id}"] + TINY_ANALYSIS) == [0, 2, 4]  # one list, duplicates once
