@@ -141,7 +141,8 @@ SLOW_FIRST = ("test_ray_sweep.py", "test_faults.py", "test_sweep_any_task.py", "
 # trained sweeps, Ray clusters, tracking servers killed and restarted, many processes at once.
 # Single slow tests elsewhere carry @pytest.mark.slow themselves.
 SLOW_FILES = ("test_ray_sweep.py", "test_faults.py", "test_pipeline.py", "test_one_writer.py", "test_sweep.py",
-              "test_pong_actor_critic.py", "test_options.py", "test_data_paths.py")
+              "test_pong_actor_critic.py", "test_options.py", "test_data_paths.py", "test_report.py",
+              "test_molecules_offline.py", "test_security.py")
 
 
 def pytest_collection_modifyitems(config, items):

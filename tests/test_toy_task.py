@@ -29,6 +29,7 @@ def toy(tmp_path, monkeypatch):
     mlflow.set_tracking_uri(None)
 
 
+@pytest.mark.slow
 def test_the_toy_task_trains_analyzes_sweeps_and_reports(toy, capsys):
     from ntk_tracking.cli import analyze_main, main, train_main
     from ntk_tracking.report import report_main
