@@ -29,7 +29,7 @@ from ntk_tracking.claims import Claim, Held, holder, record_once, recorded
 from ntk_tracking.ntk import IMPLEMENTATIONS, NTK, Measurement, check_against_ntvp, draw_subsets
 from ntk_tracking.ntk.measure import NonFiniteKernel
 from ntk_tracking.tasks import PRIMARY_NETWORK, task_names, ProbeContext, get_task
-from ntk_tracking.keys import metric_key
+from ntk_tracking.keys import EPOCH_METRIC, STEPS_PER_EPOCH_TAG, metric_key
 
 AUTO_SPLITS = ("auto",)  # the task's own probe sets
 SETTINGS_ARTIFACT = "analysis/settings.json"
@@ -336,6 +336,10 @@ class Analyzer:
         run = self.client.get_run(self.run_id)
         if run.info.status == "RUNNING":
             return []
+        if self.config.step_checkpoints:  # the steps training reached, read from its `epoch` metric
+            stops = set(self.config.cv_optimizer_steps(int(run.data.tags.get(STEPS_PER_EPOCH_TAG, "1"))))
+            epochs = set(self.config.cv_epochs())
+            return [s for s, e in self.history(EPOCH_METRIC) if s in stops or (e.is_integer() and int(e) in epochs)]
         if run.info.status == "FINISHED":
             return self.config.cv_epochs()
         logged = tracking.logged_steps(self.client, self.run_id, self.task.loss_metrics[0])

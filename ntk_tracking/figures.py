@@ -59,11 +59,12 @@ def log_spaced(steps) -> bool:
     return bool(np.mean(positive <= positive[0] + 0.1 * (positive[-1] - positive[0])) >= 1 / 3)
 
 
-def epoch_axis(ax, steps, label: str) -> None:
-    """Integer ticks; a symmetric-log axis (linear from 0 to 1, so epoch 0 stays) for log-spaced steps."""
+def epoch_axis(ax, steps, label: str, log: bool = False) -> None:
+    """Integer ticks; a symmetric-log axis (linear from 0 to 1, so epoch 0 stays) for log-spaced
+    steps, or with `log`."""
     from matplotlib.ticker import FuncFormatter, MaxNLocator, NullFormatter, SymmetricalLogLocator
 
-    if log_spaced(steps):
+    if (log and max(steps, default=0) > 1) or log_spaced(steps):
         ax.set_xscale("symlog", linthresh=1, linscale=0.4)
         ax.set_xlim(left=0)
         subs = (1.0, 2.0, 5.0) if max(steps) <= 100 else (1.0, 3.0)  # labels that do not collide
@@ -88,9 +89,10 @@ def log_axis_if_spanning(ax, axis: str = "y", ratio: float = 10.0) -> None:
 
 
 def evolution_figure(histories: dict, splits, title: str = "", networks=("model",),
-                     loss_keys=("train/loss", "test/loss"), xlabel: str = "epoch"):
+                     loss_keys=("train/loss", "test/loss"), xlabel: str = "epoch", log_x: bool = False):
     """Entropy, trace and loss against epoch, one row per network; `histories` maps metric keys
-    to (step, value) lists (`…/entropy_std/…`, `…/trace_std/…` where present: bands)."""
+    to (step, value) lists (`…/entropy_std/…`, `…/trace_std/…` where present: bands); `log_x`:
+    a log axis whatever the steps (runs counted in optimizer steps)."""
     from ntk_tracking.keys import metric_key
 
     fig, axes = plt.subplots(len(networks), 3, figsize=(13, 3.6 * len(networks)), squeeze=False)
@@ -110,7 +112,7 @@ def evolution_figure(histories: dict, splits, title: str = "", networks=("model"
         row[2].set_ylabel(", ".join(sorted({k.split("/", 1)[-1] for k in loss_keys})))
         log_axis_if_spanning(row[2], ratio=3.0)
         for ax in row:
-            epoch_axis(ax, cv_steps, xlabel)
+            epoch_axis(ax, cv_steps, xlabel, log=log_x)
             ax.grid(alpha=0.3)
             if ax.get_legend_handles_labels()[0]:
                 ax.legend(frameon=False, fontsize=8)

@@ -16,6 +16,11 @@ ANALYZED_RUN_TAG = "ntk_tracking.analyzed_run"  # on an `mlflow run . -e analyze
 ANALYZED_BY_TAG = "ntk_tracking.analyzed_by"  # on the analyzed run: that launch
 REPORTED_RUN_TAG = "ntk_tracking.reported_run"
 DESCRIPTION_TAG = "mlflow.note.content"  # the description the MLflow UI shows
+# What a run's metric steps and checkpoint names count: `epoch`, `PPO update`, or `optimizer step`
+# (runs with CV checkpoints at optimizer steps); runs made before the tag existed count epochs.
+STEP_UNIT_TAG = "ntk_tracking.step_unit"
+STEPS_PER_EPOCH_TAG = "ntk_tracking.steps_per_epoch"  # optimizer steps of the first epoch (step-unit runs)
+EPOCH_METRIC = "epoch"  # logged at every step: (fractional) epochs, a common x-axis for every run
 
 
 def metric_key(network: str, name: str, probe_set: str) -> str:

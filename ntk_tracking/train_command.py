@@ -73,6 +73,7 @@ def prepare_training(task: str, argv=None, prog: str | None = None):
     try:
         config = config_from_args(task, args)
         dataset = t.load_data(config)
+        t.check_cadence(config, dataset)
         from ntk_tracking.tracking import prepare_tracking
 
         prepare_tracking()  # a dead server is named now, not after minutes of retries

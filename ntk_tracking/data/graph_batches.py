@@ -76,6 +76,22 @@ def batches(graphs: Graphs, budget: Budget, order=None) -> Iterator[jraph.Graphs
         yield _as_float32(batch)
 
 
+def count_batches(graphs: Graphs, budget: Budget, order=None) -> int:
+    """How many batches `batches` yields, from the graphs' sizes alone (jraph.dynamically_batch's
+    greedy rule: a batch closes when the next graph would overflow a budget, one node and one
+    graph kept for padding)."""
+    order = range(len(graphs)) if order is None else order
+    n_nodes, n_edges = graphs.n_node.tolist(), graphs.n_edge.tolist()
+    count, nodes, edges, members = 0, 0, 0, 0
+    for i in order:
+        a, b = n_nodes[int(i)], n_edges[int(i)]
+        if members and (members + 1 > budget.n_graph - 1 or nodes + a > budget.n_node - 1
+                        or edges + b > budget.n_edge):
+            count, nodes, edges, members = count + 1, 0, 0, 0
+        nodes, edges, members = nodes + a, edges + b, members + 1
+    return count + (1 if members else 0)
+
+
 def _as_float32(g: jraph.GraphsTuple) -> jraph.GraphsTuple:
     return g._replace(nodes=g.nodes.astype(np.float32), edges=g.edges.astype(np.float32),
                       globals=g.globals.astype(np.float32), senders=g.senders.astype(np.int32),

@@ -37,6 +37,11 @@ class TaskConfig:
     test_size: int | None = option(None, "test points; 0 = all")
     cv_every: int = option(1, "checkpoint model variables for the NTK every k epochs (epoch 0 and the last always)")
     cv_log_points: int = option(0, "extra log-spaced checkpoint epochs between 1 and the last (dense early sampling)")
+    cv_steps: str = option("none", "extra CV checkpoints at these global optimizer steps, comma-separated "
+                           "(e.g. 1,2,4,8,16); none = epochs only. Any step checkpoint logs every metric at "
+                           "step = optimizer step")
+    cv_log_steps: int = option(0, "N extra CV checkpoints log-spaced over the optimizer steps inside the first "
+                               "epoch (1 … steps per epoch − 1, rounded, repeats dropped)")
 
     def checks(self) -> list[tuple[bool, str]]:
         """(condition, message) pairs; subclasses extend the list with their own fields."""
@@ -44,6 +49,7 @@ class TaskConfig:
             (self.epochs >= 0, f"epochs must be ≥ 0, got {self.epochs}"),
             (self.cv_every > 0, f"cv_every (the CV cadence in epochs) must be ≥ 1, got {self.cv_every}"),
             (self.cv_log_points >= 0, f"cv_log_points must be ≥ 0, got {self.cv_log_points}"),
+            (self.cv_log_steps >= 0, f"cv_log_steps must be ≥ 0, got {self.cv_log_steps}"),
             (self.train_size is None or self.train_size > 0,
              f"train_size must be positive (or unset for all), got {self.train_size}"),
             (self.test_size is None or self.test_size > 0,
@@ -52,10 +58,26 @@ class TaskConfig:
 
     def validate(self):
         """Raise ValueError naming the first bad field and how to fix it."""
+        parse_steps(self.cv_steps)
         for ok, message in self.checks():
             if not ok:
                 raise ValueError(message)
         return self
+
+    @property
+    def step_checkpoints(self) -> bool:
+        """Whether CV checkpoints are taken at optimizer steps (then every metric has step = optimizer step)."""
+        return bool(parse_steps(self.cv_steps)) or self.cv_log_steps > 0
+
+    def cv_optimizer_steps(self, steps_per_epoch: int) -> list[int]:
+        """The global optimizer steps of step checkpoints: --cv-steps, plus --cv-log-steps N
+        log-spaced steps inside the first epoch: round(10**x) for N values of x evenly spaced
+        from 0 to log10(steps_per_epoch − 1), repeats dropped (so fewer than N in a short epoch)."""
+        steps = set(parse_steps(self.cv_steps))
+        if self.cv_log_steps and steps_per_epoch > 1:
+            exponents = _linspace(0, math.log10(steps_per_epoch - 1), self.cv_log_steps)
+            steps |= {round(10**e) for e in exponents}
+        return sorted(steps)
 
     def cv_epochs(self) -> list[int]:
         """The epochs whose model variables are checkpointed for the NTK analysis."""
@@ -79,6 +101,22 @@ class TaskConfig:
         if unknown:
             raise ValueError(f"config has fields this version does not know: {sorted(unknown)}")
         return cls(**d)
+
+
+def parse_steps(text: str) -> list[int]:
+    """`1,2,4` (any order, repeats allowed) -> [1, 2, 4]; `none` or empty -> []; ValueError otherwise."""
+    text = (text or "").strip()
+    if text.lower() in ("", "none"):
+        return []
+    steps = []
+    for part in text.replace(" ", ",").split(","):
+        if not part:
+            continue
+        if not part.isdigit() or int(part) < 1:
+            raise ValueError(f"cv_steps must be positive integers (global optimizer steps) separated by commas, "
+                             f"e.g. --cv-steps 1,2,4,8; got {part!r} in {text!r}")
+        steps.append(int(part))
+    return sorted(set(steps))
 
 
 def _linspace(a: float, b: float, n: int) -> list[float]:
@@ -181,6 +219,33 @@ class Task:
         after epoch 0 (when start_epoch is 0) and after every epoch."""
         raise NotImplementedError
 
+    def steps_per_epoch(self, config, data) -> int | None:
+        """Optimizer steps in one epoch (the first epoch's where the count varies); None when the
+        trainer cannot stop inside an epoch (then step checkpoints are refused)."""
+        return None
+
+    def step_unit(self, config) -> str:
+        """What a logged step counts: `optimizer step` for a run with step checkpoints, else step_name."""
+        return "optimizer step" if config.step_checkpoints and self.step_name == "epoch" else self.step_name
+
+    def check_cadence(self, config, data) -> None:
+        """ValueError naming step checkpoints this run cannot take (checked before any run exists)."""
+        if not config.step_checkpoints:
+            return
+        n = self.steps_per_epoch(config, data)
+        if n is None:
+            raise ValueError(f"{self.name} cannot checkpoint inside an epoch (its trainer runs whole epochs): "
+                             "drop --cv-steps and --cv-log-steps, or use --cv-every and --cv-log-points")
+        unit = self.step_name if self.step_name != "epoch" else "optimizer step"
+        if config.cv_log_steps and n < 2:
+            raise ValueError(f"--cv-log-steps places checkpoints inside the first epoch, but a {self.name} epoch "
+                             f"is {n} {unit}: use --cv-steps (or --cv-log-points) instead")
+        total = n * config.epochs
+        beyond = [s for s in config.cv_optimizer_steps(n) if s > total]
+        if beyond:
+            raise ValueError(f"--cv-steps {','.join(map(str, beyond))}: beyond the run's last {unit}, {total} "
+                             f"({config.epochs} epochs × {n}); drop them or train more epochs")
+
     def cv_variables(self, state) -> Any:
         """What a CV checkpoint holds: the model variables (parameters and fixed state)."""
         raise NotImplementedError
@@ -210,8 +275,9 @@ class Task:
         keys = [metric_key(n, v, s) for n in networks for v in ("entropy", "trace", "entropy_std", "trace_std")
                 for s in probe_sets]
         histories = {k: history(k) for k in keys + list(self.loss_metrics)}
+        unit = self.step_unit(config)
         return evolution_figure(histories, probe_sets, title=title, networks=networks,
-                                loss_keys=self.loss_metrics, xlabel=self.step_name)
+                                loss_keys=self.loss_metrics, xlabel=unit, log_x=unit == "optimizer step")
 
     def checkpoint_artifacts(self, config, data, variables, epoch: int) -> Iterable[tuple[str, Any]]:
         """(artifact path, matplotlib figure) pairs the analyzer logs per checkpoint (VAE pictures)."""

@@ -104,6 +104,11 @@ class GreekPosTask(Task):
 
         return fit(config, data, state, start_epoch, on_epoch, progress=progress)
 
+    def steps_per_epoch(self, config, data):
+        from ntk_tracking.train.tagging import steps_per_epoch
+
+        return steps_per_epoch(config, len(data.splits["train"]))
+
     def cv_variables(self, state):
         return {"params": state.params}
 

@@ -87,6 +87,11 @@ class MnistVaeTask(Task):
 
         return fit(config, data, state, start_epoch, on_epoch, progress=progress)
 
+    def steps_per_epoch(self, config, data):
+        from ntk_tracking.train.loop import full_batches
+
+        return full_batches(len(data.x_train), config.batch_size)
+
     def cv_variables(self, state):
         return {"params": state.params}
 

@@ -122,6 +122,14 @@ class MolPCBATask(Task):
             eval_sets["valid"] = data.molecules.valid
         return fit(config, data.molecules, state, start_epoch, on_epoch, data.budget, eval_sets, progress)
 
+    def steps_per_epoch(self, config, data: MolPCBAData):
+        """The first epoch's batches (their count varies a little with the order of the molecules)."""
+        from ntk_tracking.data.graph_batches import count_batches
+        from ntk_tracking.train.loop import epoch_order
+
+        train = data.molecules.train
+        return count_batches(train, data.budget, epoch_order(config.seed, 1, len(train)))
+
     def cv_variables(self, state):
         return {"params": state.params}
 

@@ -130,7 +130,12 @@ class PongActorCriticTask(Task):
     def fit(self, config, data, state, start_epoch, on_epoch, progress=True):
         from ntk_tracking.train.ppo import fit
 
-        return fit(config, data, state, start_epoch, on_epoch, progress=progress, eval_epochs=config.cv_epochs())
+        return fit(config, data, state, start_epoch, on_epoch, progress=progress,
+                   eval_epochs=config.cv_epochs() + config.cv_optimizer_steps(1))
+
+    def steps_per_epoch(self, config, data):
+        """One epoch is one PPO update, the unit of --cv-steps here (its Adam steps run inside one jitted call)."""
+        return 1
 
     def cv_variables(self, state):
         params = state.train.params

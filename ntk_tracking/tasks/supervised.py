@@ -80,6 +80,11 @@ class SupervisedTask(Task):
 
         return fit(config, data, state, start_epoch, on_epoch, progress=progress)
 
+    def steps_per_epoch(self, config, data):
+        from ntk_tracking.train.loop import full_batches
+
+        return full_batches(len(data.x_train), config.batch_size)
+
     def cv_variables(self, state):
         from ntk_tracking.train.supervised import model_variables
 

@@ -8,6 +8,7 @@ serves every batch because every batch is padded to the same budget.
 from __future__ import annotations
 
 import functools
+import itertools
 import math
 from typing import Callable
 
@@ -19,7 +20,7 @@ import optax
 from flax.training import train_state
 
 from ntk_tracking.train.loop import epoch_order, run_epochs
-from ntk_tracking.data.graph_batches import Budget, batches, labels_of
+from ntk_tracking.data.graph_batches import Budget, batches, count_batches, labels_of
 from ntk_tracking.data.ogbg import Graphs
 from ntk_tracking.models.graph_net import GraphConvNet
 
@@ -149,18 +150,23 @@ def fit(config, data, state: TrainState, start_epoch: int, on_epoch: Callable, b
             metrics.update(evaluate(predict, state.params, graphs, budget, prefix))
         return metrics
 
-    def step(state, epoch):
+    def step(state, epoch, steps=slice(None)):
         epoch_key = jax.random.fold_in(jax.random.PRNGKey(config.seed), epoch)
         sums = {"loss": 0.0, "labels": 0.0, "grad_norm": 0.0}
-        steps = 0
-        for i, batch in enumerate(batches(data.train, budget, epoch_order(config.seed, epoch, len(data.train)))):
+        done = 0
+        epoch_batches = batches(data.train, budget, epoch_order(config.seed, epoch, len(data.train)))
+        for i, batch in itertools.islice(enumerate(epoch_batches), steps.start, steps.stop):
             state, m = train_step(state, batch, jax.random.fold_in(epoch_key, i))
             sums = {k: sums[k] + m[k] for k in sums}  # device values: no host sync inside the epoch
-            steps += 1
-        return state, {"train/step_loss": float(sums["loss"]) / max(steps, 1),
-                       "train/grad_norm": float(sums["grad_norm"]) / max(steps, 1),
-                       "train/param_norm": float(optax.tree.norm(state.params)), "train/steps": float(steps)}
+            done += 1
+        return state, {"train/step_loss": float(sums["loss"]) / max(done, 1),
+                       "train/grad_norm": float(sums["grad_norm"]) / max(done, 1),
+                       "train/param_norm": float(optax.tree.norm(state.params)), "train/steps": float(done)}
+
+    def epoch_steps(epoch):
+        return count_batches(data.train, budget, epoch_order(config.seed, epoch, len(data.train)))
 
     # Mean AP is NaN where a split has no positive label for a task: only the loss must stay finite.
     return run_epochs(config, state, start_epoch, on_epoch, step, evaluation, progress=progress,
-                      shown={"loss": "train/loss", "test_ap": "test/mean_ap"}, finite=("train/step_loss",))
+                      shown={"loss": "train/loss", "test_ap": "test/mean_ap"}, finite=("train/step_loss",),
+                      epoch_steps=epoch_steps)

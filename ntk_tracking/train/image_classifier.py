@@ -116,10 +116,10 @@ def make_train_epoch(config, mean, std) -> Callable:
         metrics = jax.tree_util.tree_map(lambda *v: jnp.mean(jnp.stack(v)), *metrics)
         return dict(metrics, param_norm=optax.tree.norm(state.params))
 
-    def train_epoch(state, xs, ys, epoch):
+    def train_epoch(state, xs, ys, epoch, steps=slice(None)):
         keys = step_keys(epoch, len(xs))
         metrics = []
-        for i in range(len(xs)):
+        for i in range(len(xs))[steps]:
             state, m = train_step(state, xs[i], ys[i], keys[i])
             metrics.append(m)
         return state, summary(state, metrics)
@@ -154,11 +154,11 @@ def fit(config, data, state: TrainState, start_epoch: int, on_epoch: Callable, p
     def evaluation(state, epoch):
         return train_and_test(evaluate, state, train, test)
 
-    def step(state, epoch):
-        state, m = train_epoch(state, *shuffled_batches(config.seed, epoch, config.batch_size, *train), epoch)
+    def step(state, epoch, steps=slice(None)):
+        state, m = train_epoch(state, *shuffled_batches(config.seed, epoch, config.batch_size, *train), epoch, steps)
         return state, {"train/step_loss": float(m["loss"]), "train/grad_norm": float(m["grad_norm"]),
                        "train/param_norm": float(m["param_norm"]),
                        "train/learning_rate": float(schedule(epoch * steps))}
 
     return run_epochs(config, state, start_epoch, on_epoch, step, evaluation, progress=progress,
-                      shown={"loss": "train/loss", "test_acc": "test/accuracy"})
+                      shown={"loss": "train/loss", "test_acc": "test/accuracy"}, epoch_steps=lambda epoch: steps)

@@ -239,7 +239,8 @@ def fit(config, data, runner: Runner, start_epoch: int, on_epoch: Callable[[int,
         return runner, {f"train/{k}": float(v) for k, v in jax.device_get(m).items() if k != "completed"}
 
     return run_epochs(config, runner, start_epoch, on_epoch, step, evaluation, progress=progress, unit="update",
-                      shown={"ret": "train/episode_return", "eps": "train/episodes"}, check_before_reporting=True)
+                      shown={"ret": "train/episode_return", "eps": "train/episodes"}, check_before_reporting=True,
+                      epoch_steps=lambda epoch: 1)
 
 
 def make_state_collector(config, env, env_params, count: int, num_envs: int = 32, every: int = 4):

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import optax
 from flax.training import train_state
 
-from ntk_tracking.train.loop import chunked_means, run_epochs, shuffled_batches, train_and_test
+from ntk_tracking.train.loop import chunked_means, full_batches, run_epochs, shuffled_batches, train_and_test
 from ntk_tracking.models import create_model
 
 EVAL_BATCH = 1024
@@ -129,8 +129,10 @@ def fit(
     def evaluation(state, epoch):
         return train_and_test(evaluate, state, train, test)
 
-    def step(state, epoch):
-        state, m = train_epoch(state, *shuffled_batches(config.seed, epoch, config.batch_size, *train))
+    def step(state, epoch, steps=slice(None)):
+        xs, ys = shuffled_batches(config.seed, epoch, config.batch_size, *train)
+        state, m = train_epoch(state, xs[steps], ys[steps])
         return state, {"train/grad_norm": float(m["grad_norm"]), "train/param_norm": float(m["param_norm"])}
 
-    return run_epochs(config, state, start_epoch, on_epoch, step, evaluation, progress=progress)
+    return run_epochs(config, state, start_epoch, on_epoch, step, evaluation, progress=progress,
+                      epoch_steps=lambda epoch: full_batches(len(train[0]), config.batch_size))

@@ -168,10 +168,11 @@ def fit(config, data, state, start_epoch: int, on_epoch: Callable, progress: boo
             metrics.update({f"{name}/{k}": float(v) for k, v in evaluate(state, split).items()})
         return metrics
 
-    def step(state, epoch):
+    def step(state, epoch, steps=slice(None)):
         batches = epoch_batches(data.splits["train"], config.batch_size, config.seed, epoch)
-        state, m = train_epoch(state, batches, epoch)
+        state, m = train_epoch(state, jax.tree_util.tree_map(lambda a: a[steps], batches), epoch)
         return state, {"train/grad_norm": float(m["grad_norm"]), "train/param_norm": float(m["param_norm"])}
 
     return run_epochs(config, state, start_epoch, on_epoch, step, evaluation, progress=progress,
-                      shown={"loss": "train/loss", "test": "test/accuracy"})
+                      shown={"loss": "train/loss", "test": "test/accuracy"},
+                      epoch_steps=lambda epoch: steps_per_epoch(config, len(data.splits["train"])))

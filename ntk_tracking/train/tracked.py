@@ -14,7 +14,8 @@ from ntk_tracking import tracking
 from ntk_tracking.checkpointing import CheckpointStore
 from ntk_tracking.claims import TTL_SECONDS, Claim, Held
 
-from ntk_tracking.keys import KIND_TAG as RUN_KIND_TAG, TASK_TAG
+from ntk_tracking.keys import EPOCH_METRIC, KIND_TAG as RUN_KIND_TAG, STEP_UNIT_TAG, STEPS_PER_EPOCH_TAG, TASK_TAG
+from ntk_tracking.train.loop import StepCadence
 
 
 def _check_same_config(saved: dict, config) -> None:
@@ -137,38 +138,54 @@ def _train_in_run(client, run_id: str, task, config, dataset, progress: bool,
         params = client.get_run(run_id).data.params  # `mlflow run` logs its own first
         missing = {k: v for k, v in dataclasses.asdict(config).items() if k not in params}
         mlflow.log_params(missing)
-        mlflow.set_tags({RUN_KIND_TAG: "training", TASK_TAG: config.task})
+        tags = {RUN_KIND_TAG: "training", TASK_TAG: config.task, STEP_UNIT_TAG: task.step_unit(config)}
+        if config.step_checkpoints:
+            tags[STEPS_PER_EPOCH_TAG] = str(task.steps_per_epoch(config, dataset))
+        mlflow.set_tags(tags)
         tracking.log_json_artifact(client, run_id, dataclasses.asdict(config), tracking.CONFIG_ARTIFACT)
         tracking.log_json_artifact(client, run_id, task.data_info(dataset), "data.json")
 
     store = CheckpointStore(run_id, client, resume_interval_seconds=resume_interval_seconds)
     state = task.init_state(config, dataset)
-    logged = tracking.logged_steps(client, run_id, task.loss_metrics[0])
-    start_epoch = 0
+    # Every logged batch holds `epoch` (runs before it existed: the loss), so a replayed step is never logged twice.
+    logged = (tracking.logged_steps(client, run_id, EPOCH_METRIC)
+              | tracking.logged_steps(client, run_id, task.loss_metrics[0]))
+    start_epoch = start_step = 0
     resumed = store.latest_resume(jax.eval_shape(lambda: state))
     if resumed is not None:
         state, meta = resumed
         start_epoch = int(meta["epoch"])
-        if start_epoch not in logged:  # killed between the resume save and the metric log
-            tracking.log_metrics(client, run_id, meta["metrics"], start_epoch)
-            logged.add(start_epoch)
+        start_step = int(meta.get("step", start_epoch))
+        if start_step not in logged:  # killed between the resume save and the metric log
+            tracking.log_metrics(client, run_id, {**meta["metrics"], EPOCH_METRIC: float(start_epoch)}, start_step)
+            logged.add(start_step)
         print(f"resuming run {run_id} after epoch {start_epoch}")
     cv_epochs = set(config.cv_epochs())
     losses = {m.step: m.value for m in client.get_metric_history(run_id, "train/loss")}
     diverged = [client.get_run(run_id).data.tags.get(tracking.DIVERGED_TAG)]
 
-    def on_epoch(epoch, state, metrics):
+    def on_point(step, epoch, state, metrics, epoch_end):
+        """At every epoch's end (step = epoch, or the optimizer step with step checkpoints) and
+        at every step checkpoint inside an epoch (epoch fractional)."""
         if "train/loss" in metrics and not diverged[0]:  # flag it in the run, once
-            losses.setdefault(epoch, float(metrics["train/loss"]))
+            losses.setdefault(step, float(metrics["train/loss"]))
             diverged[0] = tracking.divergence(list(losses.items()))
             if diverged[0]:
                 client.set_tag(run_id, tracking.DIVERGED_TAG, diverged[0])
                 print(f"warning: run {run_id} diverged: {diverged[0]}", file=sys.stderr)
-        if epoch in cv_epochs:
-            store.save_cv(epoch, task.cv_variables(state))
-        store.save_resume(epoch, state, {"epoch": epoch, "metrics": metrics}, force=epoch == config.epochs)
-        if epoch not in logged:  # a resumed run repeats no logged epoch
-            tracking.log_metrics(client, run_id, metrics, epoch)
+        if (epoch_end and int(epoch) in cv_epochs) or step in step_stops:
+            store.save_cv(step, task.cv_variables(state))
+        if epoch_end:
+            store.save_resume(step, state, {"epoch": int(epoch), "step": step, "metrics": metrics},
+                              force=epoch == config.epochs)
+        if step not in logged:  # a resumed run repeats no logged step
+            tracking.log_metrics(client, run_id, {**metrics, EPOCH_METRIC: epoch}, step)
+
+    step_stops: set[int] = set()
+    on_epoch = lambda epoch, state, metrics: on_point(epoch, float(epoch), state, metrics, True)  # noqa: E731
+    if config.step_checkpoints:
+        step_stops = set(config.cv_optimizer_steps(task.steps_per_epoch(config, dataset)))
+        on_epoch = StepCadence(tuple(sorted(step_stops)), start_step, on_point)
 
     try:
         task.fit(config, dataset, state, start_epoch, on_epoch, progress=progress)

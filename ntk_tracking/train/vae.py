@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import optax
 from flax.training import train_state
 
-from ntk_tracking.train.loop import chunked_means, run_epochs, shuffled_batches, train_and_test
+from ntk_tracking.train.loop import chunked_means, full_batches, run_epochs, shuffled_batches, train_and_test
 from ntk_tracking.models.vae import VAE, bernoulli_nll, gaussian_kl
 
 EVAL_BATCH = 1000
@@ -59,13 +59,20 @@ def make_train_epoch(seed: int) -> Callable:
         loss, grads = jax.value_and_grad(loss_fn)(state.params)
         return state.apply_gradients(grads=grads), {"loss": loss, "grad_norm": optax.tree.norm(grads)}
 
+    @functools.partial(jax.jit, static_argnums=1)
+    def epoch_keys(epoch, steps):
+        return jax.random.split(jax.random.fold_in(jax.random.PRNGKey(seed), epoch), steps)
+
     @jax.jit
-    def train_epoch(state, xs, epoch):
-        keys = jax.random.split(jax.random.fold_in(jax.random.PRNGKey(seed), epoch), xs.shape[0])
+    def scan(state, xs, keys):
         state, metrics = jax.lax.scan(train_step, state, (xs, keys))
         metrics = jax.tree_util.tree_map(jnp.mean, metrics)
         metrics["param_norm"] = optax.tree.norm(state.params)
         return state, metrics
+
+    def train_epoch(state, xs, epoch, steps=slice(None)):
+        """The epoch's optimizer steps `steps` (all by default) over batches `xs` (steps, batch, pixels)."""
+        return scan(state, xs[steps], epoch_keys(epoch, xs.shape[0])[steps])
 
     return train_epoch
 
@@ -95,10 +102,11 @@ def fit(config, data, state, start_epoch: int, on_epoch: Callable, progress: boo
     def evaluation(state, epoch):
         return train_and_test(evaluate, state, (data.x_train,), (data.x_test,))
 
-    def step(state, epoch):
+    def step(state, epoch, steps=slice(None)):
         (xs,) = shuffled_batches(config.seed, epoch, config.batch_size, data.x_train)
-        state, m = train_epoch(state, xs.reshape(xs.shape[:2] + (-1,)), epoch)
+        state, m = train_epoch(state, xs.reshape(xs.shape[:2] + (-1,)), epoch, steps)
         return state, {"train/step_loss": float(m["loss"]), "train/grad_norm": float(m["grad_norm"]),
                        "train/param_norm": float(m["param_norm"])}
 
-    return run_epochs(config, state, start_epoch, on_epoch, step, evaluation, progress=progress)
+    return run_epochs(config, state, start_epoch, on_epoch, step, evaluation, progress=progress,
+                      epoch_steps=lambda epoch: full_batches(len(data.x_train), config.batch_size))
