@@ -1,0 +1,194 @@
+"""CV checkpoints at optimizer steps (--cv-steps, --cv-log-steps): parsing and refusals, the
+step axis of such runs, their analysis, and a kill and resume inside the first epoch."""
+
+from __future__ import annotations
+
+import collections
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import mlflow
+import pytest
+
+from ntk_tracking.checkpointing import CheckpointStore
+from ntk_tracking.cli import analyze_main, train_main
+from ntk_tracking.keys import EPOCH_METRIC, STEP_UNIT_TAG, STEPS_PER_EPOCH_TAG
+from ntk_tracking.tasks import get_task
+from ntk_tracking.tasks.base import TaskConfig, parse_steps
+from conftest import use_tracking_store
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+# 64 points in batches of 8: 8 optimizer steps per epoch.
+DENSE = ["--width", "8", "--depth", "1", "--epochs", "2", "--train-size", "64", "--test-size", "32",
+         "--batch-size", "8", "--cv-every", "1", "--no-progress"]
+ANALYSIS = ["--subsets", "2", "--points", "4", "--no-progress"]
+
+
+@pytest.fixture
+def store(tmp_path, monkeypatch):
+    use_tracking_store(monkeypatch, tmp_path)
+    yield tmp_path
+    mlflow.set_tracking_uri(None)
+
+
+def history(run_id, key):
+    return sorted((m.step, m.value) for m in mlflow.MlflowClient().get_metric_history(run_id, key))
+
+
+def assert_one_value_per_step(run_id):
+    client = mlflow.MlflowClient()
+    for key in client.get_run(run_id).data.metrics:
+        counts = collections.Counter(m.step for m in client.get_metric_history(run_id, key))
+        assert all(n == 1 for n in counts.values()), (key, counts)
+
+
+def all_runs():
+    return mlflow.MlflowClient().search_runs([e.experiment_id for e in mlflow.search_experiments()])
+
+
+def test_steps_parse_and_the_log_spaced_rule():
+    assert parse_steps("8,1,2,2, 4") == [1, 2, 4, 8]
+    assert parse_steps("none") == parse_steps("") == []
+    # --cv-log-steps N: round(10**x), x evenly spaced from 0 to log10(steps per epoch − 1), repeats dropped.
+    assert TaskConfig(cv_log_steps=5).cv_optimizer_steps(63) == [1, 3, 8, 22, 62]
+    assert TaskConfig(cv_log_steps=8).cv_optimizer_steps(4) == [1, 2, 3]  # a short epoch: fewer than N
+    assert TaskConfig(cv_steps="16", cv_log_steps=2).cv_optimizer_steps(8) == [1, 7, 16]
+    assert not TaskConfig().step_checkpoints and TaskConfig(cv_log_steps=1).step_checkpoints
+
+
+@pytest.mark.parametrize("task, args, message", [
+    ("mnist_dense", ["--cv-steps", "1,0,4"], "cv_steps must be positive integers"),
+    ("mnist_dense", ["--cv-steps", "1.5"], "cv_steps must be positive integers"),
+    ("mnist_dense", ["--cv-steps", "two"], "e.g. --cv-steps 1,2,4,8"),
+    ("mnist_dense", ["--cv-log-steps", "-1"], "cv_log_steps must be ≥ 0"),
+    ("mnist_dense", ["--cv-steps", "4,17,40"], "--cv-steps 17,40: beyond the run's last optimizer step, 16 "
+                                               "(2 epochs × 8)"),
+    ("pong_actor_critic", ["--cv-log-steps", "4", "--epochs", "3"],
+     "a pong_actor_critic epoch is 1 PPO update: use --cv-steps"),
+    ("pong_actor_critic", ["--cv-steps", "2,5", "--epochs", "3"], "beyond the run's last PPO update, 3"),
+], ids=["zero", "fraction", "word", "negative-log", "beyond", "pong-log", "pong-beyond"])
+def test_bad_step_cadence_is_refused_before_any_run(store, capsys, task, args, message):
+    base = DENSE if task == "mnist_dense" else ["--no-progress"]
+    with pytest.raises(SystemExit) as exit_:
+        train_main(task, base + args)
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1, err
+    assert all_runs() == [] and not (store / "mlruns").exists()
+
+
+def test_dense_step_checkpoints_train_and_analyze_once(store):
+    """The issue's done-when: one point per sub-epoch checkpoint and per epoch; a rerun adds nothing."""
+    run_id = train_main("mnist_dense", DENSE + ["--cv-steps", "1,2,4,8"])
+    client = mlflow.MlflowClient()
+    tags = client.get_run(run_id).data.tags
+    assert tags[STEP_UNIT_TAG] == "optimizer step" and tags[STEPS_PER_EPOCH_TAG] == "8"
+    # Step 8 is both a step checkpoint and the end of epoch 1: one checkpoint, one point.
+    assert CheckpointStore(run_id, client).cv_epochs() == [0, 1, 2, 4, 8, 16]
+    assert [s for s, _ in history(run_id, "train/loss")] == [0, 1, 2, 4, 8, 16]
+    assert history(run_id, EPOCH_METRIC) == [(0, 0.0), (1, 0.125), (2, 0.25), (4, 0.5), (8, 1.0), (16, 2.0)]
+    assert [s for s, _ in history(run_id, "train/grad_norm")] == [8, 16]  # per-epoch statistics at epoch ends
+
+    # Stopping inside an epoch changes no number: the epoch ends equal a run without step checkpoints.
+    plain = train_main("mnist_dense", DENSE)
+    assert client.get_run(plain).data.tags[STEP_UNIT_TAG] == "epoch"
+    assert [s for s, _ in history(plain, "train/loss")] == [0, 1, 2]
+    assert history(plain, EPOCH_METRIC) == [(0, 0.0), (1, 1.0), (2, 2.0)]
+    for key in ("train/loss", "test/loss", "train/grad_norm", "train/param_norm"):
+        stepped = dict(history(run_id, key))
+        for epoch, value in history(plain, key):
+            assert stepped[8 * epoch] == pytest.approx(value, rel=1e-5), (key, epoch)
+
+    assert analyze_main([run_id] + ANALYSIS) == [0, 1, 2, 4, 8, 16]
+    for key in ("ntk/entropy/train", "ntk/trace/test", "ntk/entropy_std/test"):
+        assert [s for s, _ in history(run_id, key)] == [0, 1, 2, 4, 8, 16], key
+    before = {k: history(run_id, k) for k in client.get_run(run_id).data.metrics}
+    assert analyze_main([run_id] + ANALYSIS) == []
+    assert {k: history(run_id, k) for k in client.get_run(run_id).data.metrics} == before
+    assert_one_value_per_step(run_id)
+    assert "analysis/evolution.png" in {a.path for a in client.list_artifacts(run_id, "analysis")}
+
+
+def test_vae_takes_log_spaced_step_checkpoints_and_the_analyzer_measures_them(store):
+    """A non-dense task: 64 digits in batches of 16 are 4 steps per epoch; --cv-log-steps 3 gives 1, 2, 3."""
+    run_id = train_main("mnist_vae", ["--hidden", "16", "--latents", "2", "--epochs", "2", "--train-size", "64",
+                                      "--test-size", "32", "--batch-size", "16", "--cv-every", "2",
+                                      "--cv-log-points", "0", "--cv-log-steps", "3", "--no-progress"])
+    assert CheckpointStore(run_id, mlflow.MlflowClient()).cv_epochs() == [0, 1, 2, 3, 8]
+    assert [s for s, _ in history(run_id, "test/loss")] == [0, 1, 2, 3, 4, 8]
+    assert analyze_main([run_id] + ANALYSIS) == [0, 1, 2, 3, 8]
+    for key in ("ntk/entropy/train", "ntk/encoder/trace/test"):
+        assert [s for s, _ in history(run_id, key)] == [0, 1, 2, 3, 8], key
+    assert_one_value_per_step(run_id)
+
+
+def test_pong_step_checkpoints_are_updates():
+    """One Pong epoch is one PPO update: --cv-steps name updates, added to the epoch cadence."""
+    task = get_task("pong_actor_critic")
+    config = task.config(epochs=20, cv_every=10, cv_log_points=0, cv_steps="3,7")
+    assert task.steps_per_epoch(config, None) == 1
+    assert task.step_unit(config) == "PPO update"
+    assert config.cv_optimizer_steps(1) == [3, 7]
+
+
+# The real trainer, paused after logging optimizer step 4 (inside epoch 1) so the test can SIGKILL it there.
+PAUSE_AFTER_STEP_4 = """
+import os, sys, time
+from ntk_tracking import tracking
+from ntk_tracking.cli import train_main
+real_log, ctl = tracking.log_metrics, os.environ["NTK_TEST_CTL"]
+def paced(client, run_id, metrics, step):
+    real_log(client, run_id, metrics, step)
+    if step == 4:
+        open(os.path.join(ctl, "step4"), "w").close()
+        time.sleep(600)
+tracking.log_metrics = paced
+train_main(sys.argv[1], sys.argv[2:])
+"""
+
+
+@pytest.mark.slow
+def test_kill_inside_the_first_epoch_then_resume_logs_no_step_twice(store):
+    uri = mlflow.get_tracking_uri()
+    client = mlflow.MlflowClient()
+    args = DENSE + ["--cv-steps", "1,2,4,6"]
+    reference = train_main("mnist_dense", args)
+    run_id = client.create_run(client.get_experiment_by_name("Default").experiment_id).info.run_id
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    env.update(MLFLOW_TRACKING_URI=uri, MLFLOW_RUN_ID=run_id, JAX_PLATFORMS="cpu", NTK_TEST_CTL=str(store),
+               PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
+    with open(store / "train.log", "w") as log:
+        proc = subprocess.Popen([sys.executable, "-c", PAUSE_AFTER_STEP_4, "mnist_dense"] + args, env=env,
+                                stdout=log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 240
+        while not (store / "step4").exists():
+            assert proc.poll() is None and time.monotonic() < deadline, (store / "train.log").read_text()
+            time.sleep(0.1)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert [s for s, _ in history(run_id, "train/loss")] == [0, 1, 2, 4]  # killed inside epoch 1
+    # Its training claim lapses with its heartbeat; the relaunch (what `mlflow run --run-id` does) waits for that.
+    env.pop("NTK_TEST_CTL")
+    deadline = time.monotonic() + 180
+    while True:
+        done = subprocess.run([sys.executable, "-m", "pipelines.train", "mnist_dense"] + args, env=env,
+                              capture_output=True, text=True)
+        if done.returncode == 0 or "being trained by another process" not in done.stderr \
+                or time.monotonic() > deadline:
+            break
+        time.sleep(5)
+    assert done.returncode == 0, done.stderr
+    assert "resuming run" in done.stdout
+    assert client.get_run(run_id).info.status == "FINISHED"
+    assert_one_value_per_step(run_id)
+    for key in ("train/loss", "test/loss", EPOCH_METRIC):
+        resumed, uninterrupted = history(run_id, key), history(reference, key)
+        assert [s for s, _ in resumed] == [s for s, _ in uninterrupted] == [0, 1, 2, 4, 6, 8, 16], key
+        assert [v for _, v in resumed] == pytest.approx([v for _, v in uninterrupted], rel=1e-6), key
+    assert CheckpointStore(run_id, client).cv_epochs() == [0, 1, 2, 4, 6, 8, 16]
+    assert analyze_main([run_id] + ANALYSIS) == [0, 1, 2, 4, 6, 8, 16]
+    assert_one_value_per_step(run_id)
