@@ -43,7 +43,7 @@ from ntk_tracking.helpformat import HelpFormatter
 from ntk_tracking.tasks import task_names, get_task
 
 SWEEP_ARTIFACT = "sweep.json"
-from ntk_tracking.keys import KIND_TAG, REGIME_SPLIT_TAG, REGIME_TAG, REPORTED_RUN_TAG
+from ntk_tracking.keys import EPOCH_METRIC, KIND_TAG, REGIME_SPLIT_TAG, REGIME_TAG, REPORTED_RUN_TAG, STEP_UNIT_TAG
 # The architecture scan's axes but the seed; evolution rows in the paper's order. Other sweeps'
 # properties are their grid's fields (sweep.json), in the order given.
 PROPERTIES = ("activation", "width", "depth", "init", "learning_rate")
@@ -64,10 +64,18 @@ class Child:
     num_subsets: int | None
     regime: regimes.Regime | None = None
     figures: list[str] = dataclasses.field(default_factory=list)
+    epochs: dict[int, float] | None = None  # step -> epoch of a run counted in optimizer steps
 
-    def series(self, key: str) -> list[tuple[int, float]]:
-        """(epoch, value), the latest value where a step was logged twice."""
-        return sorted({m.step: m.value for m in self.points.get(key, [])}.items())
+    def series(self, key: str) -> list[tuple[float, float]]:
+        """(epoch, value), the latest value where a step was logged twice; a run counted in
+        optimizer steps gives its (fractional) epochs, so every child shares the epoch axis."""
+        points = {m.step: m.value for m in self.points.get(key, [])}
+        if self.epochs:
+            points = {self.epochs.get(step, math.nan): value for step, value in points.items()}
+        return sorted(points.items())
+
+    def last_step(self, key: str) -> int:
+        return max(m.step for m in self.points[key])
 
     def analyzed(self, split: str) -> bool:
         return bool(self.points.get(f"ntk/entropy/{split}"))
@@ -154,9 +162,12 @@ def read_child(client, run, props=PROPERTIES) -> Child:
     settings = tracking.load_json_artifact(run_id, "analysis/settings.json") if any(
         k.startswith("ntk/") for k in points) else None
     params = run.data.params
+    epochs = None
+    if run.data.tags.get(STEP_UNIT_TAG) == "optimizer step":
+        epochs = {m.step: m.value for m in client.get_metric_history(run_id, EPOCH_METRIC)}
     return Child(run_id=run_id, name=run.info.run_name or "", status=run.info.status,
                  grid={p: params.get(p, "") for p in (*props, "seed")}, points=points,
-                 num_subsets=None if settings is None else int(settings["num_subsets"]))
+                 num_subsets=None if settings is None else int(settings["num_subsets"]), epochs=epochs)
 
 
 def classify_child(child: Child, split: str, threshold: float) -> regimes.Regime:
@@ -169,7 +180,7 @@ def classify_child(child: Child, split: str, threshold: float) -> regimes.Regime
 def log_regime(client, child: Child, split: str) -> None:
     """Regime numbers as child metrics at the last NTK epoch (not repeated on reruns), class as tag."""
     r = child.regime
-    step = int(child.series(f"ntk/entropy/{split}")[-1][0])
+    step = child.last_step(f"ntk/entropy/{split}")
     values = {f"regime/entropy_recovery/{split}": r.recovery, f"regime/entropy_drop/{split}": r.drop,
               f"regime/entropy_rise/{split}": r.rise}
 
@@ -286,7 +297,7 @@ def scaling_figures(children: list[Child], values: dict, split: str, loss_label:
                             array[d, w] = np.mean(vals) if vals else np.nan
                     labels = {c.regime.label for c in cell}
                     marks[d][w] = "" if not labels else (regimes.MARKS[labels.pop()] if len(labels) == 1 else "mix")
-            last = f"epoch {last_epochs.pop()}" if len(last_epochs) == 1 else "last epoch"
+            last = f"epoch {last_epochs.pop():g}" if len(last_epochs) == 1 else "last epoch"
             legend = " · ".join(f"{m} {label.replace('_', ' ')}" for label, m in regimes.MARKS.items())
             seeds = len(values["seed"])
             if seeds > 1:
@@ -367,12 +378,12 @@ def write_runs(path: str, children: list[Child], split: str) -> None:
             ntk = c.series(f"ntk/entropy/{split}")
             out.writerow([
                 c.run_id, c.name, c.status, *(c.grid[g] for g in columns), c.analyzed(split),
-                c.num_subsets or "", loss[-1][0] if loss else "", split,
+                c.num_subsets or "", f"{loss[-1][0]:g}" if loss else "", split,
                 r.label if r else "", r.mark if r else "",
                 *((repr(getattr(r, n)) if not isinstance(getattr(r, n), str) else getattr(r, n)) if r else ""
                   for n in regime_fields),
                 *(repr(_cell_value(c.series(k), w)) for k in keys for w in ("initial", "final")),
-                ntk[-1][0] if ntk else "", ";".join(dict.fromkeys(c.figures)),
+                f"{ntk[-1][0]:g}" if ntk else "", ";".join(dict.fromkeys(c.figures)),
             ])
 
 

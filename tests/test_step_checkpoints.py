@@ -192,3 +192,37 @@ def test_kill_inside_the_first_epoch_then_resume_logs_no_step_twice(store):
     assert CheckpointStore(run_id, client).cv_epochs() == [0, 1, 2, 4, 6, 8, 16]
     assert analyze_main([run_id] + ANALYSIS) == [0, 1, 2, 4, 6, 8, 16]
     assert_one_value_per_step(run_id)
+
+
+@pytest.mark.slow
+def test_report_draws_runs_counted_in_steps_on_the_epoch_axis(store):
+    """A sweep whose children differ in unit: the report reads each child's epochs, so both end at epoch 2."""
+    import csv
+
+    from ntk_tracking import tracking
+    from ntk_tracking.report import report
+
+    client = mlflow.MlflowClient()
+    exp = client.get_experiment_by_name("Default").experiment_id
+    grid = {"width": [4, 8], "depth": [1], "activation": ["relu"], "init": ["lecun_normal"], "seed": [0]}
+    parent = client.create_run(exp, tags={"ntk_tracking.kind": "sweep", "ntk_tracking.task": "mnist_dense"}).info.run_id
+    tracking.log_json_artifact(client, parent, {"task": "mnist_dense", "grid": grid, "fixed": {}}, "sweep.json")
+    children = {}
+    for width, extra in ((4, ["--cv-steps", "1,2,4"]), (8, [])):
+        child = client.create_run(exp, tags={"mlflow.parentRunId": parent}).info.run_id
+        os.environ["MLFLOW_RUN_ID"] = child  # what the sweep's `mlflow run` does
+        try:
+            assert train_main("mnist_dense", DENSE + ["--width", str(width)] + extra) == child
+        finally:
+            os.environ.pop("MLFLOW_RUN_ID", None)
+        analyze_main([child] + ANALYSIS)
+        children[width] = child
+    result = report(parent, progress=False)
+    assert set(result.regimes) == set(children.values())
+    with open(mlflow.artifacts.download_artifacts(run_id=parent, artifact_path="report/runs.csv"), newline="") as f:
+        rows = {r["run_id"]: r for r in csv.DictReader(f)}
+    assert rows[children[4]]["last_ntk_epoch"] == rows[children[8]]["last_ntk_epoch"] == "2"
+    # The regime numbers go to the last NTK point's own step: optimizer step 16, epoch 2.
+    for width, last in ((4, 16), (8, 2)):
+        regime = [k for k in client.get_run(children[width]).data.metrics if k.startswith("regime/entropy_rise/")]
+        assert regime and [m.step for m in client.get_metric_history(children[width], regime[0])] == [last]

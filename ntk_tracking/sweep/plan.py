@@ -31,9 +31,16 @@ def plan_sweep(spec: SweepSpec, parent_run_id: str | None = None, experiment: st
     configs = [spec.config(p) for p in points.values()]
     first = configs[0]
     try:  # one load catches bad paths and sizes (a grid over data options is checked at training)
-        get_task(spec.task).load_data(first)
+        data = get_task(spec.task).load_data(first)
     except ValueError as err:
         raise ValueError(f"dataset {getattr(first, 'dataset', '') or spec.task!r}: {err}") from None
+    same_data = ("dataset", "train_size", "test_size", "batch_size")
+    for key, config in zip(points, configs):  # step checkpoints each run can take, on the data just loaded
+        if all(getattr(config, f, None) == getattr(first, f, None) for f in same_data):
+            try:
+                get_task(spec.task).check_cadence(config, data)
+            except ValueError as err:
+                raise ValueError(f"grid point {key}: {err}") from None
     client = mlflow_client or tracking.client()
     launched = os.environ.get("MLFLOW_RUN_ID")
     if parent_run_id and launched and parent_run_id != launched:

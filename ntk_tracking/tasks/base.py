@@ -244,7 +244,8 @@ class Task:
         beyond = [s for s in config.cv_optimizer_steps(n) if s > total]
         if beyond:
             raise ValueError(f"--cv-steps {','.join(map(str, beyond))}: beyond the run's last {unit}, {total} "
-                             f"({config.epochs} epochs × {n}); drop them or train more epochs")
+                             f"({config.epochs} epoch{'s' if config.epochs != 1 else ''} × {n}); drop them "
+                             "or train more epochs")
 
     def cv_variables(self, state) -> Any:
         """What a CV checkpoint holds: the model variables (parameters and fixed state)."""
