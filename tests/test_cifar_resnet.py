@@ -232,6 +232,19 @@ def test_tiny_resnet_learns_and_a_resumed_run_repeats_an_uninterrupted_one():
         np.testing.assert_array_equal(a, b)
 
 
+def test_tiny_resnet_stops_inside_an_epoch_without_changing_training():
+    from test_step_checkpoints import fit_in_stretches
+
+    task = get_task("cifar_resnet")
+    config = task.config(dataset="fixture", model="resnet_tiny", width=0.125, epochs=1, batch_size=20,
+                         cv_steps="1,2").validate()
+    data = cifar10.uint8_dataset("fixture", random_split(60, 1, side=8, classes=4),
+                                 random_split(20, 2, side=8, classes=4), num_classes=4, source="test", train_size=None, test_size=None, seed=0)
+    assert task.steps_per_epoch(config, data) == 3
+    assert fit_in_stretches(task, config, data, [1, 2]) == [(0, 0.0, True), (1, 1 / 3, False), (2, 2 / 3, False),
+                                                            (3, 1.0, True)]
+
+
 @pytest.fixture
 def store(tmp_path, monkeypatch):
     use_tracking_store(monkeypatch, tmp_path)

@@ -231,6 +231,18 @@ def test_tiny_config_learns_and_resumes_identically(treebank):
     jax.tree_util.tree_map(np.testing.assert_array_equal, uninterrupted.params, resumed.params)
 
 
+def test_tagger_stops_inside_an_epoch_without_changing_training(treebank):
+    from test_step_checkpoints import fit_in_stretches
+
+    config, data, _ = tiny_setup(treebank, epochs=2, word_dropout=0.2, dropout_rate=0.1, cv_steps="1,2,5")
+    n = TASK.steps_per_epoch(config, data)  # 16 sentences in batches of 4
+    assert n == 4
+    points = fit_in_stretches(TASK, config, data, [1, 2, 5])
+    assert [(step, end) for step, _, end in points] == [(0, True), (1, False), (2, False), (4, True), (5, False),
+                                                        (8, True)]
+    assert [epoch for _, epoch, _ in points] == [0.0, 0.25, 0.5, 1.0, 1.25, 2.0]
+
+
 def test_train_checkpoint_analyze_through_mlflow(treebank, tmp_path, monkeypatch):
     from ntk_tracking.checkpointing import CheckpointStore
     from ntk_tracking.cli import analyze_main, train_main

@@ -356,3 +356,37 @@ def test_train_checkpoint_analyze_through_mlflow(fixture_paths, tmp_path, monkey
         if mlflow.active_run():
             mlflow.end_run()
         mlflow.set_tracking_uri(None)
+
+
+def test_batch_count_matches_the_batches_for_any_order_and_budget(fixture_paths):
+    from ntk_tracking.data.graph_batches import Budget, batches, count_batches, budget_for
+
+    train = load_molpcba(fixture_paths["ogb"]).train
+    rng = np.random.default_rng(0)
+    for batch_size in (2, 4, 7):
+        budget = budget_for(train, batch_size)
+        for tight in (budget, Budget(n_node=int(train.n_node.max()) + 1, n_edge=int(train.n_edge.max()), n_graph=3)):
+            order = rng.permutation(len(train))
+            assert count_batches(train, tight, order) == len(list(batches(train, tight, order)))
+
+
+@pytest.mark.slow
+def test_step_checkpoints_count_the_batches_really_trained(fixture_paths, tmp_path, monkeypatch):
+    """Epochs of molecules batched by size differ in steps: the global step adds up the real ones."""
+    from ntk_tracking.checkpointing import CheckpointStore
+    from ntk_tracking.cli import train_main
+
+    use_tracking_store(monkeypatch, tmp_path)
+    try:
+        run_id = train_main("molpcba_gnn", ["--dataset", fixture_paths["ogb"], "--epochs", "2", "--latent-size", "8",
+                                            "--message-passing-steps", "1", "--mlp-layers", "1", "--batch-size", "4",
+                                            "--probe-pool", "8", "--cv-steps", "1,2", "--no-progress"])
+        client = mlflow.MlflowClient()
+        counts = [int(m.value) for m in sorted(client.get_metric_history(run_id, "train/steps"), key=lambda m: m.step)]
+        ends = [counts[0], counts[0] + counts[1]]
+        assert sorted(m.step for m in client.get_metric_history(run_id, "train/steps")) == ends
+        assert CheckpointStore(run_id, client).cv_epochs() == [0, 1, 2] + ends
+        epochs = {m.step: m.value for m in client.get_metric_history(run_id, "epoch")}
+        assert epochs == {0: 0.0, 1: 1 / counts[0], 2: 2 / counts[0], ends[0]: 1.0, ends[1]: 2.0}
+    finally:
+        mlflow.set_tracking_uri(None)

@@ -226,3 +226,21 @@ def test_report_draws_runs_counted_in_steps_on_the_epoch_axis(store):
     for width, last in ((4, 16), (8, 2)):
         regime = [k for k in client.get_run(children[width]).data.metrics if k.startswith("regime/entropy_rise/")]
         assert regime and [m.step for m in client.get_metric_history(children[width], regime[0])] == [last]
+
+
+def fit_in_stretches(task, config, data, stops):
+    """Trains with a StepCadence stopping at `stops` and without; asserts both end at the same
+    variables and returns the stepped run's (step, epoch, epoch_end) points."""
+    import jax
+    import numpy as np
+
+    from ntk_tracking.train.loop import StepCadence
+
+    points = []
+    cadence = StepCadence(tuple(stops), 0, lambda step, epoch, state, metrics, end: points.append((step, epoch, end)))
+    stepped = task.fit(config, data, task.init_state(config, data), 0, cadence, progress=False)
+    plain = task.fit(config, data, task.init_state(config, data), 0, lambda *args: None, progress=False)
+    for a, b in zip(*(jax.tree_util.tree_leaves(task.cv_variables(s)) for s in (stepped, plain)), strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+    return points
+

@@ -154,8 +154,8 @@ def fit(config, data, state: TrainState, start_epoch: int, on_epoch: Callable, p
     def evaluation(state, epoch):
         return train_and_test(evaluate, state, train, test)
 
-    def step(state, epoch, steps=slice(None)):
-        state, m = train_epoch(state, *shuffled_batches(config.seed, epoch, config.batch_size, *train), epoch, steps)
+    def step(state, epoch, span=slice(None)):
+        state, m = train_epoch(state, *shuffled_batches(config.seed, epoch, config.batch_size, *train), epoch, span)
         return state, {"train/step_loss": float(m["loss"]), "train/grad_norm": float(m["grad_norm"]),
                        "train/param_norm": float(m["param_norm"]),
                        "train/learning_rate": float(schedule(epoch * steps))}
