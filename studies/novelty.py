@@ -1,12 +1,18 @@
 """Paper Fig. 3 (section 4) with this tool: entropy and trace through training of the novelty models.
 
     python studies/novelty.py run [--models M ...] [--seeds 0 1]   # train + analyze, resumable
+    python studies/novelty.py run --cv-log-steps 8 --subsets 200 --points 20 --label steps
+                                    # + 8 log-spaced step checkpoints in the first epoch, the paper's K x m
     python studies/novelty.py report                               # verdicts + figure from the results
 
 `run` trains each model with the product's own command (`ntk-tracking train TASK ...`) into a
 tracking store outside the project (`--store`, default `./novelty_store`), analyzes it with
 `ntk-tracking analyze RUN --subsets K --points m`, and writes the run's series, read back from
-MLflow, to `studies/results/novelty/<model>_seed<k>.json`. A (model, seed) whose JSON exists is
+MLflow, to `studies/results/novelty/<model>_seed<k>.json`. `--cv-steps`/`--cv-log-steps` add
+CV checkpoints at optimizer steps to every model's training, `--subsets`/`--points` replace each
+model's K and m, `--train-args` appends training options, and `--label` names such a variant: its
+experiments and result files get the label as a suffix (`<model>_seed<k>_<label>.json`), so it
+never mixes with the default study. A (model, seed) whose JSON exists is
 skipped; a finished but unanalyzed run is analyzed (the analyzer skips what is done), so a killed
 study restarts where it stopped. `report` evaluates the paper's claims from those files only and
 writes `studies/results/novelty/verdicts.md` (+ `.json`) and the five-panel figure.
@@ -60,8 +66,15 @@ MODELS = {
 }
 
 
-def _argv(model: str, part: str, treebank: pathlib.Path) -> list[str]:
-    return [a.replace("{treebank}", str(treebank)) for a in MODELS[model][part]]
+def _argv(model: str, part: str, treebank: pathlib.Path, extra: dict | None = None) -> list[str]:
+    """The model's options for `part` (train or analyze), `extra` flags replacing or adding to them."""
+    argv = [a.replace("{treebank}", str(treebank)) for a in MODELS[model][part]]
+    for flag, value in (extra or {}).items():
+        if flag in argv:
+            argv[argv.index(flag) + 1] = value
+        else:
+            argv += [flag, value]
+    return argv
 
 
 def _env(store: pathlib.Path) -> dict:
@@ -83,13 +96,14 @@ def _series(client, run_id: str) -> dict:
     run = client.get_run(run_id)
     out = {}
     for key in run.data.metrics:
-        if key.startswith(("ntk/", "train/", "test/", "eval/")):
+        if key.startswith(("ntk/", "train/", "test/", "eval/")) or key == "epoch":
             out[key] = sorted([m.step, m.value] for m in client.get_metric_history(run_id, key))
     return out
 
 
-def run_one(model: str, seed: int, store: pathlib.Path, treebank: pathlib.Path) -> None:
-    out = RESULTS / f"{model}_seed{seed}.json"
+def run_one(model: str, seed: int, store: pathlib.Path, treebank: pathlib.Path, train_extra: dict | None = None,
+            analyze_extra: dict | None = None, label: str = "", results: pathlib.Path = RESULTS) -> None:
+    out = results / f"{model}_seed{seed}{'_' + label if label else ''}.json"
     if out.exists():
         print(f"{model} seed {seed}: done ({out.name})")
         return
@@ -98,9 +112,9 @@ def run_one(model: str, seed: int, store: pathlib.Path, treebank: pathlib.Path) 
     env = _env(store)
     os.environ["MLFLOW_TRACKING_URI"] = env["MLFLOW_TRACKING_URI"]
     client = mlflow.MlflowClient()
-    experiment = f"novelty-{model}-seed{seed}"
+    experiment = f"novelty-{model}-seed{seed}" + (f"-{label}" if label else "")
     task = MODELS[model]["task"]
-    train = ["ntk-tracking", "train", task, *_argv(model, "train", treebank), "--seed", str(seed),
+    train = ["ntk-tracking", "train", task, *_argv(model, "train", treebank, train_extra), "--seed", str(seed),
              "--experiment", experiment, "--no-progress"]
     run_id = _finished_run(client, experiment)
     t0 = time.perf_counter()
@@ -109,7 +123,7 @@ def run_one(model: str, seed: int, store: pathlib.Path, treebank: pathlib.Path) 
         subprocess.run(train, env=env, cwd=store, check=True)
         run_id = _finished_run(client, experiment)
     train_s = time.perf_counter() - t0
-    analyze = ["ntk-tracking", "analyze", run_id, *_argv(model, "analyze", treebank), "--no-progress"]
+    analyze = ["ntk-tracking", "analyze", run_id, *_argv(model, "analyze", treebank, analyze_extra), "--no-progress"]
     print("$", " ".join(analyze), flush=True)
     t0 = time.perf_counter()
     subprocess.run(analyze, env=env, cwd=store, check=True)
@@ -117,8 +131,9 @@ def run_one(model: str, seed: int, store: pathlib.Path, treebank: pathlib.Path) 
               "train_command": " ".join(train).replace(str(treebank), "<treebank>"),
               "analyze_command": " ".join(analyze),
               "train_seconds": round(train_s, 1), "analyze_seconds": round(time.perf_counter() - t0, 1),
+              "step_unit": client.get_run(run_id).data.tags.get("ntk_tracking.step_unit", "epoch"),
               "series": _series(client, run_id)}
-    RESULTS.mkdir(parents=True, exist_ok=True)
+    results.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(".tmp")
     tmp.write_text(json.dumps(result))
     tmp.replace(out)
@@ -133,14 +148,31 @@ def main(argv=None) -> None:
     r.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
     r.add_argument("--store", default="novelty_store", help="folder of the study's tracking store")
     r.add_argument("--treebank", default=str(TREEBANK), help="UD Ancient Greek Perseus folder or .conllu file")
+    r.add_argument("--cv-steps", default=None, help="CV checkpoints at these optimizer steps too (e.g. 1,2,4,8)")
+    r.add_argument("--cv-log-steps", type=int, default=None, help="N log-spaced step checkpoints in the first epoch")
+    r.add_argument("--subsets", type=int, default=None, help="K subsets per probe set (default: each model's own)")
+    r.add_argument("--points", type=int, default=None, help="m points per subset (default: each model's own)")
+    r.add_argument("--train-args", default="", help="more training options for every model, e.g. '--epochs 2'")
+    r.add_argument("--label", default="", help="suffix of this variant's experiments and result files")
+    r.add_argument("--results", default=str(RESULTS), help="folder of the result files")
     sub.add_parser("report", help="verdicts and the figure from studies/results/novelty")
     args = p.parse_args(argv)
     if args.command == "run":
+        import shlex
+
         store = pathlib.Path(args.store).resolve()
         store.mkdir(parents=True, exist_ok=True)
+        extra = shlex.split(args.train_args)
+        train_extra = dict(zip(extra[::2], extra[1::2]))
+        for flag, value in (("--cv-steps", args.cv_steps), ("--cv-log-steps", args.cv_log_steps)):
+            if value is not None:
+                train_extra[flag] = str(value)
+        analyze_extra = {flag: str(v) for flag, v in (("--subsets", args.subsets), ("--points", args.points))
+                         if v is not None}
         for seed in args.seeds:
             for model in args.models:
-                run_one(model, seed, store, pathlib.Path(args.treebank).resolve())
+                run_one(model, seed, store, pathlib.Path(args.treebank).resolve(), train_extra, analyze_extra,
+                        args.label, pathlib.Path(args.results).resolve())
     else:
         from novelty_report import report
 
