@@ -179,6 +179,17 @@ def test_train_checkpoint_analyze_end_to_end(store):
     assert list(saved["stages"])[0] == 0 and list(saved["stages"])[-1] == 4
 
 
+def test_step_checkpoints_are_ppo_updates(store):
+    """--cv-steps on Pong name PPO updates: checkpoints and evaluations there too, steps stay updates."""
+    run_id = train_main(TASK, TINY + ["--cv-steps", "1,3"])
+    client = mlflow.MlflowClient()
+    assert client.get_run(run_id).data.tags["ntk_tracking.step_unit"] == "PPO update"
+    assert CheckpointStore(run_id, client).cv_epochs() == [0, 1, 2, 3, 4]
+    assert [s for s, _ in history(run_id, "eval/episode_return")] == [0, 1, 2, 3, 4]
+    assert history(run_id, "epoch") == [(s, float(s)) for s in range(5)]
+    assert analyze_main([run_id] + TINY_ANALYSIS) == [0, 1, 2, 3, 4]
+
+
 class CheckpointlessArrays:
     def __init__(self, run_id):
         self.run_id = run_id
