@@ -244,3 +244,23 @@ def fit_in_stretches(task, config, data, stops):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
     return points
 
+
+
+def test_missing_and_damaged_step_checkpoints_are_named_and_the_rest_analyzed(store, capsys):
+    import shutil
+
+    run_id = train_main("mnist_dense", DENSE[:5] + ["1"] + DENSE[6:] + ["--cv-steps", "2,5"])  # --epochs 1
+    root = pathlib.Path(mlflow.utils.file_utils.local_file_uri_to_path(
+        mlflow.MlflowClient().get_run(run_id).info.artifact_uri), "checkpoints")
+    assert sorted(p.name for p in root.iterdir()) == ["0", "2", "5", "8", "resume"]
+    shutil.rmtree(root / "5")
+    for f in (root / "2").rglob("*"):
+        if f.is_file() and f.stat().st_size > 0 and "commit_success" not in f.name:
+            f.write_bytes(b"\0garbage\0" * 3)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_:
+        analyze_main([run_id] + ANALYSIS)
+    assert exit_.value.code == 3
+    err = capsys.readouterr().err
+    assert "1 damaged (epoch 2)" in err and "missing: epoch 5:" in err
+    assert [s for s, _ in history(run_id, "ntk/entropy/train")] == [0, 8]
