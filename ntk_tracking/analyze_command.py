@@ -107,6 +107,8 @@ def analyze_main(argv=None, prog: str = "ntk-tracking analyze") -> list[int] | d
             raise ValueError(f"--gpus-per-task must be ≥ 0, got {args.gpus_per_task:g}")
         if args.follow and (len(run_ids) > 1 or args.executor == "ray"):
             raise ValueError("--follow follows one training run, in this process; leave out --executor ray")
+        if not args.held_wait_seconds >= 0:
+            raise ValueError(f"--held-wait-seconds must be ≥ 0, got {args.held_wait_seconds:g}")
         if args.data and len(run_ids) > 1:
             raise ValueError("--data names one run's dataset; analyze that run alone with it")
         tracking.prepare_tracking(reading=True)

@@ -311,12 +311,13 @@ class CheckpointStore:
         if epoch in self._taken[kind] or (not self.remote and step_dir.exists()):
             log.info("%s checkpoint of epoch %d exists; not saving it again", kind, epoch)
             return False
-        if self.remote:  # the steps before it must have reached the store (the uploader takes the lock)
-            self._uploads.join()
         with self._locks[kind]:
             manager = self._manager(kind)
             if not force and not manager.should_save(epoch):
                 return False
+        if self.remote:  # the steps before it must have reached the store (the uploader takes the lock)
+            self._uploads.join()
+        with self._locks[kind]:
             manager.wait_until_finished()  # the previous step of this kind: it must have been written
             self._check_written(kind)
             # Tried before Orbax starts: a save it cannot write leaves its threads waiting for minutes.

@@ -205,14 +205,16 @@ def resume_command(line: str) -> str:
     return re.search(r"`([^`]+)`", line).group(1)
 
 
-def test_ctrl_c_in_training_is_one_line_with_the_resume_command(store):
+def test_ctrl_c_in_training_is_one_line_with_the_resume_command(any_store, tmp_path):
+    store = tmp_path
     mlflow.MlflowClient().search_experiments()
+    experiment = f"ctrl-c-{tmp_path.name}"
     argv = ["train", "mnist_dense", *TINY[:TINY.index("--epochs")], "--epochs", "60",
-            *TINY[TINY.index("--epochs") + 2:], "--resume-interval-seconds", "0"]
-    env = env_for(f"sqlite:///{store}/mlflow.db")
+            *TINY[TINY.index("--epochs") + 2:], "--resume-interval-seconds", "0", "--experiment", experiment]
+    env = env_for(any_store)
     proc = subprocess.Popen(cli(*argv), cwd=store, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, start_new_session=True, preexec_fn=as_in_a_terminal)
-    run_id = wait_for_run("Default")
+    run_id = wait_for_run(experiment)
     while len(steps(run_id, "train/loss")) < 3:
         time.sleep(0.05)
     os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal sends: the whole process group
@@ -250,6 +252,42 @@ def test_ctrl_c_in_the_analyzer_is_one_line_and_the_command_continues(trained, s
                                capture_output=True, text=True, timeout=300)
     assert continued.returncode == 0, continued.stderr[-3000:]
     assert_every_point_once(trained)
+
+
+def test_ctrl_c_in_a_sweep_is_one_line_and_its_command_resumes_it(store):
+    mlflow.MlflowClient().search_experiments()
+    argv = ["sweep", "--widths", "4,8", "--depths", "1", "--activations", "relu", "--epochs", "60", "--cv-every", "20",
+            "--train-size", "64", "--test-size", "32", "--batch-size", "16", "--no-progress", "--experiment", "swept"]
+    env = env_for(f"sqlite:///{store}/mlflow.db")
+    proc = subprocess.Popen(cli(*argv), cwd=store, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True, preexec_fn=as_in_a_terminal)
+    client = mlflow.MlflowClient()
+    deadline = time.monotonic() + 300
+    while True:  # the first child is training
+        found = client.get_experiment_by_name("swept")
+        runs = client.search_runs([found.experiment_id], "tags.`ntk_tracking.kind` = 'training'") if found else []
+        if any(len(steps(r.info.run_id, "train/loss")) >= 2 for r in runs):
+            break
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[1][-3000:]
+        time.sleep(0.1)
+    os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C: the sweep and the child it runs
+    _, err = proc.communicate(timeout=180)
+    assert proc.returncode == 130, err[-3000:]
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and "Traceback" not in err, err[-3000:]
+    parent = re.match(r"interrupted: sweep (\w+): its running children were stopped", lines[0]).group(1)
+    assert client.get_run(parent).info.status == "KILLED"
+    command = resume_command(lines[0])
+    assert command.startswith("ntk-tracking sweep --widths 4,8 ") and command.endswith(f"--parent-run-id {parent}")
+    resumed = subprocess.run(["bash", "-c", command], cwd=store, env=env, capture_output=True, text=True, timeout=400)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert client.get_run(parent).info.status == "FINISHED"
+    children = client.search_runs([client.get_experiment_by_name("swept").experiment_id],
+                                  f"tags.mlflow.parentRunId = '{parent}'")
+    assert len(children) == 2
+    for child in children:
+        assert client.get_run(child.info.run_id).info.status == "FINISHED"
+        assert steps(child.info.run_id, "train/loss") == list(range(61))
 
 
 # -- the tracking server lost mid-analysis ----------------------------------------------------------
