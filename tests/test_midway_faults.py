@@ -154,6 +154,61 @@ def test_a_checkpoint_held_by_a_live_analyzer_is_named_and_not_counted(any_store
     assert_every_point_once(run_id)
 
 
+# A writer killed after it recorded epoch 2's points and before it logged them.
+KILLED_AFTER_RECORDING = """\
+import os, signal, sys
+from ntk_tracking import claims
+real = claims.record_once
+def record_once(client, run_id, name, value):
+    kept = real(client, run_id, name, value)
+    if name == "points/2":
+        os.kill(os.getpid(), signal.SIGKILL)
+    return kept
+claims.record_once = record_once
+from ntk_tracking.cli import main
+main(["analyze", *sys.argv[1:]])
+"""
+
+
+def test_points_recorded_by_a_killed_writer_are_logged_by_the_next(any_store, tmp_path):
+    import json
+
+    from ntk_tracking import claims
+
+    run_id = train_main("mnist_dense", TINY)
+    script = tmp_path / "killed.py"
+    script.write_text(KILLED_AFTER_RECORDING)
+    killed = subprocess.run([sys.executable, str(script), run_id, *ANALYSIS], cwd=tmp_path, env=env_for(any_store),
+                            capture_output=True, text=True, timeout=300)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    assert steps(run_id) == [0, 1]
+    recorded = json.loads(claims.recorded(mlflow.MlflowClient(), run_id, "points/2"))
+    done = subprocess.run(cli("analyze", run_id, *ANALYSIS), cwd=tmp_path, env=env_for(any_store),
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert_every_point_once(run_id)
+    client = mlflow.MlflowClient()
+    for key, value in recorded["metrics"].items():  # the killed writer's own values, not a second measurement
+        (point,) = [m for m in client.get_metric_history(run_id, key) if m.step == 2]
+        assert point.value == value and point.timestamp == recorded["timestamp"], key
+
+
+def test_the_next_start_removes_claims_a_lost_process_left(any_store, tmp_path):
+    from ntk_tracking import claims
+
+    client = mlflow.MlflowClient()
+    run = f"run-{tmp_path.name}"
+    tombstone = client.create_experiment(f"{claims.PREFIX}/released/{tmp_path.name}")  # renamed, not deleted
+    expired = claims.Claim.acquire(client, run, "analysis/1", ttl=0.2)  # its holder lost the store
+    live = claims.Claim.acquire(client, run, "analysis/2", ttl=60)
+    time.sleep(0.4)
+    assert claims.clean_up(client, run) == 2
+    names = [e.name for e in client.search_experiments() if tmp_path.name in e.name]  # the server is shared
+    assert names == [claims.claim_name(run, "analysis/2")], names
+    assert client.get_experiment(tombstone).lifecycle_stage == "deleted" and not expired.holds() and live.holds()
+    live.release()
+
+
 # -- symbolic links in a checkpoint ------------------------------------------------------------------
 
 
