@@ -19,14 +19,17 @@ import tempfile
 import time
 from typing import Callable
 
+import jax
 import numpy as np
 from tqdm.auto import tqdm
 
 from ntk_tracking import tracking
 from ntk_tracking.confine import check_data_paths, looks_like_path
 from ntk_tracking.checkpointing import CheckpointError, CheckpointStore
-from ntk_tracking.claims import Claim, Held, holder, record_once, recorded
+from ntk_tracking.claims import (TTL_SECONDS, Claim, Held, clean_up, describe, holder, log_points_once, record_once,
+                                 recorded)
 from ntk_tracking.ntk import IMPLEMENTATIONS, NTK, Measurement, check_against_ntvp, draw_subsets
+from ntk_tracking.ntk.kernel import DEFAULT_MEMORY_BUDGET, num_points
 from ntk_tracking.ntk.measure import NonFiniteKernel
 from ntk_tracking.tasks import PRIMARY_NETWORK, task_names, ProbeContext, get_task
 from ntk_tracking.keys import EPOCH_METRIC, STEPS_PER_EPOCH_TAG, metric_key
@@ -68,6 +71,7 @@ class AnalysisSettings:
         return d
 
 
+HELD_WAIT_SECONDS = 900.0  # how long a checkpoint held by another live analyzer is waited for
 STALL_SECONDS = 300.0  # --follow: a trainer silent this long (no checkpoint, no heartbeat) has stopped
 
 
@@ -81,7 +85,8 @@ class AnalysisReport:
 
     analyzed: list[int] = dataclasses.field(default_factory=list)
     already: list[int] = dataclasses.field(default_factory=list)  # done before this analysis started
-    skipped: list[int] = dataclasses.field(default_factory=list)  # held or finished by another analyzer
+    skipped: list[int] = dataclasses.field(default_factory=list)  # logged by another analyzer meanwhile
+    held: dict[int, str] = dataclasses.field(default_factory=dict)  # still held by another live analyzer
     damaged: dict[int, str] = dataclasses.field(default_factory=dict)
     missing: dict[int, str] = dataclasses.field(default_factory=dict)
     nonfinite: dict[int, str] = dataclasses.field(default_factory=dict)
@@ -99,6 +104,31 @@ class AnalysisReport:
                  for name, v in (("damaged", self.damaged), ("missing", self.missing),
                                  ("non-finite", self.nonfinite)) if v]
         return "skipped: " + ", ".join(parts) if parts else ""
+
+
+def check_sizes(settings: AnalysisSettings, probe_sets: dict, networks: int) -> None:
+    """Before any subset is drawn: m fits each probe set, K is at most its number of distinct
+    m-point subsets, and the measured points and kernels fit the memory budget (the kernel
+    engine's own blocks stay within it separately). The refusal says what fits."""
+    k, m = settings.num_subsets, settings.subset_size
+    budget = settings.memory_budget or DEFAULT_MEMORY_BUDGET
+    per_subset = 0  # bytes one subset costs: its points (and output mask), its kernels, its spectrum
+    for split, probe_set in probe_sets.items():
+        n = num_points(probe_set.inputs)
+        if m > n:
+            raise ValueError(f"--points {m} exceeds the {n} points of probe set {split!r}: m must be ≤ {n}")
+        if k > math.comb(n, m):
+            raise ValueError(f"--subsets {k} with --points {m} asks for K·m = {k * m:,} points from the {n} of probe "
+                             f"set {split!r}, which has only {math.comb(n, m):,} distinct subsets of {m}: K must be "
+                             f"≤ {math.comb(n, m):,}")
+        point = sum(np.asarray(leaf)[0].nbytes for leaf in jax.tree_util.tree_leaves(
+            (probe_set.inputs, probe_set.output_mask)))
+        per_subset += networks * (m * point + m * m * (4 + 8) + m * 8)
+    if k * per_subset > budget:
+        raise ValueError(
+            f"--subsets {k} of --points {m} need about {k * per_subset / 2**20:,.0f} MiB for the measured points "
+            f"and kernels, over the memory budget of {budget / 2**20:,.0f} MiB (--memory-budget-mb): at most "
+            f"{budget // per_subset:,} subsets of {m} points fit")
 
 
 def _other_settings(run_id: str, recorded: dict) -> ValueError:
@@ -150,9 +180,11 @@ class Analyzer:
             raise _other_settings(run_id, previous)
         self._check_recorded_settings()
         self.store = CheckpointStore(run_id, self.client)
+        clean_up(self.client, run_id)  # claims and records a process that lost the store left behind
         self.report = AnalysisReport()
         self._data_override = data
         self._measurements = None
+        self.held: dict[int, Held] = {}
         self.check: dict | None = None
         # Called with what runs now (loading data, compiling, checking the engine, logging):
         # the progress bar shows it, so a first checkpoint that takes minutes says why.
@@ -216,11 +248,10 @@ class Analyzer:
         self.abstract = self.task.abstract_variables(cfg, self.data)
         probe = self.task.probe(cfg, self.data, self._context())
         self.networks = {name: NTK(fn, s.implementation, s.memory_budget) for name, fn in probe.networks.items()}
+        check_sizes(s, {split: probe.sets[split] for split in s.splits}, len(self.networks))
         self._measurements = {}
         for i, split in enumerate(s.splits):
             probe_set = probe.sets[split]
-            from ntk_tracking.ntk.kernel import num_points
-
             n = num_points(probe_set.inputs)
             subsets = draw_subsets(n, s.num_subsets, s.subset_size, seed=s.seed + 1000 * i)
             for name, ntk in self.networks.items():
@@ -279,18 +310,27 @@ class Analyzer:
 
     def analyze_epoch(self, epoch: int) -> dict[str, float] | None:
         """Measure one checkpoint and log its variables under a claim on it; None when another
-        analyzer holds it or finished it first. CheckpointError (one line) for a damaged or
-        missing step, NonFiniteKernel for a kernel with NaN/Inf: neither is logged."""
+        analyzer holds it (`self.held[epoch]` says who) or finished it first. CheckpointError (one
+        line) for a damaged or missing step, NonFiniteKernel for a kernel with NaN/Inf: neither is
+        logged. The points are logged once whatever pauses where (claims.log_points_once)."""
         if self._measurements is None:
             self.on_stage("loading data and probe sets")
             self._setup()
         try:
             claim = Claim.acquire(self.client, self.run_id, f"analysis/{epoch}").start_heartbeat()
-        except Held:
+        except Held as held:
+            self.held[epoch] = held
             return None
+        self.held.pop(epoch, None)
         try:
             if epoch in tracking.logged_steps(self.client, self.run_id, self.marker_key()):
                 return None  # another analyzer finished it before we claimed it
+            recorded_points = recorded(self.client, self.run_id, f"points/{epoch}")
+            if recorded_points is not None:  # measured by a writer that stopped before logging them
+                self.on_stage(f"epoch {epoch}: logging the points another analyzer recorded")
+                metrics = json.loads(recorded_points)["metrics"]
+                log_points_once(self.client, self.run_id, f"points/{epoch}", metrics, epoch)
+                return metrics
             self.on_stage(f"epoch {epoch}: restoring")
             variables = self.store.restore_cv(epoch, self.abstract)
             metrics, spectra = {}, {}
@@ -308,14 +348,15 @@ class Analyzer:
                 self.on_stage(f"epoch {epoch}: checking the {self._implementation()} kernel against ntvp")
                 self._check_engine(variables)
             self._check_recorded_settings()
-            if not claim.holds():  # expired while we measured (a stall) and taken over
+            if not claim.holds():  # expired while we measured (a stall) and taken over: its taker logs
                 return None
             self.on_stage(f"epoch {epoch}: logging")
+            # Artifacts first (rewriting one is harmless), the metrics last: the commit point.
             self._log_spectra(epoch, spectra)
             for path, fig in self.task.checkpoint_artifacts(self.config, self.data, variables, epoch):
                 self._log_figure_file(fig, path)
-            tracking.log_metrics(self.client, self.run_id, metrics, epoch)  # the commit point
-            return metrics
+            mine = log_points_once(self.client, self.run_id, f"points/{epoch}", metrics, epoch)
+            return metrics if mine else None  # None: a writer that took it over recorded its points first
         finally:
             claim.release()
 
@@ -365,12 +406,14 @@ class Analyzer:
     # -- the loop ---------------------------------------------------------------------------
 
     def run(self, follow: bool = False, poll_seconds: float = 10.0, progress: bool = True,
-            stall_seconds: float = STALL_SECONDS) -> list[int]:
+            stall_seconds: float = STALL_SECONDS, held_wait_seconds: float = HELD_WAIT_SECONDS) -> list[int]:
         """Analyze every pending checkpoint; with `follow`, keep going while training runs.
 
         Returns the epochs this call logged; `self.report` says what else happened (checkpoints
         another analyzer held, damaged, missing or non-finite ones). With `follow`, a trainer
-        that wrote no checkpoint and no heartbeat for `stall_seconds` ends it (TrainerStopped)."""
+        that wrote no checkpoint and no heartbeat for `stall_seconds` ends it (TrainerStopped).
+        A checkpoint another live analyzer holds is waited for until it is logged or its claim
+        expires and is taken over here, for at most `held_wait_seconds` (then `report.held`)."""
         report = self.report = AnalysisReport()
         report.already = sorted(set(self.store.cv_epochs())
                                 & tracking.logged_steps(self.client, self.run_id, self.marker_key()))
@@ -390,18 +433,9 @@ class Analyzer:
                 t0 = time.perf_counter()
                 if epoch in report.failed():
                     continue
-                try:
-                    done = self.analyze_epoch(epoch)
-                except CheckpointError as err:
-                    report.damaged[epoch] = str(err)
-                    tqdm.write(f"damaged: {err}", file=sys.stderr)
-                    continue
-                except NonFiniteKernel as err:
-                    report.nonfinite[epoch] = f"epoch {epoch}: {err}; not logged (a rerun tries it again)"
-                    tqdm.write(f"non-finite: {report.nonfinite[epoch]}", file=sys.stderr)
-                    continue
-                (report.analyzed if done is not None else report.skipped).append(epoch)
+                self._attempt(epoch)
                 bar.set_postfix(epoch=epoch, seconds=f"{time.perf_counter() - t0:.2f}")
+            self._wait_for_others(pending, held_wait_seconds)
             bar.close()
             self.on_stage = lambda text: None
             if not follow:
@@ -428,9 +462,47 @@ class Analyzer:
         for message in report.missing.values():
             tqdm.write(f"missing: {message}", file=sys.stderr)
         report.unverified = sorted(self.store.unverified)
+        report.analyzed.sort()
         if report.analyzed:
             self.log_figure()
         return report.analyzed
+
+    def _attempt(self, epoch: int) -> None:
+        """analyze_epoch, with a damaged checkpoint or a non-finite kernel named in the report."""
+        report = self.report
+        try:
+            if self.analyze_epoch(epoch) is not None:
+                report.analyzed.append(epoch)
+        except CheckpointError as err:
+            if tracking.server_lost():  # a download that failed because the server went: not damage
+                raise
+            report.damaged[epoch] = str(err)
+            tqdm.write(f"damaged: {err}", file=sys.stderr)
+        except NonFiniteKernel as err:
+            report.nonfinite[epoch] = f"epoch {epoch}: {err}; not logged (a rerun tries it again)"
+            tqdm.write(f"non-finite: {report.nonfinite[epoch]}", file=sys.stderr)
+
+    def _wait_for_others(self, epochs: list[int], limit: float) -> None:
+        """Epochs of `epochs` this call did not log and no other analyzer has logged yet (held by a
+        live one, or taken over from us after a stall): each is waited for until it is logged
+        (`report.skipped`) or its claim can be taken here (then measured), for at most `limit`
+        seconds; what is still held then goes to `report.held` as `HOST:PID until TIME`."""
+        report, deadline = self.report, time.time() + limit
+        while True:
+            logged = tracking.logged_steps(self.client, self.run_id, self.marker_key())
+            waiting = [e for e in epochs if e not in logged and e not in report.analyzed and e not in report.failed()]
+            report.skipped = sorted(set(report.skipped) | {e for e in epochs if e in logged
+                                                           and e not in report.analyzed and e not in report.already})
+            if not waiting or time.time() > deadline:
+                break
+            self.on_stage(f"waiting for {len(waiting)} checkpoint(s) held by another analyzer: epochs {waiting}")
+            time.sleep(min(5.0, max(0.5, TTL_SECONDS / 8)))
+            for epoch in waiting:
+                self._attempt(epoch)
+        for epoch in waiting:
+            held = self.held.get(epoch)
+            report.held[epoch] = (f"epoch {epoch}: held by {describe(held.owner, held.expires)}" if held else
+                                  f"epoch {epoch}: taken over by another analyzer that has not logged it yet")
 
     def history(self, key: str) -> list[tuple[int, float]]:
         return sorted((m.step, m.value) for m in self.client.get_metric_history(self.run_id, key))

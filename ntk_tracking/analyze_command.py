@@ -6,12 +6,16 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import shlex
 import sys
 
-from ntk_tracking.helpformat import HelpFormatter, add_ray_options, fail as _fail
+from ntk_tracking.helpformat import (EXIT_INTERRUPTED, EXIT_SERVER_LOST, HelpFormatter, add_ray_options,
+                                     fail as _fail)
 from ntk_tracking.keys import ANALYZED_BY_TAG, ANALYZED_RUN_TAG, DESCRIPTION_TAG
 
 EXIT_INCOMPLETE = 3  # some checkpoints damaged, missing or non-finite (the rest analyzed)
+EXIT_TRAINER_STOPPED = 4  # --follow: the trainer stopped writing
+EXIT_HELD = 5  # some checkpoints still held by another live analyzer after --held-wait-seconds
 
 
 def analyze_parser(prog: str = "ntk-tracking analyze") -> argparse.ArgumentParser:
@@ -24,7 +28,10 @@ def analyze_parser(prog: str = "ntk-tracking analyze") -> argparse.ArgumentParse
         epilog="exit status: 0 every checkpoint is analyzed (or being analyzed by another process); "
         f"2 refused (bad input or settings; nothing logged); {EXIT_INCOMPLETE} some checkpoints are damaged, "
         "missing or gave a non-finite kernel (each named on its own line; every other one is analyzed, "
-        "and a rerun retries them); 4 --follow found the trainer stopped.",
+        "and a rerun retries them); 4 --follow found the trainer stopped; 5 some checkpoints are still held by another "
+        "live analyzer after --held-wait-seconds (each named as held by HOST:PID until TIME; nothing of theirs "
+        "is counted as analyzed); 6 the tracking server was lost (one line: what is logged and the command "
+        "that continues); 130 interrupted (Ctrl-C).",
         formatter_class=HelpFormatter,
     )
     p.add_argument("run_id", nargs="+", help="MLflow run ids (or one comma- or space-separated list) of "
@@ -51,6 +58,9 @@ def analyze_parser(prog: str = "ntk-tracking analyze") -> argparse.ArgumentParse
     p.add_argument("--stall-seconds", type=float, default=300.0,
                    help="with --follow: a RUNNING run whose trainer wrote no checkpoint and no heartbeat for "
                    "this long has stopped (killed); the analysis then ends with a message")
+    p.add_argument("--held-wait-seconds", type=float, default=900.0,
+                   help="a checkpoint another live analyzer holds is waited for until it is logged or its "
+                   "claim expires and is taken over here, for at most this long")
     ray = p.add_argument_group("analysis on a Ray cluster")
     ray.add_argument("--executor", default="local", choices=("local", "ray"),
                      help="local: checkpoints one after another in this process; ray: every pending "
@@ -78,11 +88,14 @@ def settings_from_args(args: argparse.Namespace):
 def analyze_main(argv=None, prog: str = "ntk-tracking analyze") -> list[int] | dict[str, list[int]]:
     """`ntk-tracking analyze RUN_ID …`: every pending checkpoint of the runs (a sweep's parent: its
     children). One training run: the epochs analyzed; several, a sweep or Ray: run id -> epochs."""
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = analyze_parser(prog).parse_args(argv)
     run_ids = list(dict.fromkeys(r for arg in args.run_id for r in re.split(r"[,\s]+", arg) if r))
     from ntk_tracking import tracking
     from ntk_tracking.analyze import TrainerStopped
 
+    analyzers, results = {}, {}
+    again = f"continue with `{prog} {shlex.join(argv)}` (checkpoints already logged are skipped)"
     try:
         if not run_ids:
             raise ValueError("no run id given")
@@ -94,6 +107,8 @@ def analyze_main(argv=None, prog: str = "ntk-tracking analyze") -> list[int] | d
             raise ValueError(f"--gpus-per-task must be ≥ 0, got {args.gpus_per_task:g}")
         if args.follow and (len(run_ids) > 1 or args.executor == "ray"):
             raise ValueError("--follow follows one training run, in this process; leave out --executor ray")
+        if not args.held_wait_seconds >= 0:
+            raise ValueError(f"--held-wait-seconds must be ≥ 0, got {args.held_wait_seconds:g}")
         if args.data and len(run_ids) > 1:
             raise ValueError("--data names one run's dataset; analyze that run alone with it")
         tracking.prepare_tracking(reading=True)
@@ -106,23 +121,41 @@ def analyze_main(argv=None, prog: str = "ntk-tracking analyze") -> list[int] | d
         if args.executor == "ray":
             return _analyze_on_ray(args, run_ids, settings)
         analyzers = _checked_analyzers(args, run_ids, settings)  # every run checked before any is analyzed
-        results = {run_id: _analyze_one(args, run_id, settings, analyzers.get(run_id)) for run_id in run_ids}
+        for run_id in run_ids:
+            results[run_id] = _analyze_one(args, run_id, settings, analyzers.get(run_id))
+    except KeyboardInterrupt:
+        print(f"interrupted: {_progress(analyzers)}; {again}", file=sys.stderr)
+        raise SystemExit(EXIT_INTERRUPTED) from None
     except TrainerStopped as err:
         print(f"error: {err}", file=sys.stderr)
-        raise SystemExit(4)
+        raise SystemExit(EXIT_TRAINER_STOPPED) from None
     except ValueError as err:  # RunError included
         _fail(str(err))
-    except PermissionError as err:
-        _fail(f"cannot write to the run's artifact store at {err.filename or '?'} ({err.strerror}); make it "
-              "writable, or analyze from an account that can write there")
-    if not all(ok for _, ok in results.values()):
-        raise SystemExit(EXIT_INCOMPLETE)
+    except Exception as err:  # noqa: BLE001 - re-raised unless the tracking server is gone
+        if not tracking.server_lost():
+            if isinstance(err, PermissionError):
+                _fail(f"cannot write to the run's artifact store at {err.filename or '?'} ({err.strerror}); make "
+                      "it writable, or analyze from an account that can write there")
+            raise
+        uri = tracking.redact_uri(tracking.mlflow.get_tracking_uri())
+        print(tracking.redact(f"error: lost the tracking server {uri}: {_progress(analyzers)}; once the server is "
+                              f"back, {again}"), file=sys.stderr)
+        raise SystemExit(EXIT_SERVER_LOST) from None
+    if not all(ok is True for _, ok in results.values()):
+        raise SystemExit(EXIT_INCOMPLETE if False in [ok for _, ok in results.values()] else EXIT_HELD)
     if len(results) == 1:
         return next(iter(results.values()))[0]
     by_run = {}
     for run_id, (epochs, _) in results.items():  # a sweep's children stand for their parent
         by_run.update(epochs if isinstance(epochs, dict) else {run_id: epochs})
     return by_run
+
+
+def _progress(analyzers: dict) -> str:
+    """What this command's analyzers logged so far, for a message on the way out."""
+    parts = [f"run {run_id}: epochs {sorted(a.report.analyzed)} logged by this command"
+             for run_id, a in analyzers.items()]
+    return "; ".join(parts) or "nothing was logged"
 
 
 def _checked_analyzers(args, run_ids, settings) -> dict:
@@ -154,21 +187,23 @@ def _analyze_one(args, run_id: str, settings, analyzer=None):
     if diverged:
         print(f"warning: run {run_id} diverged ({diverged}): its kernels measure a broken model", file=sys.stderr)
     epochs = analyzer.run(follow=args.follow, poll_seconds=args.poll_seconds, progress=not args.no_progress,
-                          stall_seconds=args.stall_seconds)
+                          stall_seconds=args.stall_seconds, held_wait_seconds=args.held_wait_seconds)
     report = analyzer.report
     print(f"analyzed {len(epochs)} checkpoint(s) of run {run_id}: epochs {epochs}")
     if report.already:
         print(f"{len(report.already)} checkpoint(s) were already analyzed with these settings (epochs "
               f"{report.already})" + ("; nothing was left to do" if not epochs and report.ok else ""))
     if report.skipped:
-        print(f"{len(report.skipped)} checkpoint(s) were analyzed by another process meanwhile: epochs "
+        print(f"{len(report.skipped)} checkpoint(s) were logged by another process meanwhile: epochs "
               f"{sorted(report.skipped)}")
     if report.unverified:
         print(f"note: checkpoint(s) {report.unverified} were saved before checkpoints carried a digest: "
               "they cannot be verified")
     if not report.ok:
         print(report.summary(), file=sys.stderr)
-    return epochs, report.ok
+    for line in report.held.values():
+        print(f"held: {line}; not analyzed here: analyze again once it is released or expired", file=sys.stderr)
+    return epochs, report.ok and (None if report.held else True)
 
 
 def _analyze_on_ray(args, run_ids, settings) -> dict[str, list[int]]:

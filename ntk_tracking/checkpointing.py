@@ -72,7 +72,7 @@ class _DropOrbaxInfo(logging.Filter):
         return record.levelno >= self.level or f"{os.sep}orbax{os.sep}" not in record.pathname
 
 
-_QUIET = _DropOrbaxInfo()
+_QUIET = _DropOrbaxInfo(logging.CRITICAL)  # a failed save is reported by the store, in one line
 
 
 @contextlib.contextmanager
@@ -130,6 +130,27 @@ def _on_default_device(abstract):
     return jax.tree.map(place, abstract)
 
 
+def _why_unwritable(folder: Path, committed: bool = True) -> str | None:
+    """Why nothing can be created in `folder`, or None if something can (tried for real: permission
+    bits do not bind root, an immutable folder or a read-only file system do). `committed`: asked
+    about a step that did not commit, so a writable folder still has a reason."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".ntk-write-check-"):
+            return "Orbax did not commit it" if committed else None
+    except OSError as err:
+        return err.strerror or type(err).__name__
+
+
+def _refuse_links(step: Path, epoch: int, where: str) -> None:
+    """DamagedCheckpoint if the step, or anything in it, is a symbolic link: a run's files are
+    read where they are, never through a link to elsewhere (metadata included)."""
+    links = [step] if step.is_symlink() else [p for p in step.rglob("*") if p.is_symlink()]
+    if links:
+        raise DamagedCheckpoint(f"epoch {epoch}: {where}: {links[0].relative_to(step.parent)} is a symbolic "
+                                "link; a checkpoint's files are never read through links")
+
+
 class CheckpointStore:
     """Orbax checkpoints of one MLflow run, in its artifact store."""
 
@@ -150,6 +171,7 @@ class CheckpointStore:
         self._uploads: queue.Queue = queue.Queue()
         self._uploader: threading.Thread | None = None
         self._upload_error: Exception | None = None
+        self._unchecked: dict[str, set[int]] = {}  # steps saved here, not yet seen committed
         self.unverified: set[int] = set()  # CV epochs restored without a digest to check
         logging.getLogger("absl").addFilter(_QUIET)
 
@@ -186,21 +208,38 @@ class CheckpointStore:
         return restored["state"], restored["meta"]
 
     def wait_cv(self) -> None:
-        """Blocks until every CV save started so far is committed locally."""
+        """Blocks until every CV save started so far is committed locally (CheckpointError if one
+        could not be written)."""
         if "cv" in self._managers:
             with self._locks["cv"]:
                 self._managers["cv"].wait_until_finished()
+            self._check_written("cv")
+
+    def _check_written(self, kind: str) -> None:
+        """CheckpointError naming the folder if a save this store started (and Orbax finished) did
+        not commit, or a step could not be uploaded. Orbax reports a failed asynchronous save only
+        in its own log and goes on, so the store looks for the commit marker itself."""
+        if self._upload_error is not None:  # kept: the uploader stops at it for good
+            error = self._upload_error
+            raise CheckpointError(f"could not upload checkpoints of run {self.run_id} to {self._artifact_uri} "
+                                  f"({' '.join(str(error).split())[:300]})") from error
+        if self.remote:  # staged steps are checked by their upload
+            return
+        for epoch in sorted(self._unchecked.pop(kind, set())):
+            step = self._dir(kind) / str(epoch)
+            if not (step / COMMIT_MARKER).is_file():
+                raise CheckpointError(f"could not write the {kind} checkpoint of epoch {epoch} to {step.parent} "
+                                      f"({_why_unwritable(step.parent)}); checkpoints saved before it are kept")
 
     def wait(self) -> None:
-        """Blocks until every save is committed and, on a remote store, uploaded."""
+        """Blocks until every save is committed and, on a remote store, uploaded (CheckpointError
+        naming the folder if one could not be written)."""
         for kind, manager in list(self._managers.items()):
             with self._locks[kind]:
                 manager.wait_until_finished()
         self._uploads.join()
-        if self._upload_error is not None:
-            error, self._upload_error = self._upload_error, None
-            raise CheckpointError(f"uploading checkpoints of run {self.run_id} failed: {error}"
-                                  ) from error
+        for kind in list(self._managers):
+            self._check_written(kind)
 
     def close(self) -> None:
         """Waits for pending saves, then releases Orbax and the staging directory."""
@@ -276,6 +315,16 @@ class CheckpointStore:
             manager = self._manager(kind)
             if not force and not manager.should_save(epoch):
                 return False
+        if self.remote:  # the steps before it must have reached the store (the uploader takes the lock)
+            self._uploads.join()
+        with self._locks[kind]:
+            manager.wait_until_finished()  # the previous step of this kind: it must have been written
+            self._check_written(kind)
+            # Tried before Orbax starts: a save it cannot write leaves its threads waiting for minutes.
+            why = None if self.remote else _why_unwritable(self._dir(kind), committed=False)
+            if why is not None:
+                raise CheckpointError(f"could not write the {kind} checkpoint of epoch {epoch} to "
+                                      f"{self._dir(kind)} ({why}); checkpoints saved before it are kept")
             if kind == "resume":
                 # Every earlier CV step must be committed before a resume step is: a run killed
                 # in between resumes from an epoch whose CV checkpoints all exist, and the
@@ -287,6 +336,7 @@ class CheckpointStore:
                 shutil.rmtree(stale)
             manager.save(epoch, args=args, force=True)
         self._taken[kind].add(epoch)
+        self._unchecked.setdefault(kind, set()).add(epoch)
         if self.remote:
             self._start_uploader()
             self._uploads.put((kind, epoch))
@@ -302,12 +352,15 @@ class CheckpointStore:
         """Uploads each queued step once Orbax has committed it."""
         while (job := self._uploads.get()) is not None:
             kind, epoch = job
+            if self._upload_error is not None:  # nothing after a failed step: a resume step must not
+                self._uploads.task_done()        # reach the store ahead of a CV step that did not
+                continue
             try:
                 with self._locks[kind]:
                     self._managers[kind].wait_until_finished()
                 self._upload(kind, epoch)
-            except Exception as error:  # noqa: BLE001 - re-raised by wait()
-                log.exception("uploading %s checkpoint of epoch %d failed", kind, epoch)
+            except Exception as error:  # noqa: BLE001 - raised by the next save or wait() as one line
+                log.debug("uploading %s checkpoint of epoch %d failed", kind, epoch, exc_info=True)
                 self._upload_error = self._upload_error or error
             finally:
                 self._uploads.task_done()
@@ -389,6 +442,7 @@ class CheckpointStore:
         with self._readable(kind, epoch) as directory:
             if not (directory / str(epoch) / COMMIT_MARKER).is_file():
                 raise CheckpointError(f"epoch {epoch}: {where}: no complete {kind} checkpoint there")
+            _refuse_links(directory / str(epoch), epoch, where)
             options = ocp.CheckpointManagerOptions(create=False)
             try:
                 with _orbax_silenced(), ocp.CheckpointManager(directory, options=options,

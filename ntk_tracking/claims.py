@@ -15,10 +15,10 @@ Guarantees and assumptions (also in docs/reliability.md):
 - a killed holder's claim expires `ttl` seconds after its last heartbeat (default 60 s), and then
   the next process takes it over, so a rerun completes the work; on the holder's own machine
   (same boot and PID namespace) a holder process that no longer exists is seen at once;
-- expiry compares the holder's wall clock with the taker's: clocks must agree to well within the
-  ttl (NTP-synchronized machines do). A holder stalled for longer than the ttl (a suspended
-  laptop) loses its claim and notices at its next check; a write already under way when the
-  claim is taken over can still land once.
+- expiry compares the holder's wall clock with the taker's: clocks should agree to well within
+  the ttl (NTP-synchronized machines do); otherwise two processes may work at once;
+- metrics are logged through `log_points_once`, so a holder stalled past its claim at any stage
+  adds no point, whatever the clocks say (the fencing).
 """
 
 from __future__ import annotations
@@ -70,13 +70,18 @@ def _holder_is_dead(owner: str) -> bool:
     return False
 
 
+def describe(owner: str, expires: float) -> str:
+    """`HOST:PID until TIME` (local time) for a claim's holder."""
+    host_pid = ":".join(owner.split(":")[:2])
+    return f"{host_pid} until {time.strftime('%Y-%m-%d %H:%M:%S %Z', time.localtime(expires))}"
+
+
 class Held(Exception):
     """Another live process holds the claim."""
 
     def __init__(self, name: str, owner: str, expires: float):
         self.owner, self.expires = owner, expires
-        super().__init__(f"{name} is held by {owner} (expires in {max(0.0, expires - time.time()):.0f} s "
-                         "unless renewed)")
+        super().__init__(f"{name} is held by {describe(owner, expires)} unless renewed")
 
 
 class Claim:
@@ -169,6 +174,49 @@ def _bury(client, experiment_id: str) -> None:
         pass
 
 
+def clean_up(client, run_id: str) -> int:
+    """Removes what a process that lost the store left behind: released claims it could not hide,
+    expired claims (or claims of holders here that are gone) of `run_id`, and records it could
+    not hide (a record keeps its name). Returns how many it removed."""
+    removed = 0
+    for prefix in (f"{PREFIX}/released/", f"{PREFIX}/{run_id}/"):
+        found = client.search_experiments(filter_string=f"name LIKE '{prefix}%'")
+        for experiment in found:
+            if not experiment.name.startswith(prefix) or experiment.lifecycle_stage != "active":
+                continue
+            tags = experiment.tags
+            try:
+                if "owner" in tags and not prefix.endswith("released/"):
+                    if float(tags.get("expires", "0")) > time.time() and not _holder_is_dead(tags["owner"]):
+                        continue  # a live claim
+                    _bury(client, experiment.experiment_id)
+                else:
+                    client.delete_experiment(experiment.experiment_id)
+                removed += 1
+            except MlflowException:
+                pass  # another process cleaned it up first
+    return removed
+
+
+def log_points_once(client, run_id: str, name: str, metrics: dict[str, float], step: int) -> bool:
+    """Logs `metrics` at `step` so that the run never holds two points for one (key, step), however
+    many writers try and whatever pauses where: the first writer records its points (values and
+    timestamp) atomically under `name`, and every writer logs the recorded points, which the
+    store keeps once (it stores an identical key, value, timestamp and step once). Returns whether
+    the points logged are this call's (False: another writer's, recorded first)."""
+    import json
+
+    from mlflow.entities import Metric
+
+    mine = json.dumps({"timestamp": int(time.time() * 1000), "metrics": {k: float(v) for k, v in metrics.items()}},
+                      sort_keys=True)
+    kept = record_once(client, run_id, name, mine)
+    points = json.loads(kept)
+    batch = [Metric(key, float(value), points["timestamp"], step) for key, value in points["metrics"].items()]
+    client.log_batch(run_id, metrics=batch, synchronous=True)
+    return kept == mine
+
+
 def holder(client, run_id: str, resource: str) -> tuple[str, float] | None:
     """(owner, expires) of a live claim, or None."""
     current = client.get_experiment_by_name(claim_name(run_id, resource))
@@ -190,7 +238,11 @@ def record_once(client, run_id: str, name: str, value: str) -> str:
         if err.error_code != "RESOURCE_ALREADY_EXISTS":
             raise
         return recorded(client, run_id, name)
-    client.delete_experiment(experiment_id)
+    try:
+        client.delete_experiment(experiment_id)
+    except MlflowException:  # hidden already by another process's clean_up: the name is what counts
+        if client.get_experiment(experiment_id).lifecycle_stage != "deleted":
+            raise
     return value
 
 

@@ -7,6 +7,13 @@ import sys
 from typing import NoReturn
 
 
+# Exit statuses shared by the commands (each command's --help lists its own).
+EXIT_REFUSED = 2  # bad input, refused before anything was created or logged
+EXIT_SERVER_LOST = 6  # the tracking server stopped answering part-way; what is done is kept
+EXIT_STORE_UNWRITABLE = 7  # the artifact store stopped accepting checkpoints part-way
+EXIT_INTERRUPTED = 130  # Ctrl-C (128 + SIGINT), as shells report it
+
+
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """Defaults shown where there is one to show: not for flags, unset values (None, []) or an
     option whose help states its default itself ("default: …"); booleans as yes/no."""

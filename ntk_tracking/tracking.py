@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import tempfile
@@ -195,9 +196,22 @@ def configure_http() -> None:
     """Short HTTP retries unless the user set them; no run links that would print credentials."""
     for key, value in HTTP_DEFAULTS.items():
         os.environ.setdefault(key, value)
+    # Each retry would print a warning line; a lost server is reported once, in one line.
+    logging.getLogger("urllib3.connectionpool").setLevel(logging.ERROR)
     uri = mlflow.get_tracking_uri()
     if urlsplit(uri).password is not None or "@" in urlsplit(uri).netloc:
         os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
+
+
+def server_lost() -> bool:
+    """After a failure: whether an http(s) tracking server has stopped answering."""
+    if not is_http_uri(mlflow.get_tracking_uri()):
+        return False
+    try:
+        check_reachable(timeout=3.0)
+    except ValueError:
+        return True
+    return False
 
 
 def is_http_uri(uri: str) -> bool:

@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import shlex
+import sys
 
-from ntk_tracking.helpformat import HelpFormatter, fail as _fail, yes_no
+from ntk_tracking.helpformat import (EXIT_INTERRUPTED, EXIT_SERVER_LOST, EXIT_STORE_UNWRITABLE, HelpFormatter,
+                                     fail as _fail, yes_no)
 from ntk_tracking.tasks import get_task, task_names
 
 RESUME_INTERVAL_SECONDS = 60  # the tracked wrapper's default; kept here so --help needs no jax import
@@ -87,19 +90,52 @@ def prepare_training(task: str, argv=None, prog: str | None = None):
 
 def train_main(task: str, argv=None, prog: str | None = None) -> str:
     """A training entry point (`prog`: how its usage line names it): prints and returns the run id."""
-    args, config, dataset = prepare_training(task, argv, prog)
+    try:
+        args, config, dataset = prepare_training(task, argv, prog)
+    except KeyboardInterrupt:
+        _interrupted_before_start()
     if args.resume_interval_seconds < 0:
         _fail(f"--resume-interval-seconds must be ≥ 0, got {args.resume_interval_seconds}")
-    from ntk_tracking.tracking import RunError
-    from ntk_tracking.train.tracked import run_training
+    from ntk_tracking.tracking import RunError, redact
+    from ntk_tracking.train.tracked import TrainingInterrupted, TrainingStopped, TrackingServerLost, run_training
 
+    argv = list(sys.argv[1:] if argv is None else argv)
     try:
         run_id = run_training(get_task(task), config, dataset, progress=not args.no_progress,
                               experiment=args.experiment, resume_interval_seconds=args.resume_interval_seconds)
+    except TrainingInterrupted as err:
+        print(f"interrupted: run {err.run_id} stopped and is marked KILLED; resume it with "
+              f"{resume_commands(task, config, argv, err.run_id, prog)}", file=sys.stderr)
+        raise SystemExit(EXIT_INTERRUPTED) from None
+    except TrainingStopped as err:
+        lost = isinstance(err, TrackingServerLost)
+        print(redact(f"error: {err}. {'Once the server is back' if lost else 'Once the store accepts writes'}, "
+                     "resume the run (from its last resume checkpoint; no epoch is logged twice) with "
+                     f"{resume_commands(task, config, argv, err.run_id, prog)}"), file=sys.stderr)
+        raise SystemExit(EXIT_SERVER_LOST if lost else EXIT_STORE_UNWRITABLE) from None
     except RunError as err:
         _fail(str(err))
+    except KeyboardInterrupt:  # before the run existed
+        _interrupted_before_start()
     print(f"run {run_id} finished; measure its NTK with: ntk-tracking analyze {run_id}")
     return run_id
+
+
+def _interrupted_before_start():
+    print("interrupted before training started; no run was created or changed", file=sys.stderr)
+    raise SystemExit(EXIT_INTERRUPTED) from None
+
+
+def resume_commands(task: str, config, argv: list[str], run_id: str, prog: str | None) -> str:
+    """The exact commands that resume run `run_id`: this command line with MLFLOW_RUN_ID, and the
+    `mlflow run` form with every option that differs from the task's default."""
+    from ntk_tracking.tasks import base
+
+    default = get_task(task).default_config()
+    params = [f"-P {shlex.quote(f'{f.name}={0 if v is None else v}')}" for f in base.cli_fields(type(config))
+              if (v := getattr(config, f.name)) != getattr(default, f.name)]
+    here = f"MLFLOW_RUN_ID={run_id} {prog or f'ntk-tracking train {task}'} {shlex.join(argv)}".rstrip()
+    return f"`{here}` (or `{' '.join(['mlflow run . -e', task, '--env-manager local --run-id', run_id, *params])}`)"
 
 
 def train_command(argv: list[str], prog: str = "ntk-tracking train") -> str:

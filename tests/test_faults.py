@@ -131,10 +131,12 @@ def test_server_lost_mid_run_then_relaunch(tmp_path):
             server.stop()
             (ctl / "go").touch()
             t0 = time.monotonic()
-            assert proc.wait(timeout=180) == 2
+            assert proc.wait(timeout=180) == 6  # EXIT_SERVER_LOST
             stopped_after = time.monotonic() - t0
         output = (tmp_path / "train.log").read_text()
         assert "lost the tracking server" in output and f"MLFLOW_RUN_ID={run_id}" in output, output[-3000:]
+        assert "Traceback" not in output and "Retrying" not in output, output[-3000:]
+        assert f"--run-id {run_id}" in output.strip().splitlines()[-1]  # the one line says how to continue
         assert stopped_after < 90, stopped_after
         print(f"training stopped {stopped_after:.1f} s after the server went")
 

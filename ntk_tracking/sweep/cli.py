@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import shlex
 import sys
+from typing import NoReturn
 
 from ntk_tracking import tracking
+from ntk_tracking.helpformat import EXIT_INTERRUPTED
 from ntk_tracking.confine import looks_like_path
 from ntk_tracking.sweep.analysis import analyze_sweep
 from ntk_tracking.sweep.plan import plan_sweep
-from ntk_tracking.sweep.run import execute_sweep, print_summary
+from ntk_tracking.sweep.run import SweepInterrupted, execute_sweep, print_summary
 from ntk_tracking.sweep.spec import parse_sweep
 
 
@@ -46,7 +49,13 @@ def sweep_main(argv=None, prog: str = "ntk-tracking sweep") -> str:
             executor.prepare()
     except ValueError as err:  # RunError included
         _fail(str(err))
-    result = execute_sweep(plan, args.workers, progress=not args.no_progress, executor=executor)
+    except KeyboardInterrupt:
+        print("interrupted before the sweep started; nothing was trained", file=sys.stderr)
+        raise SystemExit(EXIT_INTERRUPTED) from None
+    try:
+        result = execute_sweep(plan, args.workers, progress=not args.no_progress, executor=executor)
+    except SweepInterrupted as err:
+        _interrupted(prog, argv, err.parent_run_id, "its running children were stopped and the sweep is marked KILLED")
     print_summary(result, plan.client)
     if executor is not None and settings is not None:
         errors = executor.analysis_errors
@@ -57,6 +66,8 @@ def sweep_main(argv=None, prog: str = "ntk-tracking sweep") -> str:
         try:
             analyzed = analyze_sweep(result.parent_run_id, settings, progress=not args.no_progress,
                                      mlflow_client=plan.client, data_paths=data_paths)
+        except KeyboardInterrupt:
+            _interrupted(prog, argv, result.parent_run_id, "its children are trained; the analysis stopped")
         except ValueError as err:  # e.g. children analyzed earlier with other settings; training stands
             print(f"error: analysis of sweep {result.parent_run_id}: {err}", file=sys.stderr)
             raise SystemExit(2) from None
@@ -67,6 +78,16 @@ def sweep_main(argv=None, prog: str = "ntk-tracking sweep") -> str:
         raise SystemExit(1)
     return result.parent_run_id
 
+
+
+def _interrupted(prog: str, argv: list[str], parent_run_id: str, what: str) -> NoReturn:
+    """Ctrl-C: one line with the sweep and the exact command that resumes it, exit status 130."""
+    again = argv if any(a.split("=")[0] in ("--parent-run-id", "--parent_run_id") for a in argv) else \
+        [*argv, "--parent-run-id", parent_run_id]
+    print(f"interrupted: sweep {parent_run_id}: {what}; resume it (finished children are kept) with "
+          f"`{prog} {shlex.join(again)}` (or `mlflow run . -e sweep --env-manager local --run-id {parent_run_id}` "
+          "with the same -P parameters)", file=sys.stderr)
+    raise SystemExit(EXIT_INTERRUPTED) from None
 
 
 def _analysis_argv(args, data_paths) -> list[str]:

@@ -142,8 +142,9 @@ class _Runner:
             self.client.set_tag(run_id, "error", error[:5000])
             self.client.set_terminated(run_id, "KILLED" if self.stopping.is_set() else "FAILED")
             status = self.client.get_run(run_id).info.status
-        self.write(f"child {key} ({run_id}) {status}: {error}\n--- last lines of its log ---\n"
-                   f"{_tail(log_path)}\n---")
+        if not self.stopping.is_set():  # stopped by Ctrl-C: the sweep says so in one line
+            self.write(f"child {key} ({run_id}) {status}: {error}\n--- last lines of its log ---\n"
+                       f"{_tail(log_path)}\n---")
         return ChildResult(key, run_id, status, error)
 
     def stop(self, grace_seconds: float = 30.0) -> None:
@@ -205,6 +206,14 @@ def _children(plan: SweepPlan, parent_run_id: str) -> dict[str, object]:
     return {key: found[key] for key in plan.points}
 
 
+class SweepInterrupted(KeyboardInterrupt):
+    """Ctrl-C during a sweep: its children were stopped and the parent run marked KILLED."""
+
+    def __init__(self, parent_run_id: str):
+        super().__init__(parent_run_id)
+        self.parent_run_id = parent_run_id
+
+
 def execute_sweep(plan: SweepPlan, workers: int = 1, progress: bool = True, executor=None) -> SweepResult:
     """Train every unfinished child (in `workers` processes at once) and end the parent run.
 
@@ -255,6 +264,8 @@ def execute_sweep(plan: SweepPlan, workers: int = 1, progress: bool = True, exec
         status = "KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED"
         client.set_tag(parent_run_id, "error", f"sweep stopped: {type(err).__name__}: {err}"[:5000])
         client.set_terminated(parent_run_id, status)
+        if isinstance(err, KeyboardInterrupt):
+            raise SweepInterrupted(parent_run_id) from None
         raise
     result = SweepResult(parent_run_id, [results[k] for k in plan.points])
     if result.failed:

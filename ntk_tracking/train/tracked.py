@@ -11,8 +11,8 @@ import jax
 import mlflow
 
 from ntk_tracking import tracking
-from ntk_tracking.checkpointing import CheckpointStore
-from ntk_tracking.claims import TTL_SECONDS, Claim, Held
+from ntk_tracking.checkpointing import CheckpointError, CheckpointStore
+from ntk_tracking.claims import TTL_SECONDS, Claim, Held, clean_up
 
 from ntk_tracking.keys import EPOCH_METRIC, KIND_TAG as RUN_KIND_TAG, STEP_UNIT_TAG, STEPS_PER_EPOCH_TAG, TASK_TAG
 from ntk_tracking.train.loop import StepCadence
@@ -74,18 +74,20 @@ def run_training(task, config, dataset, progress: bool = True, experiment: str |
         mlflow.end_run()
     except BaseException as err:
         _quietly(claim.release)
-        lost = not isinstance(err, KeyboardInterrupt) and _server_lost()
+        lost = not isinstance(err, KeyboardInterrupt) and tracking.server_lost()
         if not lost:
             _quietly(client.set_tag, run_id, "error", tracking.redact(f"{type(err).__name__}: {err}")[:5000])
         _quietly(mlflow.end_run, "KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED")
+        if isinstance(err, KeyboardInterrupt):
+            raise TrainingInterrupted(run_id) from None
         if lost:
+            cause = " ".join(tracking.redact(f"{type(err).__name__}: {err}").split())[:300]
             raise TrackingServerLost(
                 f"lost the tracking server {tracking.redact_uri(mlflow.get_tracking_uri())} while training "
-                f"run {run_id} ({tracking.redact(f'{type(err).__name__}: {err}')[:300]}). Training "
-                "stopped; every epoch whose metrics and checkpoints reached the server is kept. Once "
-                f"the server is back, continue the run with MLFLOW_RUN_ID={run_id} and the same command "
-                f"(or `mlflow run . -e {config.task} --run-id {run_id}`): it resumes from its last resume "
-                "checkpoint and logs no epoch twice") from None
+                f"run {run_id} ({cause}); training stopped, and every epoch whose metrics and checkpoints "
+                "reached the server is kept", run_id) from None
+        if isinstance(err, CheckpointError):
+            raise CheckpointsNotWritten(str(err), run_id) from None
         raise
     return run_id
 
@@ -98,6 +100,7 @@ def _default_experiment_id() -> str:
 
 def _claim_training(client, run_id: str):
     """The run's training claim (one trainer per run), or RunError naming the live trainer."""
+    clean_up(client, run_id)  # claims and records a process that lost the store left behind
     try:
         return Claim.acquire(client, run_id, "training")
     except Held as held:
@@ -108,19 +111,28 @@ def _claim_training(client, run_id: str):
             f"(at most {TTL_SECONDS:.0f} s after its last heartbeat)") from None
 
 
-class TrackingServerLost(tracking.RunError):
-    """The tracking server stopped answering during training (the run can be relaunched)."""
+class TrainingStopped(tracking.RunError):
+    """Training stopped part-way for a cause outside it; relaunching the run resumes it."""
+
+    def __init__(self, message: str, run_id: str):
+        super().__init__(message)
+        self.run_id = run_id
 
 
-def _server_lost() -> bool:
-    """After a failure: whether an http(s) tracking server has stopped answering."""
-    if not tracking.is_http_uri(mlflow.get_tracking_uri()):
-        return False
-    try:
-        tracking.check_reachable(timeout=3.0)
-    except ValueError:
-        return True
-    return False
+class TrackingServerLost(TrainingStopped):
+    """The tracking server stopped answering during training."""
+
+
+class CheckpointsNotWritten(TrainingStopped):
+    """The artifact store stopped accepting checkpoints during training."""
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C during training; the run is marked KILLED and can be resumed."""
+
+    def __init__(self, run_id: str):
+        super().__init__(run_id)
+        self.run_id = run_id
 
 
 def _quietly(call, *args) -> None:
