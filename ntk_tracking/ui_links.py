@@ -22,8 +22,8 @@ from ntk_tracking.keys import DESCRIPTION_TAG, KIND_TAG, PARENT_TAG
 MODEL_TRAINING = "workflowType=machine_learning"
 LOCAL_UI = "http://127.0.0.1:5000"  # where `mlflow ui --port 5000` serves a local store
 VIEW_TAG_PREFIX = "mlflow.sharedViewState."  # an experiment tag per saved view of the runs page
-SECTION_START = "<!-- ntk-tracking links -->"  # our part of a description (the UI hides the comments)
-SECTION_END = "<!-- /ntk-tracking links -->"
+SECTION_START = "<!-- ntk_tracking links -->"  # our part of a description (the UI hides the comments)
+SECTION_END = "<!-- /ntk_tracking links -->"
 
 
 def ui_address(tracking_uri: str) -> tuple[str | None, str | None]:

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import re
 import shutil
 
 import pytest
@@ -46,3 +47,9 @@ def wait_for_text(driver, *texts: str, timeout: float = 60.0) -> str:
         body = driver.find_element(By.TAG_NAME, "body").text
         raise AssertionError(f"{driver.current_url} did not show {texts} within {timeout:.0f} s; it shows:\n"
                              f"{body[:3000]}") from err
+
+
+def printed_links(stdout: str) -> dict[str, str]:
+    """label -> URL of the `in the MLflow UI` block a command printed (and `start it` -> the command)."""
+    block = stdout.split("in the MLflow UI (model-training mode):\n")[-1]
+    return dict(re.findall(r"^  ([^:]+): +(\S.*)$", block, flags=re.M))

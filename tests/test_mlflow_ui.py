@@ -13,7 +13,7 @@ import sys
 
 import pytest
 
-from browser import chromium, wait_for_text
+from browser import chromium, printed_links, wait_for_text
 from servers import MlflowUi
 
 pytestmark = pytest.mark.slow
@@ -29,12 +29,6 @@ def _run(argv, cwd, env) -> str:
     proc = subprocess.run([script, *argv], cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc.stdout
-
-
-def printed_links(stdout: str) -> dict[str, str]:
-    """label -> URL of the `in the MLflow UI` block a command printed (and `start it` -> command)."""
-    block = stdout.split("in the MLflow UI (model-training mode):\n")[-1]
-    return dict(re.findall(r"^  ([^:]+): +(\S.*)$", block, flags=re.M))
 
 
 @pytest.fixture(scope="module")
@@ -151,7 +145,7 @@ def test_the_descriptions_lead_to_the_same_pages(store, ui, browser):
     wait_for_text(browser, "NTK charts in the MLflow UI", "sweep charts")
     link = browser.find_element(By.LINK_TEXT, "sweep charts")
     assert link.get_attribute("href") == ui.uri + sweep_url[len(LOCAL_UI):]
-    assert "ntk-tracking links" not in browser.find_element(By.TAG_NAME, "body").text  # its markers stay hidden
+    assert "ntk_tracking links" not in browser.find_element(By.TAG_NAME, "body").text  # its markers stay hidden
     link.click()  # opens in a new tab
     browser.switch_to.window(browser.window_handles[-1])
     wait_for_text(browser, "children's NTK charts", "ntk/entropy")
