@@ -82,9 +82,20 @@ def children_of(client, parent) -> list:
     return sorted(runs, key=lambda r: (r.info.start_time or 0, r.info.run_name or ""))
 
 
-def sweep_links(client, parent) -> list[tuple[str, str]]:
-    """(label, route) of a sweep's children compared; saves the view they need."""
-    save_sweep_view(client, parent)
+def prepare_sweep(client, parent_run_id: str) -> None:
+    """Save the sweep's view before its children train (their descriptions link it; the charts can
+    be watched while it runs). A store that refuses it only warns: the sweep's end tries again."""
+    try:
+        save_sweep_view(client, client.get_run(parent_run_id))
+    except MlflowException as err:
+        warnings.warn(f"could not save the MLflow UI view of sweep {parent_run_id}: {tracking.redact(str(err))}",
+                      RuntimeWarning, stacklevel=2)
+
+
+def sweep_links(client, parent, save: bool = True) -> list[tuple[str, str]]:
+    """(label, route) of a sweep's children compared; `save`: (re)write the view they need."""
+    if save:
+        save_sweep_view(client, parent)
     children = children_of(client, parent)
     return [("sweep charts", sweep_route(parent.info.experiment_id, parent.info.run_id)),
             ("sweep comparison", compare_route([r.info.run_id for r in children],
@@ -100,8 +111,8 @@ def links(client, run) -> list[tuple[str, str]]:
     parent_id = run.data.tags.get(PARENT_TAG)
     if parent_id:
         parent = client.get_run(parent_id)
-        if parent.data.tags.get(KIND_TAG) == "sweep":
-            found += sweep_links(client, parent)
+        if parent.data.tags.get(KIND_TAG) == "sweep":  # its view: saved by the sweep (children run at once)
+            found += sweep_links(client, parent, save=False)
     return found
 
 

@@ -108,6 +108,11 @@ def test_a_training_run_links_its_model_metrics_and_a_child_its_sweep(store, cap
     assert ui_links.links(client, client.get_run(alone)) == [("Model metrics", ui_links.run_route(experiment, alone))]
     labels = [label for label, _ in ui_links.links(client, client.get_run(children[1]))]
     assert labels == ["Model metrics", "sweep charts", "sweep comparison"]
+    # Children (trained at once) leave the view to the sweep, which saves it before they train.
+    view = f"mlflow.sharedViewState.ntk-sweep-{parent}"
+    assert view not in client.get_experiment(experiment).tags
+    ui_links.prepare_sweep(client, parent)
+    assert json.loads(client.get_experiment(experiment).tags[view])["name"].endswith("children's NTK charts")
     assert ui_links.announce(alone, show=False) == [] and capsys.readouterr().out == ""
     assert unquote(ui_links.run_route(experiment, alone)) in client.get_run(alone).data.tags[DESCRIPTION_TAG]
 
