@@ -31,7 +31,7 @@ def chromium(width: int = 1600, height: int = 1200):
     return webdriver.Chrome(service=Service(driver), options=options)
 
 
-def wait_for_text(driver, *texts: str, timeout: float = 60.0) -> str:
+def wait_for_text(driver, *texts: str, timeout: float = 90.0) -> str:
     """The page's visible text once it holds every one of `texts` (the UI renders after loading)."""
     from selenium.common.exceptions import TimeoutException
     from selenium.webdriver.common.by import By
