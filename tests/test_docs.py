@@ -106,3 +106,19 @@ def test_the_commands_test_catches_a_wrong_flag_and_entry():
     assert commands("run `ntk-tracking analyze RUN --subsets 2` then") == ["ntk-tracking analyze RUN --subsets 2"]
     assert "--no-such-flag" not in parser_for(tokens("ntk-tracking analyze RUN --no-such-flag"))
     assert "no_such_entry" not in ENTRIES
+
+
+def test_shown_mlflow_ui_and_server_commands_use_their_options():
+    """`mlflow ui …` and `mlflow server …` lines (the one the commands print included) use options of
+    MLflow's own command line."""
+    import click
+    from mlflow.cli import cli
+
+    shown = [(page.relative_to(ROOT).as_posix(), m.group(1), m.group(0))
+             for page in PAGES for m in re.finditer(r"mlflow (ui|server)\b[^`\n#|;]*",
+                                                     re.sub(r"\\\n\s*", " ", page.read_text()))]
+    assert any(kind == "ui" for _, kind, _ in shown) and any(kind == "server" for _, kind, _ in shown)
+    for page, kind, command in shown:
+        options = {o for p in cli.get_command(click.Context(cli), kind).params for o in p.opts}  # ui: server
+        unknown = [f for f in flags(tokens(command)) if f not in options]
+        assert not unknown, f"{page}: `{command}` uses options that `mlflow {kind}` lacks: {unknown}"

@@ -187,6 +187,12 @@ def test_quickstart_from_the_command_line(tmp_path):
     client = mlflow.MlflowClient(tracking_uri=env["MLFLOW_TRACKING_URI"])
     (run,) = client.search_runs([e.experiment_id for e in client.search_experiments()])
     assert run.info.run_id in proc.stdout and run.info.status == "FINISHED"
+    # The run is analyzed already: no analysis hint; where to look in the UI instead, last.
+    assert "ntk-tracking analyze" not in proc.stdout
+    assert proc.stdout.rstrip().splitlines()[-1] == (
+        f"  Model metrics: http://127.0.0.1:5000/#/experiments/{run.info.experiment_id}/runs/{run.info.run_id}"
+        "/model-metrics?workflowType=machine_learning")
+    assert f"mlflow ui --backend-store-uri {env['MLFLOW_TRACKING_URI']} --port 5000" in proc.stdout
 
     def steps(key):
         return sorted(m.step for m in client.get_metric_history(run.info.run_id, key))

@@ -103,7 +103,13 @@ def test_relaunch_skips_finished_children(grid_sweep, monkeypatch, capsys):
 
     before = snapshot()
     assert sweep_main(GRID + ["--parent-run-id", grid_sweep]) == grid_sweep
-    assert "4 finished already, 0 to train" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "4 finished already, 0 to train" in out
+    # Not analyzed: it ends with the links, then the analysis and report commands to run next.
+    assert "  sweep charts:" in out and "  sweep comparison:" in out
+    assert out.rstrip().splitlines()[-2:] == [
+        f"measure the NTK of every finished child with: ntk-tracking analyze {grid_sweep}",
+        f"then report the sweep with: ntk-tracking report {grid_sweep}"]
     monkeypatch.setenv("MLFLOW_RUN_ID", grid_sweep)  # what `mlflow run --run-id` does
     assert sweep_main(GRID) == grid_sweep
     assert snapshot() == before

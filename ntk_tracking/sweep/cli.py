@@ -6,7 +6,7 @@ import shlex
 import sys
 from typing import NoReturn
 
-from ntk_tracking import tracking
+from ntk_tracking import tracking, ui_links
 from ntk_tracking.helpformat import EXIT_INTERRUPTED
 from ntk_tracking.confine import looks_like_path
 from ntk_tracking.sweep.analysis import analyze_sweep
@@ -72,8 +72,12 @@ def sweep_main(argv=None, prog: str = "ntk-tracking sweep") -> str:
             print(f"error: analysis of sweep {result.parent_run_id}: {err}", file=sys.stderr)
             raise SystemExit(2) from None
         print(f"analyzed {sum(map(len, analyzed.values()))} checkpoint(s) of {len(analyzed)} finished children")
+    ui_links.announce(result.parent_run_id, plan.client)
+    if settings is None:
+        print(f"measure the NTK of every finished child with: ntk-tracking analyze {result.parent_run_id}\n"
+              f"then report the sweep with: ntk-tracking report {result.parent_run_id}")
     else:
-        print(f"measure the NTK of every finished child with: ntk-tracking analyze {result.parent_run_id}")
+        print(f"report the sweep with: ntk-tracking report {result.parent_run_id}")
     if result.failed:
         raise SystemExit(1)
     return result.parent_run_id

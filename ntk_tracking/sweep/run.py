@@ -17,7 +17,7 @@ import mlflow
 from mlflow.entities import Param
 from tqdm.auto import tqdm
 
-from ntk_tracking import tracking
+from ntk_tracking import tracking, ui_links
 from ntk_tracking.sweep.plan import SweepPlan, find_children, plan_sweep
 from ntk_tracking.sweep.spec import (FAILED_TAG, GRID, KEY_TAG, KIND_TAG, PARENT_TAG, SPEC_ARTIFACT, TASK_TAG,
                                      SweepSpec, _LOG_TAIL_LINES)
@@ -225,6 +225,7 @@ def execute_sweep(plan: SweepPlan, workers: int = 1, progress: bool = True, exec
     try:
         _record_spec(plan, parent_run_id)
         children = _children(plan, parent_run_id)
+        ui_links.prepare_sweep(client, parent_run_id)
         results = {k: ChildResult(k, r.info.run_id, "FINISHED", skipped=True)
                    for k, r in children.items() if r.info.status == "FINISHED"}
         todo = [k for k in children if k not in results]
