@@ -264,3 +264,15 @@ def test_missing_and_damaged_step_checkpoints_are_named_and_the_rest_analyzed(st
     err = capsys.readouterr().err
     assert "1 damaged (epoch 2)" in err and "missing: epoch 5:" in err
     assert [s for s, _ in history(run_id, "ntk/entropy/train")] == [0, 8]
+
+
+def test_evolution_figure_of_a_step_counted_run_has_a_log_step_axis():
+    task = get_task("mnist_dense")
+    points = {"ntk/entropy/train": [(0, 1.0), (1, 1.1), (2, 1.2), (16, 1.3)], "train/loss": [(0, 2.0), (16, 1.0)]}
+
+    def axes(config):
+        fig = task.evolution_figure(config, lambda key: points.get(key, []), ["model"], ["train"])
+        return [(ax.get_xscale(), ax.get_xlabel()) for ax in fig.axes]
+
+    assert set(axes(task.config(cv_steps="1,2"))) == {("symlog", "optimizer step (log scale)")}
+    assert set(axes(task.config())) == {("linear", "epoch")}

@@ -239,6 +239,8 @@ def test_failed_and_killed_children_then_relaunch(store, monkeypatch, capsys):
     (["--workers", "0"], "--workers"),
     (["--parent-run-id", "0123456789abcdef0123456789abcdef"], "no MLflow run"),
     (["--analyze", "--points", "1"], "≥ 2"),
+    (["--cv-steps", "1,0"], "cv_steps must be positive integers"),
+    (["--cv-steps", "100000"], "beyond the run's last optimizer step"),
 ])
 def test_bad_input_creates_no_run(store, capsys, bad, message):
     with pytest.raises(SystemExit) as exit_info:
