@@ -132,17 +132,18 @@ def x64():
 # The files that take longest (measured one after another: many processes and servers, the
 # engine's float64 checks, trained sweeps) start first, so that the parallel workers finish at
 # about the same time (pyproject's --no-loadscope-reorder keeps this order); order within a file stays.
-SLOW_FIRST = ("test_ray_sweep.py", "test_faults.py", "test_midway_faults.py", "test_sweep_any_task.py", "test_ntk_structured.py",
-              "test_ntk_kernel.py", "test_pipeline.py", "test_pong_actor_critic.py", "test_sweep.py",
-              "test_cifar_resnet.py", "test_options.py")
+SLOW_FIRST = ("test_ray_sweep.py", "test_faults.py", "test_midway_faults.py", "test_stalls.py",
+              "test_sweep_any_task.py", "test_ntk_structured.py", "test_ntk_kernel.py", "test_pipeline.py",
+              "test_pong_actor_critic.py", "test_sweep.py", "test_cifar_resnet.py", "test_options.py")
 
 
 # The fast tier (`python -m pytest -m "not slow"`, docs/contributing.md) leaves out these files:
 # trained sweeps, Ray clusters, tracking servers killed and restarted, many processes at once.
 # Single slow tests elsewhere carry @pytest.mark.slow themselves.
-SLOW_FILES = ("test_ray_sweep.py", "test_faults.py", "test_midway_faults.py", "test_pipeline.py", "test_one_writer.py", "test_sweep.py",
-              "test_pong_actor_critic.py", "test_options.py", "test_data_paths.py", "test_report.py",
-              "test_molecules_offline.py", "test_security.py")
+SLOW_FILES = ("test_ray_sweep.py", "test_faults.py", "test_midway_faults.py", "test_stalls.py",
+              "test_pipeline.py", "test_one_writer.py", "test_sweep.py", "test_pong_actor_critic.py",
+              "test_options.py", "test_data_paths.py", "test_report.py", "test_molecules_offline.py",
+              "test_security.py")
 
 
 def pytest_collection_modifyitems(config, items):

@@ -122,11 +122,14 @@ def test_resume_after_interruption_matches_uninterrupted(store, monkeypatch, int
         real_log(client, run_id, metrics, step)
 
     monkeypatch.setattr(tracking, "log_metrics", dying_log)
-    with pytest.raises(KeyboardInterrupt):
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:  # Ctrl-C: one line and exit status 130
         train_main("mnist_dense", TINY)
     interrupted = mlflow.MlflowClient().search_runs(
         [mlflow.get_experiment_by_name("Default").experiment_id], order_by=["attributes.start_time DESC"]
     )[0].info.run_id
+    assert exit_info.value.code == 130
+    assert capsys.readouterr().err.startswith(f"interrupted: run {interrupted} stopped and is marked KILLED")
     assert interrupted != reference
     assert [s for s, _ in history(interrupted, "train/loss")] == [0, 1, 2]
     monkeypatch.setattr(tracking, "log_metrics", real_log)

@@ -216,8 +216,9 @@ def test_resume_after_interruption_matches_uninterrupted(store, monkeypatch, cap
         real_log(client, run_id, metrics, step)
 
     monkeypatch.setattr(tracking, "log_metrics", dying_log)
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(SystemExit) as exit_info:  # Ctrl-C: one line and exit status 130
         train_main(TASK, TINY)
+    assert exit_info.value.code == 130
     runs = mlflow.MlflowClient().search_runs(["0"], order_by=["attributes.start_time DESC"])
     interrupted = runs[0].info.run_id
     assert interrupted != reference

@@ -15,8 +15,7 @@ def analyze_sweep(parent_run_id: str, settings=None, progress: bool = True,
                   mlflow_client=None, data_paths: tuple[str, ...] = ()) -> dict[str, list[int]]:
     """Analyze every FINISHED child's pending checkpoints under one progress bar; child id -> epochs."""
     from ntk_tracking.analyze import AnalysisSettings, Analyzer
-    from ntk_tracking.checkpointing import CheckpointError
-    from ntk_tracking.ntk.measure import NonFiniteKernel
+    from ntk_tracking.analyze_ray import analyze_until_logged
 
     client = mlflow_client or tracking.client()
     if not is_sweep_run(parent_run_id, client):
@@ -42,11 +41,12 @@ def analyze_sweep(parent_run_id: str, settings=None, progress: bool = True,
             done = []
             analyzer.on_stage = lambda text, key=key: bar.set_postfix_str(f"{key}: {text}", refresh=True)
             for epoch in pending[key]:
-                try:
-                    if analyzer.analyze_epoch(epoch) is not None:
-                        done.append(epoch)
-                except (CheckpointError, NonFiniteKernel) as err:  # reported; the others still count
-                    warnings.warn(f"child {key}: checkpoint {epoch} not analyzed: {err}", RuntimeWarning,
+                # A checkpoint another analyzer holds is waited for until it is logged (or taken over).
+                outcome, message = analyze_until_logged(analyzer, epoch)
+                if outcome == "analyzed":
+                    done.append(epoch)
+                elif outcome != "already":  # damaged or non-finite: reported; the others still count
+                    warnings.warn(f"child {key}: checkpoint {epoch} not analyzed: {message}", RuntimeWarning,
                                   stacklevel=2)
                 bar.update(1)
             if done:
