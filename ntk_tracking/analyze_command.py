@@ -25,7 +25,7 @@ def analyze_parser(prog: str = "ntk-tracking analyze") -> argparse.ArgumentParse
         "variables (entropy, trace, …) into the same run, step = checkpoint epoch. Each checkpoint is "
         "claimed in the tracking store while it is measured, so analyzers started together share the "
         "work and log every checkpoint once.",
-        epilog="exit status: 0 every checkpoint is analyzed (or being analyzed by another process); "
+        epilog="exit status: 0 every checkpoint is analyzed and logged (by this or another process); "
         f"2 refused (bad input or settings; nothing logged); {EXIT_INCOMPLETE} some checkpoints are damaged, "
         "missing or gave a non-finite kernel (each named on its own line; every other one is analyzed, "
         "and a rerun retries them); 4 --follow found the trainer stopped; 5 some checkpoints are still held by another "
