@@ -25,7 +25,7 @@ def analyze_parser(prog: str = "ntk-tracking analyze") -> argparse.ArgumentParse
         "variables (entropy, trace, …) into the same run, step = checkpoint epoch. Each checkpoint is "
         "claimed in the tracking store while it is measured, so analyzers started together share the "
         "work and log every checkpoint once.",
-        epilog="exit status: 0 every checkpoint is analyzed (or being analyzed by another process); "
+        epilog="exit status: 0 every checkpoint is analyzed and logged (by this or another process); "
         f"2 refused (bad input or settings; nothing logged); {EXIT_INCOMPLETE} some checkpoints are damaged, "
         "missing or gave a non-finite kernel (each named on its own line; every other one is analyzed, "
         "and a rerun retries them); 4 --follow found the trainer stopped; 5 some checkpoints are still held by another "
@@ -146,8 +146,9 @@ def analyze_main(argv=None, prog: str = "ntk-tracking analyze",
         print(tracking.redact(f"error: lost the tracking server {uri}: {_progress(analyzers)}; once the server is "
                               f"back, {again}"), file=sys.stderr)
         raise SystemExit(EXIT_SERVER_LOST) from None
-    if not all(ok is True for _, ok in results.values()):
-        raise SystemExit(EXIT_INCOMPLETE if False in [ok for _, ok in results.values()] else EXIT_HELD)
+    codes = {code for _, code in results.values()} - {0}
+    if codes:
+        raise SystemExit(EXIT_INCOMPLETE if EXIT_INCOMPLETE in codes else EXIT_HELD)
     if len(results) == 1:
         return next(iter(results.values()))[0]
     by_run = {}
@@ -186,7 +187,7 @@ def _checked_analyzers(args, run_ids, settings) -> dict:
 
 def _analyze_one(args, run_id: str, settings, analyzer=None):
     """One training run (its checked `analyzer`) or a sweep's parent, in this process: (epochs or
-    run id -> epochs, complete)."""
+    run id -> epochs, exit status: 0, EXIT_INCOMPLETE or EXIT_HELD)."""
     from ntk_tracking.sweep import analyze_sweep
 
     if analyzer is None:  # a sweep's parent: every FINISHED child under one progress bar
@@ -198,7 +199,7 @@ def _analyze_one(args, run_id: str, settings, analyzer=None):
                                  data_paths=tuple(args.allow_data_path))
         print(f"analyzed {sum(map(len, analyzed.values()))} checkpoint(s) of {len(analyzed)} "
               f"finished child run(s) of sweep {run_id}")
-        return analyzed, True
+        return analyzed, 0
     diverged = analyzer.diverged()
     if diverged:
         print(f"warning: run {run_id} diverged ({diverged}): its kernels measure a broken model", file=sys.stderr)
@@ -219,7 +220,7 @@ def _analyze_one(args, run_id: str, settings, analyzer=None):
         print(report.summary(), file=sys.stderr)
     for line in report.held.values():
         print(f"held: {line}; not analyzed here: analyze again once it is released or expired", file=sys.stderr)
-    return epochs, report.ok and (None if report.held else True)
+    return epochs, 0 if report.ok and not report.held else EXIT_INCOMPLETE if not report.ok else EXIT_HELD
 
 
 def _analyze_on_ray(args, run_ids, settings) -> dict[str, list[int]]:
