@@ -8,6 +8,7 @@ import os
 import re
 import sys
 
+from ntk_tracking import extras
 from ntk_tracking.helpformat import HelpFormatter, add_ray_options, fail as _fail
 from ntk_tracking.keys import ANALYZED_BY_TAG, ANALYZED_RUN_TAG, DESCRIPTION_TAG
 
@@ -86,6 +87,8 @@ def analyze_main(argv=None, prog: str = "ntk-tracking analyze") -> list[int] | d
     try:
         if not run_ids:
             raise ValueError("no run id given")
+        if args.executor == "ray":
+            extras.require("ray", "ray", what="--executor ray")
         if args.executor != "ray" and args.ray_address:
             raise ValueError("--ray-address needs --executor ray")
         if not args.cpus_per_task > 0:

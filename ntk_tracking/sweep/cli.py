@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 
-from ntk_tracking import tracking
+from ntk_tracking import extras, tracking
 from ntk_tracking.confine import looks_like_path
 from ntk_tracking.sweep.analysis import analyze_sweep
 from ntk_tracking.sweep.plan import plan_sweep
@@ -35,6 +35,7 @@ def sweep_main(argv=None, prog: str = "ntk-tracking sweep") -> str:
         data_paths = tuple(v for v in (spec.fixed.get("dataset"),) if isinstance(v, str) and looks_like_path(v))
         executor = None
         if args.executor == "ray":
+            extras.require("ray", "ray", what="--executor ray")
             from ntk_tracking.sweep.ray_executor import RayExecutor, check_tracking_uri_for_ray
 
             check_tracking_uri_for_ray()
