@@ -129,3 +129,18 @@ def test_mlproject_entry_is_the_one_generated_from_the_task_config(task):
 
     generated = yaml.safe_load(mlproject_entry(task))[task]
     assert MLPROJECT["entry_points"][task] == generated
+
+
+def test_the_sweep_entry_defaults_leave_the_task_defaults():
+    """The sweep entry's declared training options, left at '', give every child the task's own defaults."""
+    import shlex
+
+    from ntk_tracking.sweep.spec import parse_sweep
+
+    entry = MLPROJECT["entry_points"]["sweep"]
+    values = {k: v["default"] for k, v in entry["parameters"].items()} | {"task": "mnist_vae", "grid": "latents=4,8"}
+    argv = shlex.split(entry["command"].format(**{k: shlex.quote(str(v)) for k, v in values.items()}))[3:]
+    launched, _ = parse_sweep(argv)
+    plain, _ = parse_sweep(["--task", "mnist_vae", "--grid", "latents=4,8"])
+    assert launched.fixed == plain.fixed and launched.fixed["epochs"] == 50
+    assert {"dataset", "epochs", "train_size", "cv_every"} <= set(entry["parameters"])
