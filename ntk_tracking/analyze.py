@@ -22,7 +22,7 @@ from typing import Callable
 import numpy as np
 from tqdm.auto import tqdm
 
-from ntk_tracking import tracking
+from ntk_tracking import run_inputs, system_metrics, tracking
 from ntk_tracking.confine import check_data_paths, looks_like_path
 from ntk_tracking.checkpointing import CheckpointError, CheckpointStore
 from ntk_tracking.claims import Claim, Held, holder, record_once, recorded
@@ -215,6 +215,8 @@ class Analyzer:
             self._check_same_data()
         self.abstract = self.task.abstract_variables(cfg, self.data)
         probe = self.task.probe(cfg, self.data, self._context())
+        run_inputs.log_probe_sets(self.client, self.run_id, cfg, {split: probe.sets[split] for split in s.splits},
+                                  self.task.data_info(self.data))
         self.networks = {name: NTK(fn, s.implementation, s.memory_budget) for name, fn in probe.networks.items()}
         self._measurements = {}
         for i, split in enumerate(s.splits):
@@ -360,8 +362,13 @@ class Analyzer:
 
     # -- the loop ---------------------------------------------------------------------------
 
-    def run(self, follow: bool = False, poll_seconds: float = 10.0, progress: bool = True,
-            stall_seconds: float = STALL_SECONDS) -> list[int]:
+    def run(self, *args, **kwargs) -> list[int]:
+        """_run, with the machine's system metrics sampled into the run (keys system/analysis/…)."""
+        with system_metrics.sampled(self.run_id, node="analysis"):
+            return self._run(*args, **kwargs)
+
+    def _run(self, follow: bool = False, poll_seconds: float = 10.0, progress: bool = True,
+             stall_seconds: float = STALL_SECONDS) -> list[int]:
         """Analyze every pending checkpoint; with `follow`, keep going while training runs.
 
         Returns the epochs this call logged; `self.report` says what else happened (checkpoints
