@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 
 from ntk_tracking import run_inputs, system_metrics, tracking
 from ntk_tracking.confine import check_data_paths, looks_like_path
+from ntk_tracking.costs import CostEstimate
 from ntk_tracking.checkpointing import CheckpointError, CheckpointStore
 from ntk_tracking.claims import Claim, Held, holder, record_once, recorded
 from ntk_tracking.ntk import IMPLEMENTATIONS, NTK, Measurement, check_against_ntvp, draw_subsets
@@ -388,6 +389,7 @@ class Analyzer:
                 )
             first = False
             bar = tqdm(pending, desc=f"NTK {self.run_id[:8]}", unit="ckpt", disable=not progress)
+            estimate = CostEstimate(len(pending))
             self.on_stage = functools.partial(bar.set_postfix_str, refresh=True)
             for epoch in bar:
                 t0 = time.perf_counter()
@@ -404,7 +406,11 @@ class Analyzer:
                     tqdm.write(f"non-finite: {report.nonfinite[epoch]}", file=sys.stderr)
                     continue
                 (report.analyzed if done is not None else report.skipped).append(epoch)
-                bar.set_postfix(epoch=epoch, seconds=f"{time.perf_counter() - t0:.2f}")
+                seconds = time.perf_counter() - t0
+                bar.set_postfix(epoch=epoch, seconds=f"{seconds:.2f}")
+                cost = estimate.after(seconds) if done is not None else None
+                if cost:
+                    tqdm.write(f"NTK {self.run_id[:8]}: {cost}")
             bar.close()
             self.on_stage = lambda text: None
             if not follow:
