@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import logging
 import os
 import sys
 import threading
@@ -31,7 +32,14 @@ def sampled(run_id: str, node: str | None = None):
 
     _note_missing_gpu_probe()
     # resume_logging: steps continue after the run's earlier system metrics (a resumed or analyzed run).
-    monitor = SystemMetricsMonitor(run_id, node_id=node, resume_logging=True)
+    # Quiet: without a GPU MLflow logs "Skip logging GPU metrics" at INFO in every run.
+    logger = logging.getLogger("mlflow.system_metrics.system_metrics_monitor")
+    level = logger.level
+    logger.setLevel(logging.WARNING)
+    try:
+        monitor = SystemMetricsMonitor(run_id, node_id=node, resume_logging=True)
+    finally:
+        logger.setLevel(level)
     stop = threading.Event()
     thread = threading.Thread(target=_sample, args=(monitor, stop), name="system-metrics", daemon=True)
     thread.start()

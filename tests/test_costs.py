@@ -20,18 +20,30 @@ def test_durations_read_naturally(seconds, text):
     assert duration(seconds) == text
 
 
-def test_the_first_checkpoint_gives_an_upper_bound_and_the_second_refines_it():
+def test_the_first_checkpoint_less_its_compilation_sets_the_estimate_and_the_second_corrects_it():
     estimate = CostEstimate(12)
-    assert estimate.after(55.0) == "about 11 min for 12 checkpoints (the first took 55 s, compilation included)"
-    assert estimate.after(5.0) == "about 2 min for 12 checkpoints (5 s each after compilation)"  # 55 + 5 + 10 × 5
-    assert estimate.after(5.0) is None
+    assert estimate.after(55.0, compiling=45.0) == (
+        "about 3 min for 12 checkpoints (the first took 55 s, 45 s of it compiling)")  # 55 + 11 × 10
+    assert estimate.after(20.0, compiling=0.0) == "about 5 min for 12 checkpoints (20 s each after the first)"  # 75 + 10 × 20
+    assert estimate.after(5.0, compiling=0.0) is None  # said twice at most
 
 
-def test_no_refinement_when_compilation_was_cheap_and_nothing_for_one_checkpoint():
+def test_no_correction_when_the_first_estimate_holds_and_nothing_for_one_checkpoint():
     estimate = CostEstimate(12)
-    assert estimate.after(10.0).startswith("about 2 min for 12 checkpoints")
-    assert estimate.after(9.0) is None  # 10 + 9 + 10 × 9 = 109 s, within a quarter of 120 s
+    assert estimate.after(10.0, compiling=0.0).startswith("about 2 min for 12 checkpoints")
+    assert estimate.after(9.0, compiling=0.0) is None  # 10 + 9 + 10 × 9 = 109 s, within a quarter of 120 s
     assert CostEstimate(1).after(30.0) is None  # done: nothing left to estimate
+
+
+def test_compilation_is_measured_from_jax_itself():
+    import jax
+    import jax.numpy as jnp
+
+    estimate = CostEstimate(3)
+    jax.jit(lambda x: jnp.sin(x) * 3.0 + x.sum())(jnp.ones(7)).block_until_ready()  # a new program
+    line = estimate.after(5.0)
+    compiling = float(re.search(r"([\d.]+) s of it compiling", line).group(1))
+    assert 0 < compiling < 5.0
 
 
 def test_the_analyzer_prints_the_estimate_after_its_first_checkpoint(tmp_path, monkeypatch, capsys):
@@ -44,5 +56,5 @@ def test_the_analyzer_prints_the_estimate_after_its_first_checkpoint(tmp_path, m
     lines = LINE.findall(out)
     assert lines and all(count == "4" for *_, count in lines), out
     first = out.index(f"NTK {run_id[:8]}: about")
-    assert "the first took" in out[first:].splitlines()[0]
+    assert "of it compiling" in out[first:].splitlines()[0]
     assert first < out.index(f"run {run_id}: epochs [0, 1, 2, 3]")
