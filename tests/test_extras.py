@@ -40,9 +40,11 @@ def no_runs(cwd) -> bool:
 @pytest.mark.parametrize("blocked, argv, extra", [
     (["rdkit", "datamol"], ["train", "molpcba_gnn", "--dataset", "molecules-offline", "--epochs", "1"], "molecules"),
     (["datamol"], ["train", "molpcba_gnn", "--dataset", "molecules-offline", "--epochs", "1"], "molecules"),
+    (["rdkit"], ["sweep", "--task", "molpcba_gnn", "--dataset", "molecules-offline", "--grid", "seed=0,1"],
+     "molecules"),
     (["ray"], ["sweep", "--task", "mnist_dense", "--grid", "width=8,16", "--epochs", "1", "--executor", "ray"], "ray"),
     (["ray"], ["analyze", "0123456789abcdef0123456789abcdef", "--executor", "ray"], "ray"),
-], ids=["train-molecules", "train-datamol-only", "sweep-ray", "analyze-ray"])
+], ids=["train-molecules", "train-datamol-only", "sweep-molecules", "sweep-ray", "analyze-ray"])
 def test_a_missing_extra_is_named_in_one_line_before_any_run(tmp_path, blocked, argv, extra):
     proc = cli_without(blocked, argv, tmp_path)
     assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
