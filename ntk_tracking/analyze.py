@@ -378,7 +378,7 @@ class Analyzer:
         report = self.report = AnalysisReport()
         report.already = sorted(set(self.store.cv_epochs())
                                 & tracking.logged_steps(self.client, self.run_id, self.marker_key()))
-        first = True
+        first, estimate = True, None
         seen, last_progress = set(), time.time()
         while True:
             pending = self.pending_epochs()
@@ -389,7 +389,9 @@ class Analyzer:
                 )
             first = False
             bar = tqdm(pending, desc=f"NTK {self.run_id[:8]}", unit="ckpt", disable=not progress)
-            estimate = CostEstimate(len(pending))
+            if estimate is None and pending:  # said once, for every checkpoint the run will have
+                planned = set(self.config.cv_epochs()) - set(report.already) if follow else set()
+                estimate = CostEstimate(max(len(pending), len(planned)))
             self.on_stage = functools.partial(bar.set_postfix_str, refresh=True)
             for epoch in bar:
                 t0 = time.perf_counter()
