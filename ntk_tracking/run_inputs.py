@@ -19,7 +19,7 @@ PROBE_CONTEXT = "ntk probe"
 def arrays_in(value, path: str = "", depth: int = 0) -> dict[str, np.ndarray]:
     """Every array in `value` (dataclasses, named tuples, dicts, lists, tuples), by dotted path."""
     if hasattr(value, "__array__") and hasattr(value, "shape") and hasattr(value, "dtype"):  # NumPy, JAX
-        return {path or "data": np.asarray(value)}
+        return {path or "data": value}  # not copied: a device array stays on its device
     if depth > 6:
         return {}
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
@@ -38,15 +38,18 @@ def arrays_in(value, path: str = "", depth: int = 0) -> dict[str, np.ndarray]:
     return found
 
 
-def dataset(name: str, source, arrays: dict[str, np.ndarray], info: dict):
-    """A metadata-only MLflow dataset: digest over the arrays (MLflow's numpy digest) and the provenance."""
-    from mlflow.data.digest_utils import compute_numpy_digest, get_normalized_md5_digest
+def dataset(name: str, source, arrays: dict, info: dict):
+    """A metadata-only MLflow dataset. Its digest, as MLflow's own numpy datasets compute theirs, covers
+    the first MAX_ROWS values of each array and every shape, plus the provenance."""
+    from mlflow.data.digest_utils import MAX_ROWS, compute_numpy_digest, get_normalized_md5_digest
     from mlflow.data.meta_dataset import MetaDataset
     from mlflow.types import Schema, TensorSpec
 
-    provenance = json.dumps(info, sort_keys=True, default=str)
-    digest = get_normalized_md5_digest([(compute_numpy_digest(arrays) if arrays else "").encode(), provenance.encode()])
-    schema = Schema([TensorSpec(a.dtype, (-1, *a.shape[1:]), k) for k, a in arrays.items()]) if arrays else None
+    heads = {k: np.asarray(a.reshape(-1)[:MAX_ROWS]) for k, a in arrays.items()}  # only these leave a device
+    layout = {k: [str(np.dtype(a.dtype)), list(a.shape)] for k, a in arrays.items()}
+    text = json.dumps([layout, info], sort_keys=True, default=str)
+    digest = get_normalized_md5_digest([(compute_numpy_digest(heads) if heads else "").encode(), text.encode()])
+    schema = Schema([TensorSpec(np.dtype(a.dtype), (-1, *a.shape[1:]), k) for k, a in arrays.items()]) if arrays else None
     return MetaDataset(source, name=name, digest=digest, schema=schema)
 
 

