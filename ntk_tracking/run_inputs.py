@@ -16,7 +16,7 @@ TRAINING_CONTEXT = "training"
 PROBE_CONTEXT = "ntk probe"
 
 
-def arrays_in(value, path: str = "", depth: int = 0) -> dict[str, np.ndarray]:
+def arrays_in(value, path: str = "", depth: int = 0) -> dict:
     """Every array in `value` (dataclasses, named tuples, dicts, lists, tuples), by dotted path."""
     if hasattr(value, "__array__") and hasattr(value, "shape") and hasattr(value, "dtype"):  # NumPy, JAX
         return {path or "data": value}  # not copied: a device array stays on its device
@@ -55,7 +55,6 @@ def dataset(name: str, source, arrays: dict, info: dict):
 
 def source_of(dataset_option: str, info: dict):
     """Where the data came from: a local folder or file, a hub repository, or the package's own data."""
-
     if looks_like_path(dataset_option):
         from mlflow.data.dataset_source_registry import get_registered_sources
 
