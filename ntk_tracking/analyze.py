@@ -363,10 +363,11 @@ class Analyzer:
 
     # -- the loop ---------------------------------------------------------------------------
 
-    def run(self, *args, **kwargs) -> list[int]:
-        """_run, with the machine's system metrics sampled into the run (keys system/analysis/…)."""
-        with system_metrics.sampled(self.run_id, node="analysis"):
-            return self._run(*args, **kwargs)
+    def run(self, follow: bool = False, poll_seconds: float = 10.0, progress: bool = True,
+            stall_seconds: float = STALL_SECONDS) -> list[int]:
+        """_run, with the machine's system metrics sampled into the run (system/analysis/…) while it works."""
+        with system_metrics.sampled(self.run_id, node="analysis", busy=follow or bool(self.pending_epochs())):
+            return self._run(follow, poll_seconds, progress, stall_seconds)
 
     def _run(self, follow: bool = False, poll_seconds: float = 10.0, progress: bool = True,
              stall_seconds: float = STALL_SECONDS) -> list[int]:

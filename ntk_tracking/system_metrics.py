@@ -19,13 +19,14 @@ def enabled() -> bool:
 
 
 @contextlib.contextmanager
-def sampled(run_id: str, node: str | None = None):
-    """Sample system metrics into `run_id` while the block runs (keys system/<node>/… if `node`).
+def sampled(run_id: str, node: str | None = None, busy: bool = True):
+    """Sample system metrics into `run_id` while the block runs (keys system/<node>/… if `node`);
+    nothing when not `busy` (an analysis with nothing to do adds nothing to its run).
 
     MLflow's own monitor (start_run(log_system_metrics=True)) stops as soon as its run is not RUNNING
     and logs nothing for a run shorter than its interval; this sampler reuses its probes but logs into a
     run of any status (the analyzer writes into finished runs) and always logs the last, partial interval."""
-    if not enabled():
+    if not (busy and enabled()):
         yield
         return
     from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor

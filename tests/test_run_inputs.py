@@ -54,6 +54,10 @@ def test_a_trained_and_analyzed_run_shows_its_dataset_probe_sets_and_system_metr
     assert probes["mnist5k · train probe"].digest != probes["mnist5k · test probe"].digest
     assert "system/analysis/cpu_utilization_percentage" in system_keys(run_id) - trained
     assert len(inputs(run_id)["training"]) == 1  # the analysis adds no training input
+    key = "system/analysis/cpu_utilization_percentage"
+    sampled = len(mlflow.MlflowClient().get_metric_history(run_id, key))
+    assert analyze_main([run_id, "--subsets", "2", "--points", "4", "--no-progress"]) == []
+    assert len(mlflow.MlflowClient().get_metric_history(run_id, key)) == sampled  # nothing to do: nothing added
 
 
 def test_the_off_switch_leaves_no_system_metrics_and_other_data_another_digest(tmp_path, monkeypatch):

@@ -44,7 +44,7 @@ def analyze_sweep(parent_run_id: str, settings=None, progress: bool = True,
             analyzer = analyzers.pop(key)  # dropped after its child: measurements hold data
             done = []
             analyzer.on_stage = lambda text, key=key: bar.set_postfix_str(f"{key}: {text}", refresh=True)
-            with system_metrics.sampled(analyzer.run_id, node="analysis"):
+            with system_metrics.sampled(analyzer.run_id, node="analysis", busy=bool(pending[key])):
                 for epoch in pending[key]:
                     t0 = time.perf_counter()
                     try:
