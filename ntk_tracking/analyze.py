@@ -23,8 +23,9 @@ import jax
 import numpy as np
 from tqdm.auto import tqdm
 
-from ntk_tracking import tracking
+from ntk_tracking import run_inputs, system_metrics, tracking
 from ntk_tracking.confine import check_data_paths, looks_like_path
+from ntk_tracking.costs import CostEstimate
 from ntk_tracking.checkpointing import CheckpointError, CheckpointStore
 from ntk_tracking.claims import (TTL_SECONDS, Claim, Held, clean_up, describe, holder, log_points_once, record_once,
                                  recorded)
@@ -247,6 +248,8 @@ class Analyzer:
             self._check_same_data()
         self.abstract = self.task.abstract_variables(cfg, self.data)
         probe = self.task.probe(cfg, self.data, self._context())
+        run_inputs.log_probe_sets(self.client, self.run_id, cfg, {split: probe.sets[split] for split in s.splits},
+                                  self.task.data_info(self.data))
         self.networks = {name: NTK(fn, s.implementation, s.memory_budget) for name, fn in probe.networks.items()}
         check_sizes(s, {split: probe.sets[split] for split in s.splits}, len(self.networks))
         self._measurements = {}
@@ -407,6 +410,12 @@ class Analyzer:
 
     def run(self, follow: bool = False, poll_seconds: float = 10.0, progress: bool = True,
             stall_seconds: float = STALL_SECONDS, held_wait_seconds: float = HELD_WAIT_SECONDS) -> list[int]:
+        """_run, with the machine's system metrics sampled into the run (system/analysis/…) while it works."""
+        with system_metrics.sampled(self.run_id, node="analysis", busy=follow or bool(self.pending_epochs())):
+            return self._run(follow, poll_seconds, progress, stall_seconds, held_wait_seconds)
+
+    def _run(self, follow: bool = False, poll_seconds: float = 10.0, progress: bool = True,
+             stall_seconds: float = STALL_SECONDS, held_wait_seconds: float = HELD_WAIT_SECONDS) -> list[int]:
         """Analyze every pending checkpoint; with `follow`, keep going while training runs.
 
         Returns the epochs this call logged; `self.report` says what else happened (checkpoints
@@ -417,7 +426,7 @@ class Analyzer:
         report = self.report = AnalysisReport()
         report.already = sorted(set(self.store.cv_epochs())
                                 & tracking.logged_steps(self.client, self.run_id, self.marker_key()))
-        first = True
+        first, estimate = True, None
         seen, last_progress = set(), time.time()
         while True:
             pending = self.pending_epochs()
@@ -428,13 +437,20 @@ class Analyzer:
                 )
             first = False
             bar = tqdm(pending, desc=f"NTK {self.run_id[:8]}", unit="ckpt", disable=not progress)
+            if estimate is None and pending:  # said once, for every checkpoint the run will have
+                planned = set(self.config.cv_epochs()) - set(report.already) if follow else set()
+                estimate = CostEstimate(max(len(pending), len(planned)))
             self.on_stage = functools.partial(bar.set_postfix_str, refresh=True)
             for epoch in bar:
                 t0 = time.perf_counter()
                 if epoch in report.failed():
                     continue
-                self._attempt(epoch)
-                bar.set_postfix(epoch=epoch, seconds=f"{time.perf_counter() - t0:.2f}")
+                done = self._attempt(epoch)
+                seconds = time.perf_counter() - t0
+                bar.set_postfix(epoch=epoch, seconds=f"{seconds:.2f}")
+                cost = estimate.after(seconds) if done else None
+                if cost:
+                    tqdm.write(f"NTK {self.run_id[:8]}: {cost}")
             self._wait_for_others(pending, held_wait_seconds)
             bar.close()
             self.on_stage = lambda text: None
@@ -467,12 +483,14 @@ class Analyzer:
             self.log_figure()
         return report.analyzed
 
-    def _attempt(self, epoch: int) -> None:
-        """analyze_epoch, with a damaged checkpoint or a non-finite kernel named in the report."""
+    def _attempt(self, epoch: int) -> bool:
+        """analyze_epoch, with a damaged checkpoint or a non-finite kernel named in the report;
+        whether this call logged the checkpoint."""
         report = self.report
         try:
             if self.analyze_epoch(epoch) is not None:
                 report.analyzed.append(epoch)
+                return True
         except CheckpointError as err:
             if tracking.server_lost():  # a download that failed because the server went: not damage
                 raise
@@ -481,6 +499,7 @@ class Analyzer:
         except NonFiniteKernel as err:
             report.nonfinite[epoch] = f"epoch {epoch}: {err}; not logged (a rerun tries it again)"
             tqdm.write(f"non-finite: {report.nonfinite[epoch]}", file=sys.stderr)
+        return False
 
     def _wait_for_others(self, epochs: list[int], limit: float) -> None:
         """Epochs of `epochs` this call did not log and no other analyzer has logged yet (held by a

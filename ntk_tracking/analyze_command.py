@@ -9,6 +9,7 @@ import re
 import shlex
 import sys
 
+from ntk_tracking import extras
 from ntk_tracking.helpformat import (EXIT_INTERRUPTED, EXIT_SERVER_LOST, HelpFormatter, add_ray_options,
                                      fail as _fail)
 from ntk_tracking.keys import ANALYZED_BY_TAG, ANALYZED_RUN_TAG, DESCRIPTION_TAG
@@ -101,6 +102,8 @@ def analyze_main(argv=None, prog: str = "ntk-tracking analyze",
     try:
         if not run_ids:
             raise ValueError("no run id given")
+        if args.executor == "ray":
+            extras.require("ray", "ray", what="--executor ray")
         if args.executor != "ray" and args.ray_address:
             raise ValueError("--ray-address needs --executor ray")
         if not args.cpus_per_task > 0:

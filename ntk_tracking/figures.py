@@ -89,7 +89,8 @@ def log_axis_if_spanning(ax, axis: str = "y", ratio: float = 10.0) -> None:
 
 
 def evolution_figure(histories: dict, splits, title: str = "", networks=("model",),
-                     loss_keys=("train/loss", "test/loss"), xlabel: str = "epoch", log_x: bool = False):
+                     loss_keys=("train/loss", "test/loss"), xlabel: str = "epoch", log_x: bool = False,
+                     loss_label: str = ""):
     """Entropy, trace and loss against epoch, one row per network; `histories` maps metric keys
     to (step, value) lists (`…/entropy_std/…`, `…/trace_std/…` where present: bands); `log_x`:
     a log axis whatever the steps (runs counted in optimizer steps)."""
@@ -109,7 +110,7 @@ def evolution_figure(histories: dict, splits, title: str = "", networks=("model"
         losses = [k for k in loss_keys if histories.get(k)]
         for key in losses:
             plot_series(row[2], histories[key], key.split("/")[0])
-        row[2].set_ylabel(", ".join(sorted({k.split("/", 1)[-1] for k in loss_keys})))
+        row[2].set_ylabel(loss_label or ", ".join(sorted({k.split("/", 1)[-1] for k in loss_keys})))
         log_axis_if_spanning(row[2], ratio=3.0)
         for ax in row:
             epoch_axis(ax, cv_steps, xlabel, log=log_x)
@@ -136,19 +137,27 @@ def shade(color, i: int, n: int):
     return tuple(rgb + (1 - rgb) * f)
 
 
+# Log-axis tick sets, sparsest first: the first that labels at least MIN_LOG_TICKS values is used.
+LOG_SUBS = ((1.0,), (1.0, 3.0), (1.0, 2.0, 5.0), (1.0, 1.5, 2.0, 3.0, 5.0, 7.0), tuple(range(1, 10)))
+MIN_LOG_TICKS = 4
+
+
 def _plain_log_ticks(axis, lo: float, hi: float) -> None:
-    """Log-axis ticks as plain numbers (0.5, 10, 1e+04). A log axis labels only decades, so a
-    narrow range shows none: below ×3 use even steps, below ×100 label 1s, 2s and 5s."""
-    from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullFormatter, NullLocator
+    """Log-axis ticks as plain numbers (0.5, 10, 1e+04), at least MIN_LOG_TICKS of them labelled: a log
+    axis labels only decades by default, so a range of one or two decades showed two or three."""
+    from matplotlib.ticker import FixedLocator, FuncFormatter, LogLocator, MaxNLocator, NullFormatter, NullLocator
 
     axis.set_major_formatter(FuncFormatter(lambda v, _: plain_number(v)))
     axis.set_minor_formatter(NullFormatter())
-    ratio = hi / lo if 0 < lo else np.inf
-    if ratio < 3:
-        axis.set_major_locator(MaxNLocator(nbins=5))
-        axis.set_minor_locator(NullLocator())
-    elif ratio < 100:
-        axis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+    if not (0 < lo < hi and np.isfinite(hi)):
+        return
+    for subs in LOG_SUBS:
+        ticks = [t for t in LogLocator(base=10, subs=subs).tick_values(lo, hi) if lo <= t <= hi]
+        if len(ticks) >= MIN_LOG_TICKS:
+            axis.set_major_locator(FixedLocator(ticks))
+            return
+    axis.set_major_locator(MaxNLocator(nbins=5))  # under about ×2: even steps
+    axis.set_minor_locator(NullLocator())
 
 
 def plain_number(v: float) -> str:
@@ -171,12 +180,23 @@ def _positive(ax) -> bool:
     return bool(ys) and all(y > 0 for y in ys)
 
 
+def mean_and_std(series: list[list[tuple[int, float]]]):
+    """(steps, mean, std) over several (step, value) series, at the steps they all have."""
+    series = [dict(s) for s in series if s]
+    if not series:
+        return np.array([]), np.array([]), np.array([])
+    steps = sorted(set.intersection(*(set(s) for s in series)))
+    values = np.array([[s[t] for t in steps] for s in series], float)
+    return np.asarray(steps), values.mean(axis=0), values.std(axis=0)
+
+
 def evolution_grid(rows, loss_label: str = "loss", title: str = ""):
     """Entropy, trace and loss against epoch; one row per varied property (paper Figs. 1, 4, 5).
 
     `rows`: dicts with "title", "property", "values" (ordered) and "lines", each line a dict
     with "value" and "histories" (metric key → [(epoch, value)]). Train and test keep the split
-    colours; the property's values are told apart by shade (light = first) and line style.
+    colours; the property's values are told apart by shade (light = first) and line style. Lines
+    sharing a value (seeds) are drawn as their mean with a ±1 std band.
     """
     from matplotlib.lines import Line2D
     from matplotlib.ticker import MaxNLocator
@@ -188,15 +208,17 @@ def evolution_grid(rows, loss_label: str = "loss", title: str = ""):
         values = list(row["values"])
         for c, (ylabel, key) in enumerate(panels):
             ax = axes[r, c]
-            for line in row["lines"]:
-                i = values.index(line["value"])
+            for i, value in enumerate(values):
+                members = [line["histories"] for line in row["lines"] if line["value"] == value]
                 for split, color in SPLIT_COLORS.items():
-                    points = line["histories"].get(key.format(split), [])
-                    if not points:
+                    steps, mean, std = mean_and_std([m.get(key.format(split), []) for m in members])
+                    if not len(steps):
                         continue
-                    steps, ys = zip(*points)
-                    ax.plot(steps, ys, color=shade(color, i, len(values)), ls=LINESTYLES[i % len(LINESTYLES)],
-                            lw=1.6, marker="." if len(points) <= 30 else None, ms=5)
+                    tone = shade(color, i, len(values))
+                    ax.plot(steps, mean, color=tone, ls=LINESTYLES[i % len(LINESTYLES)],
+                            lw=1.6, marker="." if len(steps) <= 30 else None, ms=5)
+                    if len(members) > 1:  # several seeds: their spread as a band
+                        ax.fill_between(steps, mean - std, mean + std, color=tone, alpha=0.2, lw=0)
             if c > 0 and _positive(ax):  # trace and loss span decades
                 ax.set_yscale("log")
                 ys = np.concatenate([np.asarray(ln.get_ydata(), float) for ln in ax.get_lines()])

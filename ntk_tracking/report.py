@@ -222,9 +222,18 @@ def references(values: dict[str, list[str]]) -> dict[str, str]:
 
 
 def _loss_label(task: str | None) -> str:
-    objective = getattr(get_task(task).default_config(), "objective", None) if task in task_names() else None
-    return {"classification": "loss (cross-entropy, nats)",
-            "regression": "loss (mean squared error)"}.get(objective, "loss")
+    if task not in task_names():
+        return "loss"
+    objective = getattr(get_task(task).default_config(), "objective", None)
+    return get_task(task).loss_label or {"classification": "loss (cross-entropy, nats)",
+                                         "regression": "loss (mean squared error)"}.get(objective, "loss")
+
+
+def row_title(prop: str | None, values: list[str], held: dict[str, str], seeds: int) -> str:
+    """'latents = 4, 8 · width = 64 · mean ± std over 2 seeds': the varied property, the ones held, the seeds."""
+    parts = ([f"{prop} = {', '.join(values)}"] if prop else []) + [f"{q} = {v}" for q, v in held.items()]
+    parts += [f"mean ± std over {seeds} seeds"] if seeds > 1 else []
+    return " · ".join(parts) or "all runs"
 
 
 def evolution_rows(children: list[Child], values: dict, ref: dict) -> list[dict]:
@@ -241,9 +250,8 @@ def evolution_rows(children: list[Child], values: dict, ref: dict) -> list[dict]
         lines = [{"value": c.grid[prop] if prop else "all runs",
                   "histories": {k: c.series(k) for k in c.points}} for c in members]
         row_values = [v for v in row_values if any(line["value"] == v for line in lines)]
-        tuple_ = ", ".join("x" if q == prop else ref[q] for q in shown)
         seeds = len({c.grid["seed"] for c in members})
-        title = f"({', '.join(shown)}) = ({tuple_})" + (f" · {seeds} seeds" if seeds > 1 else "")
+        title = row_title(prop, row_values, {q: ref[q] for q in shown if q != prop}, seeds)
         for c in members:
             c.figures.append("evolution")
         rows.append({"title": title, "property": prop, "values": row_values, "lines": lines})

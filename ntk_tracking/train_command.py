@@ -151,8 +151,9 @@ def train_command(argv: list[str], prog: str = "ntk-tracking train") -> str:
             f"  {name:<18} {get_task(name).summary}" for name in task_names())
             + f"\n\n`{prog} TASK --help` lists the task's options and defaults.")
         raise SystemExit(0)
-    if not argv or argv[0] not in task_names():
+    if not argv or argv[0].startswith("-"):
         _fail(f"{prog} needs a task, one of {list(task_names())}")
+    # An unknown task is refused by train_main, with the closest known name.
     return train_main(argv[0], argv[1:], prog=f"{prog} {argv[0]}")
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import pathlib
 import pickle
 import time
 
@@ -154,6 +155,45 @@ def test_bad_inputs_raise_clear_value_errors(tmp_path, splits):
     (odd / "data_batch_3.bin").write_bytes(b"\x00" * 100)  # neither records of 3073 bytes nor a pickle
     with pytest.raises(ValueError, match=r"data_batch_3.bin.*expected data_batch_1.bin … data_batch_5.bin"):
         cifar10.load_images(str(odd.parent))
+
+
+def test_a_folder_with_several_formats_is_refused_with_each_named(tmp_path, splits):
+    """The binary release, the hub's parquet files and the pickled copy side by side: which to read is
+    the user's choice; each part of the folder is named, and the data.json of a single one records it."""
+    write_binary(tmp_path, splits)
+    write_parquet(tmp_path, splits)
+    (tmp_path / "cifar-10-batches-py").mkdir()
+    (tmp_path / "cifar-10-batches-py" / "data_batch_1").write_bytes(pickle.dumps({"data": [1]}))
+    task = get_task("cifar_resnet")
+    with pytest.raises(ValueError) as err:
+        task.load_data(task.config(dataset=str(tmp_path)))
+    message = str(err.value)
+    assert "holds the data in several formats" in message and "\n" not in message
+    for part in ("cifar-10-batches-bin/ (CIFAR-10 binary release)", "plain_text/ (parquet)",
+                 "cifar-10-batches-py/ (pickled python release, never read)",
+                 f"--dataset {tmp_path / 'cifar-10-batches-bin'}"):
+        assert part in message, part
+    binary = task.data_info(task.load_data(task.config(dataset=str(tmp_path / "cifar-10-batches-bin"))))
+    assert binary["format"] == "CIFAR-10 binary release"
+    assert [pathlib.Path(f).name for f in binary["files"]] == [*cifar10.BINARY_TRAIN, cifar10.BINARY_TEST]
+    parquet = task.data_info(task.load_data(task.config(dataset=str(tmp_path / "plain_text"))))
+    assert parquet["format"] == "parquet" and sorted(pathlib.Path(f).name for f in parquet["files"]) == [
+        "test-00000-of-00001.parquet", "train-00000-of-00001.parquet"]
+    hf_dict(splits).save_to_disk(str(tmp_path / "plain_text" / "saved"))
+    with pytest.raises(ValueError) as err:
+        cifar10.load_images(str(tmp_path / "plain_text"))
+    assert "saved/ (save_to_disk)" in str(err.value) and "train-00000-of-00001.parquet (parquet)" in str(err.value)
+    assert f"--dataset {tmp_path / 'plain_text' / 'saved'}" in str(err.value)
+
+
+def test_the_binary_release_beside_the_pickled_one_is_read_and_recorded(tmp_path, splits):
+    write_binary(tmp_path, splits)
+    (tmp_path / "cifar-10-batches-py").mkdir()
+    (tmp_path / "cifar-10-batches-py" / "data_batch_1").write_bytes(pickle.dumps({"data": [1]}))
+    data = cifar10.load_images(str(tmp_path))
+    np.testing.assert_array_equal(data.x_test, splits["test"][0])
+    assert data.info["format"] == "CIFAR-10 binary release"
+    assert all("cifar-10-batches-bin" in f for f in data.info["files"])
 
 
 def test_mnist5k_smoke_test_data_is_uint8_digits():

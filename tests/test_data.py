@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.resources
 import json
+import pathlib
 import socket
 
 import datasets
@@ -204,6 +205,19 @@ def test_folder_of_parquet_files_uses_split_names(tmp_path):
     assert ds.x_train.shape == (10, 28, 28, 1) and ds.x_test.shape == (5, 28, 28, 1)
     assert ds.info["available"] == {"train": 20, "test": 10}
     assert {a.tobytes() for a in pixels(ds.x_test, ds.info)} <= {a.tobytes() for a in te_x}
+
+
+def test_a_folder_with_parquet_files_and_a_saved_copy_is_refused_and_one_format_is_recorded(tmp_path):
+    tr_x, tr_y = digits(30, 1)
+    te_x, te_y = digits(10, 2)
+    hf_dataset(tr_x, tr_y).to_parquet(tmp_path / "repo" / "data" / "train.parquet")
+    hf_dataset(te_x, te_y).to_parquet(tmp_path / "repo" / "data" / "test.parquet")
+    data = load_dataset(str(tmp_path / "repo"))
+    assert data.info["format"] == "parquet"
+    assert sorted(pathlib.Path(f).name for f in data.info["files"]) == ["test.parquet", "train.parquet"]
+    hf_dataset(tr_x, tr_y).save_to_disk(tmp_path / "repo" / "saved")
+    with pytest.raises(ValueError, match=r"several formats: data/ \(parquet\); saved/ \(save_to_disk\)"):
+        load_dataset(str(tmp_path / "repo"))
 
 
 def test_hub_name_reads_ylecun_mnist_through_datasets(monkeypatch):

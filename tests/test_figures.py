@@ -71,3 +71,63 @@ def test_short_series_still_draw(steps):
 def test_tick_numbers_are_plain_and_one_style():
     assert [figures.plain_number(v) for v in (0, 5e-4, 0.05, 20, 5000, 1e4, 1.2e8, -3e5)] == [
         "0", "5e-4", "0.05", "20", "5000", "1e4", "1.2e8", "-3e5"]
+
+
+@pytest.mark.parametrize("lo, hi", [(1.0, 1.6), (0.3, 1.5), (200.0, 2100.0), (10.0, 900.0), (5.0, 4e4), (1.0, 1e6)])
+def test_log_axes_label_at_least_four_values(lo, hi):
+    fig, ax = figures.plt.subplots()
+    ax.plot([0, 1], [lo, hi])
+    ax.set_yscale("log")
+    figures._plain_log_ticks(ax.yaxis, lo, hi)
+    ax.set_ylim(lo, hi)
+    labels = tick_labels(ax, "y")
+    figures.plt.close(fig)
+    assert len(labels) >= figures.MIN_LOG_TICKS, (lo, hi, labels)
+    assert all("$" not in label for label in labels)  # plain numbers, not 10^k
+
+
+def grid_rows(seeds=2):
+    """Two latents values × `seeds` seeds; seed s shifts every value by s."""
+    lines = []
+    for value in ("4", "8"):
+        for s in range(seeds):
+            h = {}
+            for split in ("train", "test"):
+                h[f"ntk/entropy/{split}"] = [(e, 2.0 + 0.1 * e + s) for e in range(3)]
+                h[f"ntk/trace/{split}"] = [(e, 100.0 * (1 + e) + 10 * s) for e in range(3)]
+                h[f"{split}/loss"] = [(e, 500.0 / (1 + e)) for e in range(3)]
+            lines.append({"value": value, "histories": h})
+    return [{"title": "t", "property": "latents", "values": ["4", "8"], "lines": lines}]
+
+
+def test_seeds_are_drawn_as_their_mean_with_a_std_band():
+    fig = figures.evolution_grid(grid_rows(seeds=2), "negative ELBO (nats)")
+    entropy = fig.axes[0]
+    lines = entropy.get_lines()
+    assert len(lines) == 4  # one mean line per value and split, not one per seed
+    np.testing.assert_allclose(lines[0].get_ydata(), [2.5, 2.6, 2.7])  # mean of seeds 0 and 1
+    bands = [c for c in entropy.collections if isinstance(c, matplotlib.collections.PolyCollection)]
+    assert len(bands) == 4
+    lows = bands[0].get_paths()[0].vertices[:, 1]
+    assert lows.min() == pytest.approx(2.0) and lows.max() == pytest.approx(3.2)  # mean ± 0.5
+    assert fig.axes[2].get_ylabel() == "negative ELBO (nats)"
+    figures.plt.close(fig)
+    one = figures.evolution_grid(grid_rows(seeds=1))
+    assert not [c for c in one.axes[0].collections if isinstance(c, matplotlib.collections.PolyCollection)]
+    figures.plt.close(one)
+
+
+def test_sweep_row_titles_read_as_sentences_and_the_vae_loss_is_the_negative_elbo():
+    from ntk_tracking.report import _loss_label, row_title
+    from ntk_tracking.tasks import get_task
+
+    assert row_title("latents", ["4", "8"], {}, 2) == "latents = 4, 8 · mean ± std over 2 seeds"
+    assert row_title("width", ["16", "64"], {"depth": "2", "activation": "relu"}, 1) == \
+        "width = 16, 64 · depth = 2 · activation = relu"
+    assert _loss_label("mnist_vae") == "negative ELBO (nats)"
+    assert _loss_label("mnist_dense") == "loss (cross-entropy, nats)"
+    task = get_task("mnist_vae")
+    fig = task.evolution_figure(task.default_config(), lambda key: [(0, 500.0), (1, 300.0)], ("model",),
+                                ("train", "test"))
+    assert fig.axes[2].get_ylabel() == "negative ELBO (nats)"
+    figures.plt.close(fig)

@@ -129,3 +129,47 @@ def test_mlproject_entry_is_the_one_generated_from_the_task_config(task):
 
     generated = yaml.safe_load(mlproject_entry(task))[task]
     assert MLPROJECT["entry_points"][task] == generated
+
+
+def test_the_sweep_entry_defaults_leave_the_task_defaults():
+    """The sweep entry's declared training options, left at '', give every child the task's own defaults."""
+    import shlex
+
+    from ntk_tracking.sweep.spec import parse_sweep
+
+    entry = MLPROJECT["entry_points"]["sweep"]
+    values = {k: v["default"] for k, v in entry["parameters"].items()} | {"task": "mnist_vae", "grid": "latents=4,8"}
+    argv = shlex.split(entry["command"].format(**{k: shlex.quote(str(v)) for k, v in values.items()}))[3:]
+    launched, _ = parse_sweep(argv)
+    plain, _ = parse_sweep(["--task", "mnist_vae", "--grid", "latents=4,8"])
+    assert launched.fixed == plain.fixed and launched.fixed["epochs"] == 50
+    assert {"dataset", "epochs", "train_size", "cv_every"} <= set(entry["parameters"])
+
+
+@pytest.mark.slow
+def test_the_quickstart_runs_under_mlflow_run_with_uv_instead_of_conda(tmp_path):
+    """`mlflow run . -e quickstart --env-manager uv`: a fresh virtual environment from conda.yaml's pip
+    list, no conda (uv comes with the dev extra; a missing uv fails here rather than skipping)."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    import mlflow
+
+    uv = shutil.which("uv", path=os.path.dirname(sys.executable)) or shutil.which("uv")
+    assert uv, "uv is not installed; it comes with the dev extra: pip install -e '.[dev]'"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_") and k not in ("PYTHONPATH", "VIRTUAL_ENV")}
+    env.update(PATH=os.path.dirname(uv) + os.pathsep + env.get("PATH", ""),
+               MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path}/mlflow.db", MLFLOW_ENV_ROOT=str(tmp_path / "envs"))
+    proc = subprocess.run([sys.executable, "-m", "mlflow", "run", str(ROOT), "-e", "quickstart", "--env-manager", "uv"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=1200)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    client = mlflow.MlflowClient(tracking_uri=env["MLFLOW_TRACKING_URI"])
+    (run,) = client.search_runs(["0"])
+    assert run.info.status == "FINISHED" and run.data.tags["mlflow.project.env"] == "uv"
+    assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "ntk/entropy/train")) == list(range(11))
+    contexts = {i.dataset.name: {t.key: t.value for t in i.tags}["mlflow.data.context"] for i in run.inputs.dataset_inputs}
+    assert contexts["mnist5k"] == "training"
+    venvs = list((tmp_path / "envs").iterdir())
+    assert len(venvs) == 1 and not (venvs[0] / "bin" / "conda").exists()

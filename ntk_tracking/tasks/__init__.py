@@ -7,6 +7,7 @@ Adding a paper model: one module here (docs/contributing.md); nothing else lists
 
 from __future__ import annotations
 
+import difflib
 import importlib
 import importlib.metadata
 import os
@@ -57,7 +58,9 @@ def get_task(name: str) -> Task:
     """The task `name`; ValueError listing the known tasks otherwise."""
     tasks = all_tasks()
     if name not in tasks:
-        raise ValueError(f"unknown task {name!r}; choose one of {list(tasks)}")
+        close = difflib.get_close_matches(name, list(tasks), n=1)
+        hint = f"did you mean {close[0]!r}? Tasks: " if close else "choose one of "
+        raise ValueError(f"unknown task {name!r}; {hint}{list(tasks)}")
     return tasks[name]
 
 

@@ -180,6 +180,7 @@ class Task:
     summary: str = ""  # one line for --help
     step_name: str = "epoch"  # what one training step of the metrics is (RL: update)
     loss_metrics: tuple[str, ...] = ("train/loss", "test/loss")  # drawn in the evolution figure
+    loss_label: str = ""  # the loss axis's label in figures; empty: the metric names
 
     # -- configuration ----------------------------------------------------------------------
 
@@ -278,7 +279,8 @@ class Task:
         histories = {k: history(k) for k in keys + list(self.loss_metrics)}
         unit = self.step_unit(config)
         return evolution_figure(histories, probe_sets, title=title, networks=networks,
-                                loss_keys=self.loss_metrics, xlabel=unit, log_x=unit == "optimizer step")
+                                loss_keys=self.loss_metrics, xlabel=unit, log_x=unit == "optimizer step",
+                                loss_label=self.loss_label)
 
     def checkpoint_artifacts(self, config, data, variables, epoch: int) -> Iterable[tuple[str, Any]]:
         """(artifact path, matplotlib figure) pairs the analyzer logs per checkpoint (VAE pictures)."""

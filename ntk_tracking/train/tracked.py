@@ -10,7 +10,7 @@ import time
 import jax
 import mlflow
 
-from ntk_tracking import tracking
+from ntk_tracking import run_inputs, system_metrics, tracking
 from ntk_tracking.checkpointing import CheckpointError, CheckpointStore
 from ntk_tracking.claims import TTL_SECONDS, Claim, Held, clean_up
 
@@ -62,7 +62,8 @@ def run_training(task, config, dataset, progress: bool = True, experiment: str |
     # A launched or resumed run keeps its name; a new one is named by its architecture.
     name = None if relaunched else task.run_name(config)
     try:
-        run_id = mlflow.start_run(run_name=name, experiment_id=experiment_id).info.run_id
+        # System metrics come from our own sampler (system_metrics.sampled), not MLflow's monitor.
+        run_id = mlflow.start_run(run_name=name, experiment_id=experiment_id, log_system_metrics=False).info.run_id
     except BaseException:
         if claim is not None:
             claim.release()
@@ -156,6 +157,7 @@ def _train_in_run(client, run_id: str, task, config, dataset, progress: bool,
         mlflow.set_tags(tags)
         tracking.log_json_artifact(client, run_id, dataclasses.asdict(config), tracking.CONFIG_ARTIFACT)
         tracking.log_json_artifact(client, run_id, task.data_info(dataset), "data.json")
+        run_inputs.log_training_data(client, run_id, config, dataset, task.data_info(dataset))
 
     store = CheckpointStore(run_id, client, resume_interval_seconds=resume_interval_seconds)
     state = task.init_state(config, dataset)
@@ -200,6 +202,7 @@ def _train_in_run(client, run_id: str, task, config, dataset, progress: bool,
         on_epoch = StepCadence(tuple(sorted(step_stops)), start_step, on_point)
 
     try:
-        task.fit(config, dataset, state, start_epoch, on_epoch, progress=progress)
+        with system_metrics.sampled(run_id):
+            task.fit(config, dataset, state, start_epoch, on_epoch, progress=progress)
     finally:
         store.close()  # waits for pending saves and uploads
