@@ -106,6 +106,31 @@ def shared_tracking_server(tmp_path_factory):
         server.stop()
 
 
+@pytest.fixture
+def store(tmp_path, monkeypatch):
+    """A fresh SQLite tracking store and artifact root in tmp_path, as a user's working directory."""
+    use_tracking_store(monkeypatch, tmp_path)
+    yield tmp_path
+    while mlflow.active_run():
+        mlflow.end_run()
+    mlflow.set_tracking_uri(None)
+
+
+@pytest.fixture(params=["sqlite", "server"])
+def any_store(request, tmp_path, monkeypatch):
+    """A SQLite store in tmp_path, or the session's real `mlflow server` (run from tmp_path): the URI."""
+    if request.param == "sqlite":
+        use_tracking_store(monkeypatch, tmp_path)
+        uri = f"sqlite:///{tmp_path}/mlflow.db"
+    else:
+        uri = request.getfixturevalue("shared_tracking_server").uri
+        monkeypatch.chdir(tmp_path)
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+        mlflow.set_tracking_uri(uri)
+    yield uri
+    mlflow.set_tracking_uri(None)
+
+
 @pytest.fixture(scope="module")
 def fast_compile():
     """Tiny models: XLA optimization passes cost more than they save (flax's tests do this).
@@ -133,7 +158,7 @@ def x64():
 # engine's float64 checks, trained sweeps) start first, so that the parallel workers finish at
 # about the same time (pyproject's --no-loadscope-reorder keeps this order); order within a file stays.
 SLOW_FIRST = ("test_ray_sweep.py", "test_faults.py", "test_midway_faults.py", "test_stalls.py",
-              "test_sweep_any_task.py", "test_ntk_structured.py", "test_ntk_kernel.py", "test_pipeline.py",
+              "test_mlflow_ui.py", "test_step_checkpoints.py", "test_sweep_any_task.py", "test_ntk_structured.py", "test_ntk_kernel.py", "test_pipeline.py",
               "test_pong_actor_critic.py", "test_sweep.py", "test_cifar_resnet.py", "test_options.py")
 
 

@@ -70,21 +70,6 @@ def analyze_exit(argv, capsys) -> tuple[int, str, str]:
 # -- claims ----------------------------------------------------------------------------------------
 
 
-@pytest.fixture(params=["sqlite", "server"])
-def any_store(request, tmp_path, monkeypatch):
-    """A SQLite store in tmp_path, or the session's real `mlflow server` (run from tmp_path)."""
-    if request.param == "sqlite":
-        use_tracking_store(monkeypatch, tmp_path)
-        uri = f"sqlite:///{tmp_path}/mlflow.db"
-    else:
-        uri = request.getfixturevalue("shared_tracking_server").uri
-        monkeypatch.chdir(tmp_path)
-        monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-        mlflow.set_tracking_uri(uri)
-    yield uri
-    mlflow.set_tracking_uri(None)
-
-
 def test_a_claim_is_exclusive_expires_and_is_taken_over(any_store, tmp_path):
     client = mlflow.MlflowClient()
     run = f"run-{tmp_path.name}"  # the server is shared by the session's tests

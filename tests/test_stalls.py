@@ -14,7 +14,6 @@ import time
 import mlflow
 import pytest
 
-from conftest import use_tracking_store
 from ntk_tracking.cli import train_main
 
 from test_one_writer import ANALYSIS, EPOCHS, TINY, cli, env_for, steps
@@ -47,21 +46,6 @@ analyze.Analyzer.analyze_epoch = analyze_epoch
 from ntk_tracking.cli import main
 main(["analyze", *sys.argv[4:]])
 """
-
-
-@pytest.fixture(params=["sqlite", "server"])
-def any_store(request, tmp_path, monkeypatch):
-    """A SQLite store in tmp_path, or the session's real `mlflow server` (run from tmp_path)."""
-    if request.param == "sqlite":
-        use_tracking_store(monkeypatch, tmp_path)
-        uri = f"sqlite:///{tmp_path}/mlflow.db"
-    else:
-        uri = request.getfixturevalue("shared_tracking_server").uri
-        monkeypatch.chdir(tmp_path)
-        monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-        mlflow.set_tracking_uri(uri)
-    yield uri
-    mlflow.set_tracking_uri(None)
 
 
 def stalled_analyzer(tmp_path, uri: str, run_id: str, stage: str, ttl: float, *extra,

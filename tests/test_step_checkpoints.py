@@ -19,20 +19,12 @@ from ntk_tracking.cli import analyze_main, train_main
 from ntk_tracking.keys import EPOCH_METRIC, STEP_UNIT_TAG, STEPS_PER_EPOCH_TAG
 from ntk_tracking.tasks import get_task
 from ntk_tracking.tasks.base import TaskConfig, parse_steps
-from conftest import use_tracking_store
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 # 64 points in batches of 8: 8 optimizer steps per epoch.
 DENSE = ["--width", "8", "--depth", "1", "--epochs", "2", "--train-size", "64", "--test-size", "32",
          "--batch-size", "8", "--cv-every", "1", "--no-progress"]
 ANALYSIS = ["--subsets", "2", "--points", "4", "--no-progress"]
-
-
-@pytest.fixture
-def store(tmp_path, monkeypatch):
-    use_tracking_store(monkeypatch, tmp_path)
-    yield tmp_path
-    mlflow.set_tracking_uri(None)
 
 
 def history(run_id, key):

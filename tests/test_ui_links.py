@@ -12,7 +12,6 @@ import pytest
 
 from ntk_tracking import ui_links
 from ntk_tracking.keys import DESCRIPTION_TAG, KEY_TAG, KIND_TAG, PARENT_TAG
-from conftest import use_tracking_store
 
 
 @pytest.mark.parametrize("uri, base, serve", [
@@ -45,13 +44,6 @@ def test_the_links_section_replaces_only_its_own_part():
     again = ui_links.with_section(mine, [("Model metrics", "#/b")])
     assert again == mine.replace("(#/a)", "(#/b)")
     assert ui_links.with_section("Only mine.", [("x", "#/c")]).startswith("Only mine.\n\n" + ui_links.SECTION_START)
-
-
-@pytest.fixture
-def store(tmp_path, monkeypatch):
-    use_tracking_store(monkeypatch, tmp_path)
-    yield tmp_path
-    mlflow.set_tracking_uri(None)
 
 
 def _sweep(client):
