@@ -248,10 +248,10 @@ class Analyzer:
             self._check_same_data()
         self.abstract = self.task.abstract_variables(cfg, self.data)
         probe = self.task.probe(cfg, self.data, self._context())
+        check_sizes(s, {split: probe.sets[split] for split in s.splits}, len(probe.networks))  # before any write
         run_inputs.log_probe_sets(self.client, self.run_id, cfg, {split: probe.sets[split] for split in s.splits},
                                   self.task.data_info(self.data))
         self.networks = {name: NTK(fn, s.implementation, s.memory_budget) for name, fn in probe.networks.items()}
-        check_sizes(s, {split: probe.sets[split] for split in s.splits}, len(self.networks))
         self._measurements = {}
         for i, split in enumerate(s.splits):
             probe_set = probe.sets[split]
@@ -375,6 +375,14 @@ class Analyzer:
         tag = self.client.get_run(self.run_id).data.tags.get(tracking.DIVERGED_TAG)
         return tag or tracking.divergence(self.history("train/loss"))
 
+    def _planned_checkpoints(self) -> int:
+        """How many CV checkpoints the run's cadence writes in all (step checkpoints included)."""
+        count = len(self.config.cv_epochs())
+        if self.config.step_checkpoints:
+            tags = self.client.get_run(self.run_id).data.tags
+            count += len(self.config.cv_optimizer_steps(int(tags.get(STEPS_PER_EPOCH_TAG, "1"))))
+        return count
+
     def expected_epochs(self) -> list[int]:
         """The CV epochs the run's cadence says exist by now (none while it trains)."""
         run = self.client.get_run(self.run_id)
@@ -411,7 +419,11 @@ class Analyzer:
     def run(self, follow: bool = False, poll_seconds: float = 10.0, progress: bool = True,
             stall_seconds: float = STALL_SECONDS, held_wait_seconds: float = HELD_WAIT_SECONDS) -> list[int]:
         """_run, with the machine's system metrics sampled into the run (system/analysis/…) while it works."""
-        with system_metrics.sampled(self.run_id, node="analysis", busy=follow or bool(self.pending_epochs())):
+        busy = follow or bool(self.pending_epochs())
+        if busy and self._measurements is None:  # a refused size or data check writes nothing, samples included
+            self.on_stage("loading data and probe sets")
+            self._setup()
+        with system_metrics.sampled(self.run_id, node="analysis", busy=busy):
             return self._run(follow, poll_seconds, progress, stall_seconds, held_wait_seconds)
 
     def _run(self, follow: bool = False, poll_seconds: float = 10.0, progress: bool = True,
@@ -438,8 +450,8 @@ class Analyzer:
             first = False
             bar = tqdm(pending, desc=f"NTK {self.run_id[:8]}", unit="ckpt", disable=not progress)
             if estimate is None and pending:  # said once, for every checkpoint the run will have
-                planned = set(self.config.cv_epochs()) - set(report.already) if follow else set()
-                estimate = CostEstimate(max(len(pending), len(planned)))
+                planned = self._planned_checkpoints() - len(report.already) if follow else 0
+                estimate = CostEstimate(max(len(pending), planned))
             self.on_stage = functools.partial(bar.set_postfix_str, refresh=True)
             for epoch in bar:
                 t0 = time.perf_counter()
@@ -509,6 +521,8 @@ class Analyzer:
         report, deadline = self.report, time.time() + limit
         while True:
             logged = tracking.logged_steps(self.client, self.run_id, self.marker_key())
+            for epoch in [e for e in report.held if e in logged or e in report.analyzed]:
+                del report.held[epoch]  # held in an earlier round of --follow, logged since
             waiting = [e for e in epochs if e not in logged and e not in report.analyzed and e not in report.failed()]
             report.skipped = sorted(set(report.skipped) | {e for e in epochs if e in logged
                                                            and e not in report.analyzed and e not in report.already})

@@ -198,11 +198,14 @@ def _analyze_one(args, run_id: str, settings, analyzer=None):
             raise ValueError("--follow follows one training run; analyze a sweep once its children finished")
         if args.data:
             raise ValueError("--data names one run's dataset; pass it with a training run's id, not a sweep's")
+        problems: list[str] = []
         analyzed = analyze_sweep(run_id, settings, progress=not args.no_progress,
-                                 data_paths=tuple(args.allow_data_path))
+                                 data_paths=tuple(args.allow_data_path), problems=problems)
         print(f"analyzed {sum(map(len, analyzed.values()))} checkpoint(s) of {len(analyzed)} "
               f"finished child run(s) of sweep {run_id}")
-        return analyzed, 0
+        if problems:
+            print(f"skipped: {len(problems)} checkpoint(s) not logged: " + "; ".join(problems), file=sys.stderr)
+        return analyzed, EXIT_INCOMPLETE if problems else 0
     diverged = analyzer.diverged()
     if diverged:
         print(f"warning: run {run_id} diverged ({diverged}): its kernels measure a broken model", file=sys.stderr)

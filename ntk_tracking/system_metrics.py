@@ -64,7 +64,11 @@ def _sample(monitor, stop: threading.Event) -> None:
             if stopping:
                 return
     except Exception as err:  # noqa: BLE001 - the run goes on without them; say why once
-        print(f"warning: system metrics stopped: {type(err).__name__}: {err}", file=sys.stderr)
+        from ntk_tracking import tracking
+
+        if tracking.server_lost():  # the command itself says so, in its one line
+            return
+        print(tracking.redact(f"warning: system metrics stopped: {type(err).__name__}: {err}"), file=sys.stderr)
 
 
 def _note_missing_gpu_probe() -> None:

@@ -317,3 +317,28 @@ def test_a_task_without_the_scanned_fields_needs_a_grid_and_lists_its_options():
         sweep.parse_sweep(["--task", "molpcba_gnn", "--widths", "4,8"])
 
 
+
+
+def test_analyzing_a_sweep_with_a_damaged_checkpoint_names_it_and_exits_incomplete(store, capsys):
+    """`analyze PARENT` exits 3, not 0, while a child's checkpoint is left unlogged; the rest are logged."""
+    import pathlib
+
+    from ntk_tracking.analyze_command import EXIT_INCOMPLETE, analyze_main
+
+    parent = sweep_main(["--task", "mnist_dense", "--grid", "width=4,8", "--depth", "1", "--cv-every", "1", *TINY])
+    children = find_children(mlflow.MlflowClient(), parent)
+    damaged = children["width=4"].info.run_id
+    root = mlflow.utils.file_utils.local_file_uri_to_path(mlflow.MlflowClient().get_run(damaged).info.artifact_uri)
+    arrays = [f for f in pathlib.Path(root, "checkpoints", "1").rglob("*") if f.is_file() and "d" in f.parts]
+    target = max(arrays, key=lambda f: f.stat().st_size)
+    data = bytearray(target.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    target.write_bytes(bytes(data))
+    capsys.readouterr()
+    with pytest.warns(RuntimeWarning, match="checkpoint 1 not analyzed"), pytest.raises(SystemExit) as exit_info:
+        analyze_main([parent, "--subsets", "2", "--points", "4", "--no-progress"])
+    assert exit_info.value.code == EXIT_INCOMPLETE
+    err = capsys.readouterr().err
+    assert "skipped: 1 checkpoint(s) not logged: child width=4: checkpoint 1:" in err
+    assert steps(damaged, "ntk/entropy/train") == [0, 2]
+    assert steps(children["width=8"].info.run_id, "ntk/entropy/train") == [0, 1, 2]

@@ -13,9 +13,10 @@ from ntk_tracking.sweep.plan import find_children, is_sweep_run
 from ntk_tracking.sweep.spec import KIND_TAG
 
 
-def analyze_sweep(parent_run_id: str, settings=None, progress: bool = True,
-                  mlflow_client=None, data_paths: tuple[str, ...] = ()) -> dict[str, list[int]]:
-    """Analyze every FINISHED child's pending checkpoints under one progress bar; child id -> epochs."""
+def analyze_sweep(parent_run_id: str, settings=None, progress: bool = True, mlflow_client=None,
+                  data_paths: tuple[str, ...] = (), problems: list[str] | None = None) -> dict[str, list[int]]:
+    """Analyze every FINISHED child's pending checkpoints under one progress bar; child id -> epochs.
+    A checkpoint left unlogged (damaged, non-finite) is warned about and added to `problems`."""
     from ntk_tracking.analyze import AnalysisSettings, Analyzer
     from ntk_tracking.analyze_ray import analyze_until_logged
 
@@ -56,6 +57,8 @@ def analyze_sweep(parent_run_id: str, settings=None, progress: bool = True,
                     elif outcome != "already":  # damaged or non-finite: reported; the others still count
                         warnings.warn(f"child {key}: checkpoint {epoch} not analyzed: {message}", RuntimeWarning,
                                       stacklevel=2)
+                        if problems is not None:
+                            problems.append(f"child {key}: checkpoint {epoch}: {message}")
                     bar.update(1)
             if done:
                 analyzer.log_figure()

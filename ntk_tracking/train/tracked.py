@@ -68,13 +68,14 @@ def run_training(task, config, dataset, progress: bool = True, experiment: str |
         if claim is not None:
             claim.release()
         raise
-    claim = (claim or _claim_training(client, run_id)).start_heartbeat()
-    try:
+    try:  # from here on the run exists: whatever stops it ends it KILLED or FAILED, never RUNNING
+        claim = (claim or _claim_training(client, run_id)).start_heartbeat()
         _train_in_run(client, run_id, task, config, dataset, progress, resume_interval_seconds or None)
         claim.release()
         mlflow.end_run()
     except BaseException as err:
-        _quietly(claim.release)
+        if claim is not None:
+            _quietly(claim.release)
         lost = not isinstance(err, KeyboardInterrupt) and tracking.server_lost()
         if not lost:
             _quietly(client.set_tag, run_id, "error", tracking.redact(f"{type(err).__name__}: {err}")[:5000])
