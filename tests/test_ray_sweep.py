@@ -37,19 +37,19 @@ KILL_WORKER = textwrap.dedent("""
                     import time; time.sleep(60)  # dies with the worker
             tracking.log_metrics = log_then_kill
     elif os.environ.get("NTK_TEST_KILL_DIR") and any("default_worker" in a for a in sys.orig_argv):
-        # A Ray worker (an analysis actor): killed once, as it is about to log the checkpoint that
-        # the file analysis-victim names ("RUN_ID EPOCH"), holding that checkpoint's claim.
-        from ntk_tracking import tracking
-        real_log = tracking.log_metrics
-        def log_or_die(client, run_id, metrics, step):
+        # A Ray worker (an analysis actor): killed once, as it is about to record and log the
+        # checkpoint that the file analysis-victim names ("RUN_ID EPOCH"), holding its claim.
+        from ntk_tracking import claims
+        real_log = claims.log_points_once
+        def log_or_die(client, run_id, name, metrics, step):
             request = os.path.join(os.environ["NTK_TEST_KILL_DIR"], "analysis-victim")
             marker = request + ".killed"
             if any(k.startswith("ntk/") for k in metrics) and os.path.exists(request) \
                     and open(request).read().split() == [run_id, str(step)] and not os.path.exists(marker):
                 open(marker, "w").write(str(os.getpid()))
                 os.kill(os.getpid(), 9)
-            real_log(client, run_id, metrics, step)
-        tracking.log_metrics = log_or_die
+            return real_log(client, run_id, name, metrics, step)
+        claims.log_points_once = log_or_die
 """)
 
 
