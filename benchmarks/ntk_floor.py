@@ -37,7 +37,8 @@ inputs of the real shapes); m = --points (default 20). Per network, all in this 
 engine wrapped and timed (block_until_ready after each): prepare (host: shapes, mask), plan, factor
 calls, contractions, assembly, and the rest (host); each part's FLOPs / time; the planner's
 per-point bytes (its terms) against XLA's memory analysis of the factor function; the same kernel
-at larger memory budgets (block 10 and 20, where XLA's memory analysis predicts under 4.5 GiB);
+at larger memory budgets (blocks m/4, m/2 and m above the default's, where XLA's memory analysis of
+the factor function, two blocks' factors held, predicts under 4.5 GiB);
 padding (tokens / nodes / edges real vs padded, F of point 0 unpadded); host transfers (bytes of
 x and mask converted per call, and whether a call makes any implicit transfer under
 `jax.transfer_guard("disallow")`).
@@ -392,9 +393,11 @@ def parts(name, ctx, repeats) -> dict:
                                      "slowest": sorted(layers, key=lambda t: -t["s"])[:8], "terms": len(layers)}
         terms = planner_terms(ntk, params, x, out_shape, act, m)
         res["planner"] = terms
-        for b in sorted({max(1, m // 2), m} - {block}):
+        for b in sorted(b for b in {m // 4, m // 2, m} if b > block):
             _, _, mem = _contraction(ntk, impl, params, xj, mask, b)
-            predicted = (mem.temp_size_in_bytes + mem.output_size_in_bytes + mem.argument_size_in_bytes)
+            # With k > 1 blocks the engine holds two blocks' factors (row and column) at once.
+            held = mem.output_size_in_bytes * (2 if b < m else 1)
+            predicted = mem.temp_size_in_bytes + mem.argument_size_in_bytes + held
             entry = {"block": b, "xla_factor_mib": predicted / 2**20}
             if predicted < 4.5 * 2**30:
                 big = NTK(bench.apply_fn, memory_budget=terms["per_point_bytes"] * b)
