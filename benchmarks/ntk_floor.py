@@ -418,6 +418,39 @@ def parts(name, ctx, repeats) -> dict:
     return res
 
 
+def _parts_line(r) -> str:
+    p = r["parts"]
+    text = " + ".join(f"{k} {v['calls']}× {v['s']:.3f} s" + (f" ({v['gflops_per_s']:.1f} GFLOP/s)" if "gflops_per_s" in v
+                                                              else "") for k, v in p.items())
+    return f"total {r['total_s']:.3f} s = {text}"
+
+
+def print_parts(name, res):
+    """A few readable lines of what parts() found (the JSON holds all of it)."""
+    d = res["default_budget"]
+    print(f"  {name}: default budget {d['memory_budget'] / 2**30:.1f} GiB, block {d['block']}: {_parts_line(d)}")
+    if "planner" in res:
+        t = res["planner"]
+        print(f"  {name}: planner per point {t['per_point_bytes'] / 2**20:.0f} MiB (outputs × activations "
+              f"{t['activation_cotangent_bytes'] / 2**20:.0f}, Jacobians {t['jacobian_rest_bytes'] / 2**20:.0f}, "
+              f"layer factors {t['layer_factor_bytes'] / 2**20:.0f}); XLA's factor function at block {d['block']}: "
+              f"{d.get('xla_factor_mib', float('nan')):.0f} MiB")
+        c = res["contract_by_factor"]
+        top = "; ".join(f"{t['kind']} {t['shapes']} {t['s'] * 1e3:.1f} ms" for t in c["slowest"][:3])
+        print(f"  {name}: contraction of one tile, {c['terms']} factors alone: {c['sum_s']:.3f} s; slowest: {top}")
+    for key, e in res.items():
+        if key.startswith("block_"):
+            if "skipped" in e:
+                print(f"  {name}: block {e['block']}: SKIPPED ({e['skipped']}: {e['xla_factor_mib']:.0f} MiB)")
+            else:
+                print(f"  {name}: block {e['block']} (budget {e['memory_budget'] / 2**30:.1f} GiB): median "
+                      f"{e['median_s']:.3f} s, first {e['first_s']:.2f} s, peak +{e['peak_growth_mib']:.0f} MiB "
+                      f"(XLA {e['xla_factor_mib']:.0f} MiB); {_parts_line(e)}")
+    if res["padding"]:
+        print(f"  {name}: padding {res['padding']}")
+    print(f"  {name}: transfers {res['transfers']}", flush=True)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -464,7 +497,7 @@ def main(argv=None):
         rows.append(row)
         if ctx is not None and name in (args.parts or ()):
             details[name] = parts(name, ctx, args.repeats)
-            print(f"  {name} parts: " + json.dumps(details[name], default=str), flush=True)
+            print_parts(name, details[name])
         del ctx
         meta["load_end"] = os.getloadavg()
         meta["finished_utc"] = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime())
