@@ -27,18 +27,19 @@ inputs of the real shapes); m = --points (default 20). Per network, all in this 
   Gram matrices of inputs and cotangents, and their products; the per-point gradients some layers
   form (Σ_t a_t ⊗ δ_ot) are part of the factors, not of C. It is a bound on this engine's
   algorithm, not on every algorithm.
-- engine FLOPs = XLA's count for the engine's whole call: (1 + k(k−1)/2) factor calls (the engine
-  recomputes the column blocks of every row when m is split into k blocks) × the factor
+- engine FLOPs = XLA's count for the engine's whole call: the factor calls (k where every block's
+  factors are held, else 1 + k(k−1)/2: the column blocks recomputed for every row) × the factor
   function's FLOPs + C; engine FLOPs / R is the time at the matmul rate.
-- block, implementation: `NTK._plan` at the engine's default memory budget.
+- block, implementation, keep: `NTK._plan` at the engine's default memory budget (keep: every
+  block's factors are held at once, so k blocks cost k factor calls).
 - compiles: XLA backend compilations (jax.monitoring) during the first, second and third call.
 
 --parts (default: tagger and gcn, where in --models): one more call with every compiled part of the
 engine wrapped and timed (block_until_ready after each): prepare (host: shapes, mask), plan, factor
 calls, contractions, assembly, and the rest (host); each part's FLOPs / time; the planner's
-per-point bytes (its terms) against XLA's memory analysis of the factor function; the same kernel
-at larger memory budgets (blocks m/4, m/2 and m above the default's, where XLA's memory analysis of
-the factor function, two blocks' factors held, predicts under 4.5 GiB);
+estimated per-point bytes (its terms; the plan splits the points only where XLA's memory analysis
+of the factor and contraction functions says the budget requires it) against XLA's memory analysis
+of the factor function at the planned block;
 padding (tokens / nodes / edges real vs padded, F of point 0 unpadded); host transfers (bytes of
 x and mask converted per call, and whether a call makes any implicit transfer under
 `jax.transfer_guard("disallow")`).
@@ -59,6 +60,8 @@ import time
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 from ntk_speed import ALIASES, MODELS, _param_sets, build, expand  # noqa: E402
+
+from ntk_tracking.ntk.kernel import KEEP  # noqa: E402
 
 PAPER_MODELS = ("mlp", "cnn", "resnet18q", "resnet18", "vae_model", "vae_encoder", "tagger", "gcn", "actor",
                 "critic")
@@ -177,7 +180,8 @@ def measure(name: str, m: int, repeats: int) -> dict:
     warm, params = _param_sets(bench, 2)
     ntk = NTK(bench.apply_fn)
     _, out_shape, mask, act = ntk._prepare(params, x, mask_in)
-    impl, block, _ = ntk._plan(params, m, out_shape, act, x)
+    impl, block, chunk = ntk._plan(params, m, out_shape, act, jax.tree_util.tree_map(jnp.asarray, x), mask)
+    keep = chunk == KEEP
     o_total = math.prod(out_shape)
     o_kept = float(np.asarray(mask).reshape(m, -1).sum(1).mean())
 
@@ -197,11 +201,12 @@ def measure(name: str, m: int, repeats: int) -> dict:
     xj = jax.tree_util.tree_map(jnp.asarray, x)
     fac_flops, con_flops, mem = _contraction(ntk, impl, params, xj, mask, block)
     k = -(-m // block)
-    tiles, factor_calls = k * (k + 1) // 2, 1 + k * (k - 1) // 2
+    # Every block's factors held (keep): k factor calls; else the column blocks are recomputed per row.
+    tiles, factor_calls = k * (k + 1) // 2, k if keep else 1 + k * (k - 1) // 2
     floor = m * o_kept * f_one / (rate * 1e9)
     row = {
         "model": name, "n_params": bench.count(params), "m": m, "implementation": impl, "block": block,
-        "blocks": k, "tiles": tiles, "factor_calls": factor_calls,
+        "blocks": k, "keep_factors": keep, "tiles": tiles, "factor_calls": factor_calls,
         "outputs_kept": o_kept, "outputs_total": o_total, "forward_flops": f_one, "forward_while_loops": loops,
         "matmul_gflops": rate, "engine_s": engine, "engine_times": times, "first_call_s": first,
         "compiles_per_call": compiles, "floor_s": floor, "ratio": engine / floor,
@@ -374,7 +379,8 @@ def parts(name, ctx, repeats) -> dict:
 
     bench, ntk, x, mask_in, mask, params, out_shape, act, rate = ctx
     m = jax.tree_util.tree_leaves(x)[0].shape[0]
-    impl, block, _ = ntk._plan(params, m, out_shape, act, x)
+    xj = jax.tree_util.tree_map(jnp.asarray, x)
+    impl, block, _ = ntk._plan(params, m, out_shape, act, xj, mask)
     res = {"default_budget": {"memory_budget": ntk.memory_budget, "block": block,
                               **part_times(ntk, params, x, mask_in)}}
     xj = jax.tree_util.tree_map(jnp.asarray, x)
@@ -391,28 +397,7 @@ def parts(name, ctx, repeats) -> dict:
         res["contract_by_factor"] = {"sum_s": sum(t["s"] for t in layers),
                                      "sum_flops": sum(t["flops"] for t in layers),
                                      "slowest": sorted(layers, key=lambda t: -t["s"])[:8], "terms": len(layers)}
-        terms = planner_terms(ntk, params, x, out_shape, act, m)
-        res["planner"] = terms
-        for b in sorted(b for b in {m // 4, m // 2, m} if b > block):
-            _, _, mem = _contraction(ntk, impl, params, xj, mask, b)
-            # With k > 1 blocks the engine holds two blocks' factors (row and column) at once.
-            held = mem.output_size_in_bytes * (2 if b < m else 1)
-            predicted = mem.temp_size_in_bytes + mem.argument_size_in_bytes + held
-            entry = {"block": b, "xla_factor_mib": predicted / 2**20}
-            if predicted < 4.5 * 2**30:
-                big = NTK(bench.apply_fn, memory_budget=terms["per_point_bytes"] * b)
-                rss0 = PEAK["rss"] = _rss()
-                t_first, compiles = _timed_call(big, params, x, mask_in)
-                times = [_timed_call(big, params, x, mask_in)[0] for _ in range(max(1, min(repeats, 2)))]
-                entry.update({"memory_budget": big.memory_budget,
-                              "plan_block": big._plan(params, m, out_shape, act, x)[1],
-                              "first_s": t_first, "median_s": statistics.median(times), "compiles_first": compiles,
-                              "peak_growth_mib": (PEAK["rss"] - rss0) / 2**20,
-                              **part_times(big, params, x, mask_in)})
-                del big
-            else:
-                entry["skipped"] = "XLA predicts over 4.5 GiB for the factor function"
-            res[f"block_{b}"] = entry
+        res["planner"] = planner_terms(ntk, params, x, out_shape, act, m)
     res["padding"] = padding(name, x, mask_in, bench, params)
     res["transfers"] = transfers(ntk, params, x, mask_in)
     return res

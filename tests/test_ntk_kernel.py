@@ -308,10 +308,13 @@ def test_structured_path_is_taken(model):
 
 
 def _budget_for_block(ntk, params, x, mask, block):
-    """A memory budget that lets the jacobian path hold `block` (not block + 1) points at once."""
-    _, out_shape, _, act = ntk._prepare(params, x, mask)
-    per_point = ntk._jacobian_point_bytes(params, out_shape, act)
-    return per_point * block + per_point // 2
+    """A memory budget that XLA's memory analysis says holds every block's factors at `block`
+    points per block: the jacobian path's measured plan then splits the points."""
+    m, _, mask, _ = ntk._prepare(params, x, mask)
+    x = jax.tree_util.tree_map(jnp.asarray, x)
+    fac, con = ntk._step_memory("jacobian", params, x, mask, block, False)
+    step = max(fac.temp_size_in_bytes, con.temp_size_in_bytes + con.output_size_in_bytes)
+    return -(-m // block) * fac.output_size_in_bytes + step
 
 
 _UNBLOCKED = {}
@@ -326,7 +329,7 @@ def _unblocked(apply_fn, params, x, mask, full):
 
 
 BLOCK_CONFIGS = [("ntvp", {})] + [(i, {"block_size": b}) for i in IMPLS for b in (1, 2, 3)] + [
-    ("jacobian", {"memory_budget": "two points"}),  # the budget forces blocks of 2
+    ("jacobian", {"memory_budget": "two points"}),  # the budget (XLA's measure) forces blocks
     ("ntvp", {"memory_budget": 1}),  # blocks of one point, one cotangent at a time
 ]
 
@@ -344,7 +347,9 @@ def test_implementations_and_blocks_agree(x64, impl, settings):
         settings = {"memory_budget": _budget_for_block(NTK(apply_fn), params, x, mask, 2)}
     ntk = NTK(apply_fn, impl, **settings)
     if impl == "jacobian" and "memory_budget" in settings:
-        assert ntk._plan(params, M, out_shape, ntk._prepare(params, x, mask)[3])[1] == 2
+        _, _, mask_full, act = ntk._prepare(params, x, mask)
+        xj = jax.tree_util.tree_map(jnp.asarray, x)
+        assert 1 < ntk._plan(params, M, out_shape, act, xj, mask_full)[1] < M
     kernel = ntk(params, x, output_mask=mask)
     full = ntk(params, x, output_mask=mask, full=True)
     o = int(np.prod(out_shape))
@@ -401,23 +406,49 @@ def test_memory_budget_bounds_xla_temporaries(case, budget_mib, impl):
     budget = budget_mib * 2**20
     ntk = NTK(apply_fn, impl, memory_budget=budget)
     m, out_shape, mask, act = ntk._prepare(params, x, mask)
-    _, block, chunk = ntk._plan(params, m, out_shape, act)
     x = jax.tree_util.tree_map(jnp.asarray, x)
+    _, block, chunk = ntk._plan(params, m, out_shape, act, x, mask)
     if impl == "ntvp":
-        lowered = [ntk._ntvp.lower(params, x, mask, 0, 0, block=block, chunk=chunk)]
-    elif impl == "jacobian":
-        lowered = [ntk._jac.lower(params, x, mask, 0, block=block)]
-    else:  # the structured path's own functions: one block's factors, and two blocks contracted
-        factors = ntk._factors.lower(params, x, mask, 0, block=block,
-                                     calls=ntk._discover(params, x))
-        lowered = [factors, ntk._contract_factors.lower(factors.out_info, factors.out_info,
-                                                        full=False)]
-    for step in lowered:
-        memory = step.compile().memory_analysis()
-        # The contraction also holds its two input blocks of factors.
-        used = (memory.temp_size_in_bytes + memory.output_size_in_bytes
-                + memory.argument_size_in_bytes * (step is not lowered[0]))
-        assert used <= budget, f"{impl}: block {block}, chunk {chunk}: {used / 2**20:.1f} MiB"
+        memory = ntk._ntvp.lower(params, x, mask, 0, 0, block=block, chunk=chunk).compile().memory_analysis()
+        used = memory.temp_size_in_bytes + memory.output_size_in_bytes
+    else:  # one block's factors, and two blocks contracted, as compiled for the planned block
+        from ntk_tracking.ntk.kernel import KEEP
+
+        factors = (ntk._jac.lower(params, x, mask, 0, block=block) if impl == "jacobian" else
+                   ntk._factors.lower(params, x, mask, 0, block=block, calls=ntk._discover(params, x),
+                                      inert=ntk._inert(params, x)))
+        contract = (ntk._contract.lower(factors.out_info, factors.out_info) if impl == "jacobian" else
+                    ntk._contract_factors.lower(factors.out_info, factors.out_info, full=False))
+        fac, con = factors.compile().memory_analysis(), contract.compile().memory_analysis()
+        # Held at once: every block's factors (KEEP) or two blocks', and the running step's temporaries.
+        held = -(-m // block) if chunk == KEEP else 2
+        used = held * fac.output_size_in_bytes + max(
+            fac.temp_size_in_bytes, con.temp_size_in_bytes + con.output_size_in_bytes)
+    assert used <= budget, f"{impl}: block {block}, chunk {chunk}: {used / 2**20:.1f} MiB"
+
+
+@pytest.mark.parametrize("impl", ["jacobian", "structured"])
+def test_measured_plan_computes_each_block_once(impl):
+    """Where the estimate splits the points, XLA's memory analysis picks the block; where every
+    block's factors fit, k blocks cost k factor calls (none recomputed), the plan is made once
+    per shapes, and the kernel is exact."""
+    from ntk_tracking.ntk.kernel import KEEP
+
+    apply_fn, params, x, _ = _wide_case()
+    ref = contract(brute_force_jacobian(apply_fn, params, x))
+    ntk = NTK(apply_fn, impl, memory_budget=8 * 2**20)
+    m, out_shape, mask, act = ntk._prepare(params, x, None)
+    xj = jax.tree_util.tree_map(jnp.asarray, x)
+    assert ntk._estimated_plan(params, m, out_shape, act, xj)[1] < m  # the estimate splits
+    _, block, chunk = ntk._plan(params, m, out_shape, act, xj, mask)
+    assert chunk == KEEP and 1 < block < m
+    name = "_jac" if impl == "jacobian" else "_factors"
+    compiled, starts = getattr(ntk, name), []
+    setattr(ntk, name, lambda *a, **kw: starts.append(a[3]) or compiled(*a, **kw))
+    plans = dict(ntk._plans)
+    assert rel_err(ntk(params, x), ref) <= 1e-5
+    assert starts == [b * block for b in range(-(-m // block))]
+    assert ntk._plans == plans  # the measured plan was reused, not measured again
 
 
 @pytest.mark.parametrize("impl", IMPLS)

@@ -19,6 +19,7 @@ import numpy as np
 from ntk_tracking.ntk import structured
 
 IMPLEMENTATIONS = ("jacobian", "ntvp", "structured")
+KEEP = "keep"  # a plan's chunk for the factor methods: every block's factors are held at once
 DEFAULT_MEMORY_BUDGET = 4 * 1024**3  # bytes: unblocked m = 20 on the reference networks
 # A block's Jacobian is held twice (row and column block) plus autodiff temporaries.
 _JACOBIAN_COPIES = 3
@@ -127,6 +128,7 @@ class NTK:
         self._factors = jax.jit(self._structured_block, static_argnames=("block", "full", "calls", "inert"))
         self._contract_factors = jax.jit(structured.contract, static_argnames=("full",))
         self._discovered: dict = {}
+        self._plans: dict = {}
         self._grouped_fns: dict = {}
         self._apply_jit = jax.jit(apply_fn)  # its traces are cached: shapes and activations
 
@@ -135,30 +137,29 @@ class NTK:
     def __call__(self, params, x, output_mask=None, full: bool = False) -> jax.Array:
         """The m×m kernel (outputs summed), or with ``full`` the (m·O)×(m·O) kernel."""
         m, out_shape, mask, act = self._prepare(params, x, output_mask)
-        impl, block, chunk = self._plan(params, m, out_shape, act, x)
         x = jax.tree_util.tree_map(jnp.asarray, x)
+        impl, block, chunk = self._plan(params, m, out_shape, act, x, mask, full)
         k = -(-m // block)
         # The kernel is symmetric: compute the tiles (a, b ≥ a) only.
         upper = [[None] * k for _ in range(k)]
         if impl in ("jacobian", "structured"):
-            if impl == "jacobian":
-                jac = functools.partial(self._jac, params, x, mask, block=block, full=full)
-                contract = self._contract
-            else:
-                calls, inert = self._discover(params, x), self._inert(params, x)
-                jac = functools.partial(self._factors, params, x, mask, block=block, full=full,
-                                        calls=calls, inert=inert)
-                contract = functools.partial(self._contract_factors, full=full)
-            ja = jac(0)
-            for a in range(k):
-                jb = None
-                # Backwards, so the last Jacobian computed (block a + 1) is the next row's.
-                for b in range(k - 1, a, -1):
-                    jb = None  # free the previous block's Jacobian before the next one
-                    jb = jac(b * block)
-                    upper[a][b] = contract(ja, jb)
-                upper[a][a] = contract(ja, ja)
-                ja = jb
+            jac, contract = self._factor_fns(impl, params, x, mask, block, full)
+            if chunk == KEEP:  # every block's factors fit at once: each is computed once
+                factors = [jac(b * block) for b in range(k)]
+                for a in range(k):
+                    for b in range(a, k):
+                        upper[a][b] = contract(factors[a], factors[b])
+            else:  # two blocks at a time: the column blocks are recomputed for every row
+                ja = jac(0)
+                for a in range(k):
+                    jb = None
+                    # Backwards, so the last Jacobian computed (block a + 1) is the next row's.
+                    for b in range(k - 1, a, -1):
+                        jb = None  # free the previous block's Jacobian before the next one
+                        jb = jac(b * block)
+                        upper[a][b] = contract(ja, jb)
+                    upper[a][a] = contract(ja, ja)
+                    ja = jb
         else:
             for a in range(k):
                 for b in range(a, k):
@@ -224,6 +225,16 @@ class NTK:
                                       out_specs=spec, check_vma=False)
             self._grouped_fns[key] = jax.jit(local)
         return self._grouped_fns[key]
+
+    def _factor_fns(self, impl, params, x, mask, block, full):
+        """(one block's factors from its first point, contraction of two blocks' factors)."""
+        if impl == "jacobian":
+            return (functools.partial(self._jac, params, x, mask, block=block, full=full),
+                    self._contract)
+        calls, inert = self._discover(params, x), self._inert(params, x)
+        return (functools.partial(self._factors, params, x, mask, block=block, full=full,
+                                  calls=calls, inert=inert),
+                functools.partial(self._contract_factors, full=full))
 
     def _subset_groups(self, params, points, mask, *, impl, per_group, m, full, calls, inert):
         """Kernels of consecutive m-point subsets, `per_group` subsets per step of a lax.map."""
@@ -358,7 +369,64 @@ class NTK:
                 layers += n_out * kernel
         return (_JACOBIAN_COPIES * n_out * rest + layers) * itemsize + n_out * act
 
-    def _plan(self, params, m, out_shape, act=0, x=None):
+    def _plan(self, params, m, out_shape, act=0, x=None, mask=None, full=False):
+        """(implementation, block, chunk): ``chunk`` is the ntvp chunk, or for the factor methods
+        KEEP when every block's factors are held at once (else two blocks at a time)."""
+        impl, block, chunk = self._estimated_plan(params, m, out_shape, act, x)
+        if impl == "ntvp":
+            return impl, block, chunk
+        if block < m and mask is not None and self.block_size is None:
+            # The estimate is an upper bound (every intermediate of the forward pass counted once
+            # per output): where it splits the points, ask XLA what the blocks really take.
+            key = impl, m, full, _shapes_key((params, x))
+            if key not in self._plans:
+                self._plans[key] = self._measured_plan(impl, params, x, mask, m, full)
+            return (impl,) + self._plans[key]
+        # Two blocks' factors at a time is what the estimate bounds; one block holds everything.
+        return impl, block, KEEP if block >= m else None
+
+    def _step_memory(self, impl, params, x, mask, block, full):
+        """XLA's memory analysis of one block's factor function and of the contraction of two
+        such blocks, as compiled for this block (the compilations are cached for the calls)."""
+        jac, contract = self._factor_fns(impl, params, x, mask, block, full)
+        factors = jac.func.lower(*jac.args, 0, **jac.keywords)
+        if impl == "jacobian":
+            tile = contract.lower(factors.out_info, factors.out_info)
+        else:
+            tile = contract.func.lower(factors.out_info, factors.out_info, **contract.keywords)
+        return factors.compile().memory_analysis(), tile.compile().memory_analysis()
+
+    def _measured_plan(self, impl, params, x, mask, m, full) -> tuple[int, Any]:
+        """(block, KEEP or None): the largest block, and whether every block's factors can be held
+        at once, that XLA's memory analysis fits in the budget. Starts at all m points and
+        shrinks; each try compiles the block's factor and contraction functions."""
+        budget = self.memory_budget
+        block, k = m, 1
+        while True:
+            fac, con = self._step_memory(impl, params, x, mask, block, full)
+            out = fac.output_size_in_bytes
+            # Live at once: the held factors, plus the temporaries of the step running (a factor
+            # call, or a contraction with its output tile).
+            step = max(fac.temp_size_in_bytes, con.temp_size_in_bytes + con.output_size_in_bytes)
+            if k * out + step <= budget:
+                return block, KEEP
+            if block == 1:  # over the budget even so: the estimate has chosen (and warned)
+                return 1, None
+            per_point = max(out, 1) / block
+            step_per_point = step / block
+            if m * per_point + step_per_point <= budget:  # every factor fits: shrink the steps
+                smaller = (budget - m * per_point) / step_per_point
+            elif 2 * out + step <= budget:  # two blocks at a time fit at this block
+                return block, None
+            else:
+                smaller = budget / (2 * per_point + step_per_point)
+            # Memory per point is not constant across blocks (structured layers switch between
+            # Gram and gradient factors with the block), so at most double the number of blocks.
+            k = min(max(k + 1, -(-m // max(int(smaller), 1))), 2 * k, m)
+            block = min(-(-m // k), block - 1)  # strictly smaller: the loop ends at block 1
+            k = -(-m // block)
+
+    def _estimated_plan(self, params, m, out_shape, act=0, x=None):
         impl = self.implementation
         per_point = self._jacobian_point_bytes(params, out_shape, act)
         if impl in ("auto", "structured") and x is not None:
@@ -433,9 +501,7 @@ class NTK:
     def _once_per_shapes(self, analysis, params, x):
         """analysis(apply_fn, params, one point), cached by what it depends on: tree structures,
         shapes (x without its point axis) and dtypes."""
-        key = analysis.__name__, jax.tree_util.tree_structure((params, x)), tuple(
-            (np.shape(a)[1:] if i else np.shape(a), str(a.dtype if hasattr(a, "dtype") else np.result_type(a)))
-            for i, tree in enumerate((params, x)) for a in jax.tree_util.tree_leaves(tree))
+        key = analysis.__name__, _shapes_key((params, x), points=False)
         if key not in self._discovered:
             self._discovered[key] = analysis(self.apply_fn, params, jax.tree_util.tree_map(lambda a: a[:1], x))
         return self._discovered[key]
@@ -483,6 +549,16 @@ def _path_str(path) -> str:
         else:
             parts.append(str(key))
     return "/".join(parts)
+
+
+def _shapes_key(trees, points: bool = True) -> tuple:
+    """Tree structures, shapes and dtypes of ``trees`` = (params, x): what compiled code depends
+    on. Without ``points`` the point axis of x's leaves is left out."""
+    params, x = trees
+    return jax.tree_util.tree_structure(trees), tuple(
+        (np.shape(a)[1:] if i and not points else np.shape(a),
+         str(a.dtype if hasattr(a, "dtype") else np.result_type(a)))
+        for i, tree in enumerate((params, x)) for a in jax.tree_util.tree_leaves(tree))
 
 
 def _num_params(params) -> int:

@@ -379,28 +379,36 @@ def point_factors(apply_fn, params, xi, mi, calls, block: int = 1, inert: tuple 
     groups: dict = {}
     for (_, k, b, shape, kind, static), a, d in zip(calls, acts, deltas):
         d = d.reshape(n_out, -1, _out_features(kind, static, shape))  # (outputs, positions, d_out)
-        groups.setdefault((k, b), []).append((a, d))  # a: (positions, d_in)
+        # Positions first: a block's δ is then one (points·positions, outputs·d_out) matrix, and
+        # its Gram with another block's is a single plain matrix product (see contract).
+        groups.setdefault((k, b), []).append((a, jnp.moveaxis(d, 1, 0)))  # a: (positions, d_in)
     # Calls sharing a kernel concatenate along positions: their cross terms are then included.
     factors = []
     for (k, b), g in sorted(groups.items()):
         a = jnp.concatenate([a for a, _ in g])
-        d = jnp.concatenate([d for _, d in g], axis=1)
+        d = jnp.concatenate([d for _, d in g])  # (positions, outputs, d_out)
         # The bias gradient is Σ over positions of δ; a layer without bias gets an empty factor.
-        d_bias = d.sum(1) if b >= 0 else jnp.zeros((n_out, 0), d.dtype)
+        d_bias = d.sum(0) if b >= 0 else jnp.zeros((n_out, 0), d.dtype)
         if _pairwise_cheaper(a.shape[0], a.shape[1], d.shape[2], n_out, block):
             factors.append((a, d, d_bias))
         else:
-            grad = jnp.einsum("tk,otl->okl", a, d, precision=_HIGHEST)
+            grad = jnp.einsum("tk,tol->okl", a, d, precision=_HIGHEST)
             rest_flat += [grad.reshape(n_out, -1)] + ([d_bias] if b >= 0 else [])
     return rest_flat, factors
 
 
 def contract(fa, fb, full: bool):
-    """Θ[a, b] from two blocks' factors (leading axis = points)."""
+    """Θ[a, b] from two blocks' factors (leading axis = points).
+
+    A structured layer's factors per point are A (positions, d_in), δ (positions, outputs, d_out)
+    and δ summed over positions (outputs, d_out). Summed over outputs, its term is
+    Σ_{t,s} (A_a A_bᵀ)_ts (δ_a δ_bᵀ)_ts: two plain matrix products over the blocks' rows
+    (point, position), an elementwise product, and a sum over each point's positions.
+    """
     rest_a, dense_a = fa
     rest_b, dense_b = fb
-    na, o = rest_a[0].shape[:2] if rest_a else dense_a[0][1].shape[:2]
-    nb = (rest_b[0] if rest_b else dense_b[0][1]).shape[0]
+    na, o = rest_a[0].shape[:2] if rest_a else dense_a[0][2].shape[:2]
+    nb = (rest_b[0] if rest_b else dense_b[0][2]).shape[0]
     shape = (na * o, nb * o) if full else (na, nb)
     k = jnp.zeros(shape, (rest_a[0] if rest_a else dense_a[0][0]).dtype)
     for ja, jb in zip(rest_a, rest_b):
@@ -409,14 +417,16 @@ def contract(fa, fb, full: bool):
         else:
             k += jnp.matmul(ja.reshape(na, -1), jb.reshape(nb, -1).T, precision=_HIGHEST)
     for (aa, da, ba), (ab, db, bb) in zip(dense_a, dense_b):
-        acts = jnp.einsum("itk,jsk->ijts", aa, ab, precision=_HIGHEST)
         if full:
-            cot = jnp.einsum("iotl,jpsl->iojpts", da, db, precision=_HIGHEST)
+            acts = jnp.einsum("itk,jsk->ijts", aa, ab, precision=_HIGHEST)
+            cot = jnp.einsum("itol,jspl->iojpts", da, db, precision=_HIGHEST)
             tile = jnp.einsum("ijts,iojpts->iojp", acts, cot, precision=_HIGHEST)
             tile += jnp.einsum("iol,jpl->iojp", ba, bb, precision=_HIGHEST)
             k += tile.reshape(na * o, nb * o)
         else:
-            cot = jnp.einsum("iotl,josl->ijts", da, db, precision=_HIGHEST)
-            k += jnp.sum(acts * cot, axis=(2, 3))
-            k += jnp.einsum("iol,jol->ij", ba, bb, precision=_HIGHEST)
+            t, s = aa.shape[1], ab.shape[1]
+            acts = jnp.matmul(aa.reshape(na * t, -1), ab.reshape(nb * s, -1).T, precision=_HIGHEST)
+            cot = jnp.matmul(da.reshape(na * t, -1), db.reshape(nb * s, -1).T, precision=_HIGHEST)
+            k += (acts * cot).reshape(na, t, nb, s).sum(axis=(1, 3))
+            k += jnp.matmul(ba.reshape(na, -1), bb.reshape(nb, -1).T, precision=_HIGHEST)
     return k
