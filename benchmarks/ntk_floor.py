@@ -375,8 +375,6 @@ def parts(name, ctx, repeats) -> dict:
     import jax
     import jax.numpy as jnp
 
-    from ntk_tracking import NTK
-
     bench, ntk, x, mask_in, mask, params, out_shape, act, rate = ctx
     m = jax.tree_util.tree_leaves(x)[0].shape[0]
     xj = jax.tree_util.tree_map(jnp.asarray, x)
