@@ -3,7 +3,8 @@
 A task owns its configuration (a frozen dataclass), data loading, model, train loop, default
 CV cadence and its NTK probe: which networks are measured and on which probe sets. Training
 (`train/tracked.py`), the analyzer, sweeps, reports and the command lines see only this
-interface, so a new paper model is one module under `tasks/` plus an MLproject entry.
+interface, so a new paper model is one module under `tasks/` (and one under `models/` for a new
+architecture) plus an MLproject entry.
 
 The model is built once per command: `build_model(config, data)` calls the task's architecture
 module's `make(config, data_info)` (`ntk_tracking/models/<arch>.py`), and training (`init_state`,
