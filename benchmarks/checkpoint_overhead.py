@@ -39,7 +39,8 @@ def train_once(task, config, data, save: bool, interval) -> tuple[float, int]:
 
     from ntk_tracking.checkpointing import CheckpointStore
 
-    state = task.init_state(config, data)
+    model = task.build_model(config, data)
+    state = task.init_state(config, data, model)
     cv_epochs = set(config.cv_epochs())
     resumes = 0
     with tempfile.TemporaryDirectory() as tmp:
@@ -59,7 +60,7 @@ def train_once(task, config, data, save: bool, interval) -> tuple[float, int]:
                                          force=epoch == config.epochs)
 
         t0 = time.perf_counter()
-        task.fit(config, data, state, 0, on_epoch, progress=False)
+        task.fit(config, data, model, state, 0, on_epoch, progress=False)
         store.wait()
         elapsed = time.perf_counter() - t0
         store.close()
@@ -132,7 +133,7 @@ def main(argv=None) -> None:
         except Exception as error:  # noqa: BLE001 - reported, then the next task
             print(f"{name:<18} SKIPPED: cannot load {config.dataset!r}: {error}", flush=True)
             continue
-        state = task.init_state(config, data)
+        state = task.init_state(config, data, task.build_model(config, data))
         variables = task.cv_variables(state)
         sizes[name] = count_params(variables)
         floors[name] = orbax_floor(variables) + orbax_floor(state)

@@ -47,7 +47,8 @@ def main(argv=None):
     data = task.load_data(config)
     print(f"data: {data.info['splits_note']}; train tokens {data.info['train_tokens']}")
     t0 = time.perf_counter()
-    state = task.fit(config, data, task.init_state(config, data), 0, lambda *a: None, progress=False)
+    model = task.build_model(config, data)
+    state = task.fit(config, data, model, task.init_state(config, data, model), 0, lambda *a: None, progress=False)
     print(f"trained {config.epochs} epochs in {time.perf_counter() - t0:.0f} s")
     train = data.sentences["train"]
     print(f"{'split':6} {'tokens':>7} {'model':>7} {'baseline':>9} {'model seen/unseen':>18} {'baseline seen/unseen':>21}")

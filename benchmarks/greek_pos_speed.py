@@ -60,7 +60,8 @@ def main(argv=None):
     print(f"data: {data.info['splits_note']}; load {time.perf_counter() - t0:.1f} s")
     print("config: " + ", ".join(f"{k}={getattr(config, k)}" for k in (
         "max_length", "model_dim", "num_heads", "num_layers", "mlp_dim", "batch_size", "probe_max_tokens")))
-    state = task.init_state(config, data)
+    model = task.build_model(config, data)
+    state = task.init_state(config, data, model)
     print(f"parameters: {sum(x.size for x in jax.tree_util.tree_leaves(state.params)):,}, "
           f"train points {len(data.splits['train'])}")
 
@@ -75,7 +76,7 @@ def main(argv=None):
     print(f"train epoch: first (compiling) {times[0]:.2f} s, then median {np.median(times[1:]):.2f} s "
           f"over {len(times) - 1}; peak {peak_mib():.0f} MiB")
 
-    probe = task.probe(config, data)
+    probe = task.probe(config, data, model)
     ntk = NTK(probe.networks["model"], args.implementation)
     variables = task.cv_variables(state)
     measurements = []

@@ -58,16 +58,18 @@ def part_train(args) -> dict:
     import numpy as np
 
     from ntk_tracking.data.graph_batches import batches, budget_for
+    from ntk_tracking.models import graph_net
     from ntk_tracking.train import graph_classification as gc
 
     cfg = default_config(batch_size=args.batch_size)
+    model = graph_net.make(cfg, {"num_outputs": 128})
     graphs = synthetic_graphs(args.batch_size * (args.steps + 3) * 2)
     budget = budget_for(graphs, cfg.batch_size)
     t0 = time.perf_counter()
     host = list(batches(graphs, budget, gc.epoch_order(0, 1, len(graphs))))
     batch_seconds = (time.perf_counter() - t0) / len(host)
-    state = gc.create_train_state(cfg, 128, host[0])
-    step = gc.make_train_step(cfg, 128)
+    state = gc.create_train_state(model, cfg, host[0])
+    step = gc.make_train_step(model)
     key = jax.random.PRNGKey(0)
     t0 = time.perf_counter()
     state, m = step(state, host[0], key)
@@ -78,7 +80,7 @@ def part_train(args) -> dict:
         state, m = step(state, host[i], jax.random.fold_in(key, i))
     jax.block_until_ready(m["loss"])
     step_seconds = (time.perf_counter() - t0) / args.steps
-    predict = gc.make_predict(cfg, 128)
+    predict = gc.make_predict(model)
     eval_graphs = graphs.subset(np.arange(args.batch_size * 4))
     gc.predict_split(predict, state.params, eval_graphs, budget)  # compile
     t0 = time.perf_counter()
@@ -97,6 +99,7 @@ def part_ntk(args) -> dict:
     import numpy as np
 
     from ntk_tracking.data.graph_batches import padded_points
+    from ntk_tracking.models import graph_net
     from ntk_tracking.ntk import NTK, Measurement, draw_subsets
     from ntk_tracking.tasks.molpcba import ntk_apply_fn
     from ntk_tracking.train import graph_classification as gc
@@ -105,8 +108,9 @@ def part_ntk(args) -> dict:
     cfg = default_config()
     pool = synthetic_graphs(cfg.probe_pool, seed=1)
     points = padded_points(pool)
-    params = gc.create_train_state(cfg, 128, next(batches(pool, budget_for(pool, 8)))).params
-    ntk = NTK(ntk_apply_fn(cfg, 128), args.implementation)
+    model = graph_net.make(cfg, {"num_outputs": 128})
+    params = gc.create_train_state(model, cfg, next(batches(pool, budget_for(pool, 8)))).params
+    ntk = NTK(ntk_apply_fn(model), args.implementation)
     subsets = draw_subsets(len(pool), args.subsets, args.points, seed=0)
     measurement = Measurement(ntk, points, subsets)
     variables = {"params": params}

@@ -26,9 +26,9 @@ Models (float32 parameters; inputs synthetic, with the shapes and dtypes of the 
     actor, critic pong_actor_critic's CNNs (summed action logits / value) on 30×40×3 observations; as
                   in the analyzer, both take the whole {"actor", "critic"} variables
 
-Each defaults to its task's default configuration (`get_task(name).default_config()`), and the
-network is built by the task's own `probe` (pong: `ntk_apply_fns`, which its probe calls), so the
-benchmark measures what the analyzer measures.
+Each defaults to its task's default configuration (`get_task(name).default_config()`), its model
+is built by the task's own `build_model` and its network by the task's own `probe` (pong:
+`ntk_apply_fns`, which its probe calls), so the benchmark measures what the analyzer measures.
 
 Each (model, implementation, m) runs in a fresh subprocess: compile once (first call), then
 time `jax.block_until_ready(ntk(params, x))` for --repeats calls, each with new parameters of
@@ -126,15 +126,14 @@ def _resnet(width: float) -> Bench:
     import numpy as np
 
     from ntk_tracking.tasks import get_task
-    from ntk_tracking.tasks.cifar_resnet import create_model
 
     task = get_task("cifar_resnet")
     config = task.config(width=width)
     norm = {"mean": [0.4914, 0.4822, 0.4465], "std": [0.2470, 0.2435, 0.2616]}  # CIFAR-10's train split
     images = np.zeros((1, 32, 32, 3), np.uint8)
     data = types.SimpleNamespace(info={"normalization": norm}, num_outputs=10, x_train=images, x_test=images)
-    apply_fn = task.probe(config, data).networks["model"]
-    model = create_model(config, 10)
+    model = task.build_model(config, data)
+    apply_fn = task.probe(config, data, model).networks["model"]
 
     def init(key):
         return dict(model.init(key, images.astype(np.float32), train=False))  # params, batch_stats
@@ -150,14 +149,13 @@ def _vae(network: str) -> Bench:
     import numpy as np
 
     from ntk_tracking.tasks import get_task
-    from ntk_tracking.train.vae import create_model
 
     task = get_task("mnist_vae")
     config = task.default_config()
     pixels = np.zeros((1, 784), np.float32)
     data = types.SimpleNamespace(x_train=pixels, x_test=pixels)
-    apply_fn = task.probe(config, data).networks[network]
-    model = create_model(config, 784)
+    model = task.build_model(config, data)
+    apply_fn = task.probe(config, data, model).networks[network]
 
     def init(key):
         return {"params": model.init(key, jnp.zeros((1, 784), jnp.float32), key)["params"]}
@@ -179,7 +177,6 @@ def _tagger() -> Bench:
 
     from ntk_tracking.data.ud_pos import FEATURES
     from ntk_tracking.tasks import get_task
-    from ntk_tracking.train.tagging import model_config, tagger
 
     task = get_task("greek_pos")
     config = task.default_config()
@@ -197,15 +194,15 @@ def _tagger() -> Bench:
         return types.SimpleNamespace(vocab=types.SimpleNamespace(size=TAGGER_VOCAB), num_tags=TAGGER_TAGS,
                                      splits={"train": split(n, seed)})
 
-    apply_fn = task.probe(config, data(2, 0)).networks["model"]
-    model = tagger(model_config(config, data(1, 0)))  # lookup embedding: the training module's params
+    model = task.build_model(config, data(1, 0))  # lookup embedding: the training module's params
+    apply_fn = task.probe(config, data(2, 0), model).networks["model"]
 
     def init(key):
         example = jax.tree_util.tree_map(lambda a: a[:1], data(1, 0).splits["train"].__dict__)
         return {"params": model.init(key, example)["params"]}
 
     def points(n, seed):
-        probe_set = task.probe(config, data(n, seed)).sets["train"]
+        probe_set = task.probe(config, data(n, seed), model).sets["train"]
         return probe_set.inputs, probe_set.output_mask
 
     return Bench(apply_fn, init, points, lambda v: _count(v["params"]))
@@ -245,19 +242,18 @@ def _gcn() -> Bench:
     import numpy as np
 
     from ntk_tracking.tasks import get_task
-    from ntk_tracking.train.graph_classification import create_model
 
     task = get_task("molpcba_gnn")
     config = task.default_config()
+    model = task.build_model(config, types.SimpleNamespace(num_tasks=MOLPCBA_TASKS))
 
     def probe(n, seed):
         graphs = synthetic_molecules(n, seed)
         data = types.SimpleNamespace(molecules=types.SimpleNamespace(train=graphs, test=graphs),
                                      num_tasks=MOLPCBA_TASKS)
-        return task.probe(config, data)
+        return task.probe(config, data, model)
 
     apply_fn = probe(2, 0).networks["model"]
-    model = create_model(config, MOLPCBA_TASKS)
 
     def init(key):
         p = probe(2, 0).sets["train"].inputs
@@ -277,20 +273,18 @@ def _gcn() -> Bench:
 def _pong(network: str) -> Bench:
     import numpy as np
 
-    from ntk_tracking.envs import make_env
     from ntk_tracking.models.actor_critic import init_params, ntk_apply_fns
     from ntk_tracking.tasks import get_task
-    from ntk_tracking.train.ppo import network_options
 
     task = get_task("pong_actor_critic")
     config = task.default_config()
-    env, env_params = make_env(config.env, config.max_steps)
-    num_actions, obs_shape = int(env.action_space(env_params).n), tuple(env.obs_shape)
-    options = network_options(config)
-    apply_fn = ntk_apply_fns(num_actions, **options)[network]
+    data = task.load_data(config)  # the environment
+    obs_shape = tuple(data.env.obs_shape)
+    networks = task.build_model(config, data)  # the (actor, critic) pair
+    apply_fn = ntk_apply_fns(networks)[network]
 
     def init(key):  # the CV checkpoint: task.cv_variables
-        params = init_params(key, num_actions, obs_shape, **options)
+        params = init_params(key, networks, obs_shape)
         return {"actor": {"params": params["actor"]}, "critic": {"params": params["critic"]}}
 
     def points(n, seed):  # rendered frames: a few lit pixels per channel (paddles, ball)

@@ -63,8 +63,9 @@ def main() -> None:
     config = task.config_from_dict(json.loads(open(client.download_artifacts(run_id, "config.json", ".")).read()))
     data = task.load_data(config)
     last = config.epochs
-    variables = CheckpointStore(run_id, client).restore_cv(last, task.abstract_variables(config, data))
-    evaluate = make_evaluate(config, data.env, data.params, args.eval_episodes)
+    networks = task.build_model(config, data)
+    variables = CheckpointStore(run_id, client).restore_cv(last, task.abstract_variables(config, data, networks))
+    evaluate = make_evaluate(config, networks, data.env, data.params, args.eval_episodes)
     final = float(evaluate({"actor": variables["actor"]["params"]}, jax.random.PRNGKey(12345)))
     key = jax.random.PRNGKey(0)
     baselines = {}

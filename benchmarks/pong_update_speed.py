@@ -27,8 +27,9 @@ def seconds_per_update(config, conv, repeats: int) -> tuple[float, float]:
 
     actor_critic.sliced_conv = conv  # what PongCNN passes to nn.Conv (None: lax.conv_general_dilated)
     env, env_params = make_env(config.env, config.max_steps)
-    runner = ppo.init_runner(config, env, env_params)
-    update = ppo.make_update(config, env, env_params)
+    networks = actor_critic.make(config, {"num_actions": int(env.action_space(env_params).n)})
+    runner = ppo.init_runner(config, networks, env, env_params)
+    update = ppo.make_update(config, networks, env, env_params)
     t0 = time.perf_counter()
     runner, metrics = update(runner)
     jax.block_until_ready(metrics)

@@ -73,7 +73,8 @@ def worker(case: str, repeats: int, implementation: str = "auto") -> dict:
     task = get_task(name)
     config = task.config(**overrides)
     data = _data(task, config, case)
-    state = task.init_state(config, data)
+    model = task.build_model(config, data)
+    state = task.init_state(config, data, model)
     n, batch = len(data.x_train), config.batch_size
     steps_per_epoch = n // batch
     steps = steps or steps_per_epoch
@@ -103,7 +104,7 @@ def worker(case: str, repeats: int, implementation: str = "auto") -> dict:
     eval_chunk = _timed(evaluate, repeats)
     chunks = -(-len(data.x_train) // chunk) + -(-len(data.x_test) // chunk)
 
-    probe = task.probe(config, data)
+    probe = task.probe(config, data, model)
     variables = task.cv_variables(state)
     analysis = {}
     for network, apply_fn in probe.networks.items():

@@ -246,8 +246,9 @@ class Analyzer:
         self.data = self.task.load_data(cfg)
         if self._data_override:
             self._check_same_data()
-        self.abstract = self.task.abstract_variables(cfg, self.data)
-        probe = self.task.probe(cfg, self.data, self._context())
+        self.model = self.task.build_model(cfg, self.data)  # once: checkpoints, probe and figures share it
+        self.abstract = self.task.abstract_variables(cfg, self.data, self.model)
+        probe = self.task.probe(cfg, self.data, self.model, self._context())
         check_sizes(s, {split: probe.sets[split] for split in s.splits}, len(probe.networks))  # before any write
         run_inputs.log_probe_sets(self.client, self.run_id, cfg, {split: probe.sets[split] for split in s.splits},
                                   self.task.data_info(self.data))
@@ -356,7 +357,7 @@ class Analyzer:
             self.on_stage(f"epoch {epoch}: logging")
             # Artifacts first (rewriting one is harmless), the metrics last: the commit point.
             self._log_spectra(epoch, spectra)
-            for path, fig in self.task.checkpoint_artifacts(self.config, self.data, variables, epoch):
+            for path, fig in self.task.checkpoint_artifacts(self.config, self.data, self.model, variables, epoch):
                 self._log_figure_file(fig, path)
             mine = log_points_once(self.client, self.run_id, f"points/{epoch}", metrics, epoch)
             return metrics if mine else None  # None: a writer that took it over recorded its points first

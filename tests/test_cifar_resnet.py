@@ -255,18 +255,19 @@ def test_tiny_resnet_learns_and_a_resumed_run_repeats_an_uninterrupted_one():
     # 8×8 images whose class sets their brightness: learnable in a few steps.
     data = cifar10.uint8_dataset("fixture", random_split(120, 1, side=8, classes=4),
                                  random_split(60, 2, side=8, classes=4), num_classes=4, source="test", train_size=None, test_size=None, seed=0)
-    state = task.init_state(config, data)
+    model = task.build_model(config, data)
+    state = task.init_state(config, data, model)
     log, states = {}, {}
 
     def record(epoch, s, metrics):
         log[epoch], states[epoch] = metrics, s
 
-    final = task.fit(config, data, state, 0, record, progress=False)
+    final = task.fit(config, data, model, state, 0, record, progress=False)
     assert sorted(log) == [0, 1, 2]
     assert log[2]["train/loss"] < log[0]["train/loss"]
     assert log[2]["test/accuracy"] >= 0.5 > log[0]["test/accuracy"]  # chance is 0.25
     # Resume from the state after epoch 1: the same final variables, bit for bit.
-    resumed = task.fit(config, data, states[1], 1, lambda *a: None, progress=False)
+    resumed = task.fit(config, data, model, states[1], 1, lambda *a: None, progress=False)
     for a, b in zip(jax.tree_util.tree_leaves(task.cv_variables(final)),
                     jax.tree_util.tree_leaves(task.cv_variables(resumed))):
         np.testing.assert_array_equal(a, b)

@@ -155,12 +155,13 @@ def test_most_frequent_tag_baseline_with_suffix_fallback():
 def tiny_setup(treebank, **overrides):
     config = TASK.config(dataset=str(treebank), **{**TINY, **overrides}).validate()
     data = TASK.load_data(config)
-    return config, data, TASK.init_state(config, data)
+    model = TASK.build_model(config, data)
+    return config, data, model, TASK.init_state(config, data, model)
 
 
 def test_lookup_and_multi_hot_embeddings_are_the_same_function(treebank):
-    config, data, state = tiny_setup(treebank)
-    probe = TASK.probe(config, data)
+    config, data, model, state = tiny_setup(treebank)
+    probe = TASK.probe(config, data, model)
     inputs = probe.sets["train"].inputs
     np.testing.assert_allclose(probe.networks["model"]({"params": state.params}, inputs),
                                state.apply_fn({"params": state.params}, inputs), rtol=1e-5, atol=1e-6)
@@ -176,8 +177,8 @@ def brute_force_ntk(apply_fn, variables, x, mask):
 def test_ntk_matches_float64_brute_force_with_padding(treebank, x64, impl):
     from ntk_tracking.ntk import NTK
 
-    config, data, state = tiny_setup(treebank)
-    probe = TASK.probe(config, data)
+    config, data, model, state = tiny_setup(treebank)
+    probe = TASK.probe(config, data, model)
     ps = probe.sets["test"]
     assert not ps.output_mask.all()  # padding present
     variables = jax.tree_util.tree_map(lambda a: jnp.asarray(a, jnp.float64), {"params": state.params})
@@ -192,8 +193,8 @@ def test_padded_tokens_change_no_metric_and_no_kernel_entry(treebank, x64):
     from ntk_tracking.ntk import NTK
     from ntk_tracking.train.tagging import make_evaluate
 
-    config, data, state = tiny_setup(treebank)
-    probe = TASK.probe(config, data)
+    config, data, model, state = tiny_setup(treebank)
+    probe = TASK.probe(config, data, model)
     ps = probe.sets["test"]
     variables = jax.tree_util.tree_map(lambda a: jnp.asarray(a, jnp.float64), {"params": state.params})
     ntk = NTK(probe.networks["model"], "structured")
@@ -209,16 +210,16 @@ def test_padded_tokens_change_no_metric_and_no_kernel_entry(treebank, x64):
     assert evaluate(state, other) == evaluate(state, split)
 
 
-def fit_history(config, data, state, start=0):
+def fit_history(config, data, model, state, start=0):
     history = {}
-    state = TASK.fit(config, data, state, start, lambda e, s, m: history.__setitem__(e, m), progress=False)
+    state = TASK.fit(config, data, model, state, start, lambda e, s, m: history.__setitem__(e, m), progress=False)
     return state, history
 
 
 def test_tiny_config_learns_and_resumes_identically(treebank):
-    config, data, state = tiny_setup(treebank, epochs=6, learning_rate=0.03, warmup_epochs=0.5,
+    config, data, model, state = tiny_setup(treebank, epochs=6, learning_rate=0.03, warmup_epochs=0.5,
                                      word_dropout=0.2, dropout_rate=0.1)
-    final, history = fit_history(config, data, state)
+    final, history = fit_history(config, data, model, state)
     assert history[0]["train/accuracy"] < 0.5
     assert history[6]["train/accuracy"] > 0.9 and history[6]["test/accuracy"] > 0.9
     assert {"train/loss", "test/loss", "dev/accuracy", "test/accuracy"} <= set(history[6])
@@ -226,15 +227,15 @@ def test_tiny_config_learns_and_resumes_identically(treebank):
     # A run resumed from its state after epoch 1 ends where the uninterrupted run ends.
     short = dataclasses.replace(config, epochs=2)
     states = {}
-    uninterrupted = TASK.fit(short, data, state, 0, lambda e, s, m: states.__setitem__(e, s), progress=False)
-    resumed, _ = fit_history(short, data, states[1], start=1)
+    uninterrupted = TASK.fit(short, data, model, state, 0, lambda e, s, m: states.__setitem__(e, s), progress=False)
+    resumed, _ = fit_history(short, data, model, states[1], start=1)
     jax.tree_util.tree_map(np.testing.assert_array_equal, uninterrupted.params, resumed.params)
 
 
 def test_tagger_stops_inside_an_epoch_without_changing_training(treebank):
     from test_step_checkpoints import fit_in_stretches
 
-    config, data, _ = tiny_setup(treebank, epochs=2, word_dropout=0.2, dropout_rate=0.1, cv_steps="1,2,5")
+    config, data, _, _ = tiny_setup(treebank, epochs=2, word_dropout=0.2, dropout_rate=0.1, cv_steps="1,2,5")
     n = TASK.steps_per_epoch(config, data)  # 16 sentences in batches of 4
     assert n == 4
     points = fit_in_stretches(TASK, config, data, [1, 2, 5])

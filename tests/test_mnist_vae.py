@@ -79,7 +79,7 @@ def test_ntk_of_the_vae_maps_matches_float64_brute_force(impl, network, x64):
     config = TASK.config(hidden=7, latents=3)
     x = np.random.default_rng(0).random((3, 16))  # 4×4 "images": the maps are the same for 784 pixels
     data = type("Data", (), {"x_train": x, "x_test": x})()
-    apply_fn = TASK.probe(config, data).networks[network]
+    apply_fn = TASK.probe(config, data, TASK.build_model(config, data)).networks[network]
     params = VAE(hidden=7, latents=3, outputs=16).init(jax.random.PRNGKey(0), jnp.zeros((1, 16)),
                                                        jax.random.PRNGKey(1))
     variables = jax.tree_util.tree_map(lambda a: jnp.asarray(a, jnp.float64), {"params": params["params"]})
@@ -95,20 +95,21 @@ def test_ntk_of_the_vae_maps_matches_float64_brute_force(impl, network, x64):
 def test_the_vae_learns_and_a_resumed_run_repeats_an_uninterrupted_one():
     config = TASK.config(train_size=200, test_size=100, epochs=3, batch_size=20, hidden=64).validate()
     data = TASK.load_data(config)
-    state = TASK.init_state(config, data)
+    model = TASK.build_model(config, data)
+    state = TASK.init_state(config, data, model)
     log, states = {}, {}
 
     def record(epoch, s, metrics):
         log[epoch], states[epoch] = metrics, s
 
-    final = TASK.fit(config, data, state, 0, record, progress=False)
+    final = TASK.fit(config, data, model, state, 0, record, progress=False)
     assert sorted(log) == [0, 1, 2, 3]
     for split in ("train", "test"):
         assert set(log[3]) >= {f"{split}/loss", f"{split}/reconstruction", f"{split}/kl"}
         np.testing.assert_allclose(log[3][f"{split}/loss"], log[3][f"{split}/reconstruction"] + log[3][f"{split}/kl"],
                                    rtol=1e-5)
     assert log[3]["test/loss"] < 0.6 * log[0]["test/loss"]
-    resumed = TASK.fit(config, data, states[1], 1, lambda *a: None, progress=False)
+    resumed = TASK.fit(config, data, model, states[1], 1, lambda *a: None, progress=False)
     for a, b in zip(jax.tree_util.tree_leaves(final.params), jax.tree_util.tree_leaves(resumed.params)):
         np.testing.assert_array_equal(a, b)
 

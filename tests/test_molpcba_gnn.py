@@ -18,6 +18,7 @@ from conftest import use_tracking_store
 from ntk_tracking import NTK
 from ntk_tracking.data.graph_batches import Budget, batches, budget_for, padded_points
 from ntk_tracking.data.ogbg import load_molpcba, with_virtual_nodes
+from ntk_tracking.models import graph_net
 from ntk_tracking.tasks import get_task
 from ntk_tracking.train import graph_classification as gc
 
@@ -118,6 +119,11 @@ def fixture_paths(tmp_path_factory):
 
 def config(**overrides):
     return get_task("molpcba_gnn").config(**{**TINY, **overrides})
+
+
+def model(cfg):
+    """The task's GCN with TASKS logits."""
+    return graph_net.make(cfg, {"num_outputs": TASKS})
 
 
 # -- loaders --------------------------------------------------------------------------------------
@@ -241,9 +247,9 @@ def test_padding_changes_no_metric_no_loss_and_no_kernel_entry(fixture_paths):
     data = load_molpcba(fixture_paths["ogb"])
     cfg = config()
     budget = budget_for(data.test, 4)
-    state = gc.create_train_state(cfg, TASKS, next(batches(data.test, budget)))
-    predict = gc.make_predict(cfg, TASKS)
-    step = gc.make_train_step(cfg, TASKS)
+    state = gc.create_train_state(model(cfg), cfg, next(batches(data.test, budget)))
+    predict = gc.make_predict(model(cfg))
+    step = gc.make_train_step(model(cfg))
     key = jax.random.PRNGKey(3)
     for batch in batches(data.test, budget):
         mask = np.asarray(jraph.get_graph_padding_mask(batch))
@@ -275,7 +281,7 @@ def test_padding_changes_no_metric_no_loss_and_no_kernel_entry(fixture_paths):
 def get_ntk_fn(cfg):
     from ntk_tracking.tasks.molpcba import ntk_apply_fn
 
-    return ntk_apply_fn(cfg, TASKS)
+    return ntk_apply_fn(model(cfg))
 
 
 # -- model and NTK --------------------------------------------------------------------------------
@@ -289,7 +295,7 @@ def test_default_model_has_the_flax_examples_695936_parameters():
     shapes = jax.eval_shape(lambda: GraphConvNet().init(jax.random.PRNGKey(0), g))
     assert count_params(shapes["params"]) == 695_936
     cfg = get_task("molpcba_gnn").default_config()
-    shapes = jax.eval_shape(lambda: gc.create_model(cfg, 128).init(jax.random.PRNGKey(0), g))
+    shapes = jax.eval_shape(lambda: graph_net.make(cfg, {"num_outputs": 128}).init(jax.random.PRNGKey(0), g))
     assert count_params(shapes["params"]) == 695_936
 
 
@@ -302,7 +308,7 @@ def test_ntk_matches_a_float64_brute_force_with_padding_present(fixture_paths, x
                                     padded_points(graphs))
     assert (points["n_node"][:, 1] > 0).all() and (points["n_edge"][:, 1] >= 0).all()
     example = next(batches(graphs, budget_for(graphs, 2)))
-    params = gc.create_train_state(cfg, TASKS, example).params
+    params = gc.create_train_state(model(cfg), cfg, example).params
     variables = {"params": jax.tree_util.tree_map(lambda a: a.astype(jnp.float64), params)}
     fn = get_ntk_fn(cfg)
     flat, unravel = ravel_pytree(variables)
@@ -321,7 +327,8 @@ def test_tiny_config_learns(fixture_paths):
     cfg = config(dataset=fixture_paths["ogb"], epochs=6, learning_rate=2e-2)
     data = task.load_data(cfg)
     history = []
-    task.fit(cfg, data, task.init_state(cfg, data), 0, lambda e, s, m: history.append(m), progress=False)
+    gcn = task.build_model(cfg, data)
+    task.fit(cfg, data, gcn, task.init_state(cfg, data, gcn), 0, lambda e, s, m: history.append(m), progress=False)
     losses = [m["train/loss"] for m in history]
     assert len(history) == 7 and losses[-1] < 0.8 * losses[0], losses
     assert history[-1]["train/mean_ap"] > history[0]["train/mean_ap"]

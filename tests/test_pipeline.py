@@ -88,7 +88,7 @@ def test_analyzer_matches_direct_measurement(store):
     import jax
 
     from ntk_tracking.data import load_dataset
-    from ntk_tracking.models import create_model, ntk_apply_fn
+    from ntk_tracking.models import ntk_apply_fn
     from ntk_tracking.ntk import draw_subsets, empirical_ntk, trace
 
     run_id = train_main("fuel_efficiency", ["--width", "8", "--depth", "2", "--epochs", "2",
@@ -97,7 +97,7 @@ def test_analyzer_matches_direct_measurement(store):
     analyzer = Analyzer(run_id, AnalysisSettings(num_subsets=3, subset_size=5, splits=("test",)))
     cfg = analyzer.config
     data = load_dataset(cfg.dataset, train_size=cfg.train_size, test_size=cfg.test_size, seed=cfg.seed)
-    model = create_model(cfg.model, **cfg.model_hyperparameters(data.num_outputs))
+    model = analyzer.task.build_model(cfg, data)
     abstract = jax.eval_shape(model.init, jax.random.PRNGKey(0), data.x_train[:1])
     variables = analyzer.store.restore_cv(2, abstract)
     subsets = draw_subsets(len(data.x_test), 3, 5, seed=0)

@@ -84,8 +84,9 @@ def untrained_probe():
     task = get_task(TASK)
     config = tiny_config()
     data = task.load_data(config)
-    variables = jax.device_get(task.cv_variables(task.init_state(config, data)))
-    return task.probe(config, data), variables  # no run: states the untrained agent visits
+    model = task.build_model(config, data)
+    variables = jax.device_get(task.cv_variables(task.init_state(config, data, model)))
+    return task.probe(config, data, model), variables  # no run: states the untrained agent visits
 
 
 @pytest.mark.parametrize("implementation", ["jacobian", "ntvp", "structured"])
@@ -144,7 +145,9 @@ def test_a_few_updates_fit_the_critic():
                          encoder="cnn")
     data = task.load_data(config)
     seen = {}
-    fit(config, data, task.init_state(config, data), 0, lambda e, s, m: seen.__setitem__(e, m), progress=False)
+    model = task.build_model(config, data)
+    fit(config, data, model, task.init_state(config, data, model), 0, lambda e, s, m: seen.__setitem__(e, m),
+        progress=False)
     assert sorted(seen) == list(range(13))
     losses = [seen[e]["train/value_loss"] for e in range(1, 13)]
     assert np.mean(losses[-3:]) < 0.5 * np.mean(losses[:3]), losses

@@ -230,8 +230,9 @@ def fit_in_stretches(task, config, data, stops):
 
     points = []
     cadence = StepCadence(tuple(stops), 0, lambda step, epoch, state, metrics, end: points.append((step, epoch, end)))
-    stepped = task.fit(config, data, task.init_state(config, data), 0, cadence, progress=False)
-    plain = task.fit(config, data, task.init_state(config, data), 0, lambda *args: None, progress=False)
+    model = task.build_model(config, data)
+    stepped = task.fit(config, data, model, task.init_state(config, data, model), 0, cadence, progress=False)
+    plain = task.fit(config, data, model, task.init_state(config, data, model), 0, lambda *args: None, progress=False)
     for a, b in zip(*(jax.tree_util.tree_leaves(task.cv_variables(s)) for s in (stepped, plain)), strict=True):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
     return points

@@ -55,12 +55,16 @@ class ToyTask(Task):
         return types.SimpleNamespace(x_train=x[:n_train], y_train=y[:n_train], x_test=x[n_train:],
                                      y_test=y[n_train:], info={"train_size": n_train, "test_size": n_test})
 
-    def init_state(self, config, data):
-        model = Net(config.hidden)
+    def build_model(self, config, data):
+        # A task outside the package may build its network here; a package task names its
+        # ntk_tracking/models/<arch>.py as `architecture` instead.
+        return Net(config.hidden)
+
+    def init_state(self, config, data, model):
         params = model.init(jax.random.PRNGKey(config.seed), data.x_train[:1])["params"]
         return train_state.TrainState.create(apply_fn=model.apply, params=params, tx=optax.sgd(config.learning_rate))
 
-    def fit(self, config, data, state, start_epoch, on_epoch, progress=True):
+    def fit(self, config, data, model, state, start_epoch, on_epoch, progress=True):
         @jax.jit
         def train_epoch(state, xs, ys):
             def step(state, batch):
@@ -84,8 +88,7 @@ class ToyTask(Task):
     def cv_variables(self, state):
         return {"params": state.params}
 
-    def probe(self, config, data, context=None):
-        model = Net(config.hidden)
+    def probe(self, config, data, model, context=None):
         return Probe(networks={"model": lambda variables, x: model.apply(variables, x)},
                      sets={"train": ProbeSet(data.x_train), "test": ProbeSet(data.x_test)})
 

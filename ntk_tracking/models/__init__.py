@@ -1,19 +1,17 @@
-"""Models by name, and the apply function the NTK engine differentiates."""
+"""The paper's networks, one module per architecture, and the apply function the NTK engine differentiates.
+
+Each architecture module (`mlp_cnn`, `resnet`, `vae`, `transformer`, `graph_net`, `actor_critic`)
+holds its flax module classes and one constructor, `make(config, data_info)`: the network a task
+config describes, sized by what the data fixes (`data_info`, a plain dict such as
+`{"num_outputs": 10}`). A task names its module as `Task.architecture`, and `Task.build_model`
+calls `make` once per command.
+"""
 
 from __future__ import annotations
 
 import jax
 
-from ntk_tracking.models.mlp_cnn import ACTIVATIONS, CNN, INITIALIZERS, MLP, count_params
-
-MODELS = {"mlp": MLP, "cnn": CNN}
-
-
-def create_model(kind: str, **hyperparameters):
-    """The flax module `kind` ("mlp" or "cnn") with its hyperparameters."""
-    if kind not in MODELS:
-        raise ValueError(f"unknown model kind {kind!r}; this version knows {sorted(MODELS)}")
-    return MODELS[kind](**hyperparameters)
+from ntk_tracking.models.mlp_cnn import ACTIVATIONS, CNN, INITIALIZERS, MLP, MODELS, count_params
 
 
 def ntk_apply_fn(model):
@@ -30,4 +28,4 @@ def ntk_apply_fn(model):
     return apply_fn
 
 
-__all__ = ["ACTIVATIONS", "CNN", "INITIALIZERS", "MLP", "MODELS", "count_params", "create_model", "ntk_apply_fn"]
+__all__ = ["ACTIVATIONS", "CNN", "INITIALIZERS", "MLP", "MODELS", "count_params", "ntk_apply_fn"]

@@ -11,6 +11,8 @@ Two encoders of the 30×40×3 Pong frame, each followed by dense ReLU layers and
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -91,31 +93,33 @@ def _network(num_outputs: int, channels, hidden: int, encoder: str, head_scale: 
     raise ValueError(f"unknown encoder {encoder!r}; choose one of {list(ENCODERS)}")
 
 
-def actor(num_actions: int, channels=(8, 16), hidden: int = 256, encoder: str = "cnn",
-          dense_layers: int = 2) -> nn.Module:
-    """The policy network: action logits (`channels` apply to the "cnn" encoder only)."""
-    return _network(num_actions, channels, hidden, encoder, 0.01, dense_layers)
+class ActorCritic(NamedTuple):
+    """The agent's two networks (no shared trunk), what `make` returns."""
+
+    actor: nn.Module  # action logits; head gain 0.01: a near-uniform initial policy
+    critic: nn.Module  # one output (squeeze it for the value)
 
 
-def critic(channels=(8, 16), hidden: int = 256, encoder: str = "cnn", dense_layers: int = 2) -> nn.Module:
-    """The value network: one output (squeeze it for the value)."""
-    return _network(1, channels, hidden, encoder, 1.0, dense_layers)
+def make(config, data_info: dict) -> ActorCritic:
+    """Actor and critic as a task config describes them (`encoder`, `channels` and twice as many in
+    the second convolution, `hidden`, `dense_layers`), the actor with `data_info["num_actions"]` logits."""
+    channels = (config.channels, 2 * config.channels)
+    return ActorCritic(
+        actor=_network(data_info["num_actions"], channels, config.hidden, config.encoder, 0.01, config.dense_layers),
+        critic=_network(1, channels, config.hidden, config.encoder, 1.0, config.dense_layers))
 
 
-def init_params(key, num_actions: int, obs_shape, channels=(8, 16), hidden: int = 256, encoder: str = "cnn",
-                dense_layers: int = 2) -> dict:
+def init_params(key, networks: ActorCritic, obs_shape) -> dict:
     """{"actor": params, "critic": params} from one key."""
     k_actor, k_critic = jax.random.split(key)
     x = jnp.zeros((1,) + tuple(obs_shape), jnp.float32)
-    return {"actor": actor(num_actions, channels, hidden, encoder, dense_layers).init(k_actor, x)["params"],
-            "critic": critic(channels, hidden, encoder, dense_layers).init(k_critic, x)["params"]}
+    return {"actor": networks.actor.init(k_actor, x)["params"], "critic": networks.critic.init(k_critic, x)["params"]}
 
 
-def ntk_apply_fns(num_actions: int, channels=(8, 16), hidden: int = 256, encoder: str = "cnn",
-                  dense_layers: int = 2) -> dict:
+def ntk_apply_fns(networks: ActorCritic) -> dict:
     """The NTK's networks over CV variables {"actor": {"params"}, "critic": {"params"}}:
     "actor" = the sum of the action logits, "critic" = the value (outputs lead with the point axis)."""
-    a, c = actor(num_actions, channels, hidden, encoder, dense_layers), critic(channels, hidden, encoder, dense_layers)
+    a, c = networks
 
     def actor_fn(variables, x):
         return jnp.sum(a.apply(variables["actor"], x), axis=-1)

@@ -57,6 +57,15 @@ class GraphConvNet(nn.Module):
         return nn.Dense(self.num_outputs)(pooled)
 
 
+def make(config, data_info: dict) -> GraphConvNet:
+    """The GCN a task config describes (`latent_size`, `mlp_layers`, `message_passing_steps`,
+    `dropout_rate`; skip connections and LayerNorm on, as in the flax example) with
+    `data_info["num_outputs"]` task logits, dropout off (`model.clone(deterministic=False)` trains)."""
+    return GraphConvNet(num_outputs=data_info["num_outputs"], latent_size=config.latent_size,
+                        num_mlp_layers=config.mlp_layers, message_passing_steps=config.message_passing_steps,
+                        dropout_rate=config.dropout_rate, skip_connections=True, layer_norm=True, deterministic=True)
+
+
 def mean_pool(graphs: jraph.GraphsTuple) -> jax.Array:
     """Mean of each graph's node features (zero for graphs without nodes)."""
     n_graph = graphs.n_node.shape[0]

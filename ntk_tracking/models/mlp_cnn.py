@@ -1,4 +1,5 @@
-"""Dense and convolutional networks of the paper's architecture scans (§3.1)."""
+"""Dense and convolutional networks of the paper's architecture scans (§3.1); `make` builds the
+one a task config names."""
 
 from __future__ import annotations
 
@@ -60,6 +61,18 @@ class CNN(_Scanned):
                 x = nn.max_pool(x, (2, 2), strides=(2, 2))
         x = x.reshape((x.shape[0], -1))
         return nn.Dense(self.num_outputs, kernel_init=init)(x)
+
+
+MODELS = {"mlp": MLP, "cnn": CNN}
+
+
+def make(config, data_info: dict) -> nn.Module:
+    """The network of a scan point: `config.model` ("mlp" or "cnn") with the config's width, depth,
+    activation and init, and `data_info["num_outputs"]` read-out units."""
+    if config.model not in MODELS:
+        raise ValueError(f"unknown model kind {config.model!r}; this version knows {sorted(MODELS)}")
+    return MODELS[config.model](width=config.width, depth=config.depth, num_outputs=data_info["num_outputs"],
+                                activation=config.activation, initializer=config.init)
 
 
 def count_params(params) -> int:

@@ -69,3 +69,9 @@ ResNet34 = functools.partial(ResNet, stage_sizes=(3, 4, 6, 3))
 _ResNetTiny = functools.partial(ResNet, stage_sizes=(1, 1))
 
 RESNETS = {"resnet18": ResNet18, "resnet34": ResNet34, "resnet_tiny": _ResNetTiny}
+
+
+def make(config, data_info: dict) -> ResNet:
+    """The ResNet `config.model` names at channel multiplier `config.width`, with
+    `data_info["num_outputs"]` classes."""
+    return RESNETS[config.model](num_classes=data_info["num_outputs"], width=config.width)

@@ -9,6 +9,7 @@ tokens' multi-hot feature vectors under `one_hot_embedding=True` (the same funct
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import flax.linen as nn
 import jax
@@ -109,3 +110,25 @@ class TransformerTagger(nn.Module):
             x = EncoderBlock(cfg, name=f"block_{i}")(x, mask, deterministic=not train)
         return nn.Dense(cfg.num_tags, name="readout")(nn.LayerNorm()(x))
 
+
+def make(config, data_info: dict) -> TransformerTagger:
+    """The tagger a task config describes (`max_length`, `model_dim`, `num_heads`, `num_layers`,
+    `mlp_dim`, dropout rates) over `data_info["vocab_size"]` feature ids and `data_info["num_tags"]`
+    tags; its embedding is read by lookup (training). `with_one_hot_embedding` gives the NTK's view."""
+    return _tagger(TransformerConfig(
+        vocab_size=data_info["vocab_size"], num_tags=data_info["num_tags"], max_length=config.max_length,
+        model_dim=config.model_dim, num_heads=config.num_heads, num_layers=config.num_layers,
+        mlp_dim=config.mlp_dim, dropout_rate=config.dropout_rate,
+        attention_dropout_rate=config.attention_dropout_rate))
+
+
+def with_one_hot_embedding(model: TransformerTagger) -> TransformerTagger:
+    """The same tagger (same function, same parameters) with its embedding applied to multi-hot
+    feature vectors, which the NTK engine's structured rule for Dense layers covers."""
+    return _tagger(dataclasses.replace(model.config, one_hot_embedding=True))
+
+
+@functools.lru_cache(maxsize=16)
+def _tagger(config: TransformerConfig) -> TransformerTagger:
+    """One module object per configuration: equal apply functions, so jitted code is reused."""
+    return TransformerTagger(config)

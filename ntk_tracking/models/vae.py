@@ -61,6 +61,13 @@ class VAE(nn.Module):
         return self.decoder(z)
 
 
+def make(config, data_info: dict) -> VAE:
+    """The VAE of `config.hidden` units and `config.latents` latents over `data_info["num_pixels"]`
+    pixels. One module serves every network of the task: `reconstruct` (decoder(μ(x))),
+    `encode_mean` (μ(x), the encoder-only NTK) and `generate`, as `model.apply(..., method=...)`."""
+    return VAE(hidden=config.hidden, latents=config.latents, outputs=data_info["num_pixels"])
+
+
 def bernoulli_nll(logits, x):
     """−log p(x | logits) per point, summed over pixels; x in [0, 1]."""
     return jnp.sum(jnp.logaddexp(0.0, logits) - x * logits, axis=-1)

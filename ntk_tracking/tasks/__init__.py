@@ -2,7 +2,8 @@
 the modules named in $NTK_TRACKING_TASK_MODULES (comma-separated, importable) and those that
 installed packages register under the entry-point group `ntk_tracking.tasks`.
 
-Adding a paper model: one module here (docs/contributing.md); nothing else lists it.
+Adding a paper model: one module here, and its architecture's under ntk_tracking/models/ if it is
+new (docs/contributing.md); nothing else lists it.
 """
 
 from __future__ import annotations

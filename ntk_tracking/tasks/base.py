@@ -3,7 +3,13 @@
 A task owns its configuration (a frozen dataclass), data loading, model, train loop, default
 CV cadence and its NTK probe: which networks are measured and on which probe sets. Training
 (`train/tracked.py`), the analyzer, sweeps, reports and the command lines see only this
-interface, so a new paper model is one module under `tasks/` plus an MLproject entry.
+interface, so a new paper model is one module under `tasks/` (and one under `models/` for a new
+architecture) plus an MLproject entry.
+
+The model is built once per command: `build_model(config, data)` calls the task's architecture
+module's `make(config, data_info)` (`ntk_tracking/models/<arch>.py`), and training (`init_state`,
+`fit`), the analyzer (`abstract_variables`, `probe`, `checkpoint_artifacts`) receive that one
+object as `model`.
 """
 
 from __future__ import annotations
@@ -181,6 +187,8 @@ class Task:
     step_name: str = "epoch"  # what one training step of the metrics is (RL: update)
     loss_metrics: tuple[str, ...] = ("train/loss", "test/loss")  # drawn in the evolution figure
     loss_label: str = ""  # the loss axis's label in figures; empty: the metric names
+    # The network's module under ntk_tracking/models/ (or any module with `make(config, data_info)`).
+    architecture: types.ModuleType | None = None
 
     # -- configuration ----------------------------------------------------------------------
 
@@ -210,13 +218,28 @@ class Task:
         """JSON provenance of the data, saved as the run's data.json."""
         return dict(getattr(data, "info", {}) or {})
 
-    def init_state(self, config, data) -> Any:
-        """The initial training state (a pytree: everything a resumed run needs)."""
+    def model_data_info(self, data) -> dict:
+        """What the data fixes about the network, the `data_info` of the architecture's make: a
+        plain dict of sizes such as {"num_outputs": 10} (empty by default)."""
+        return {}
+
+    def build_model(self, config, data) -> Any:
+        """The task's network: `architecture.make(config, model_data_info(data))`, a flax module or
+        what the architecture needs (the actor-critic pair). Called once per command; every method
+        taking `model` receives this object. Override it to build a model without an architecture module."""
+        if self.architecture is None:
+            raise NotImplementedError(f"task {self.name!r} names no architecture module (the class attribute "
+                                      "`architecture`, a module with make(config, data_info)) and does not "
+                                      "override build_model")
+        return self.architecture.make(config, self.model_data_info(data))
+
+    def init_state(self, config, data, model) -> Any:
+        """The initial training state of `model` (a pytree: everything a resumed run needs)."""
         raise NotImplementedError
 
-    def fit(self, config, data, state, start_epoch: int,
+    def fit(self, config, data, model, state, start_epoch: int,
             on_epoch: Callable[[int, Any, dict], None], progress: bool = True) -> Any:
-        """Train from `start_epoch` to config.epochs, calling on_epoch(epoch, state, metrics)
+        """Train `model` from `start_epoch` to config.epochs, calling on_epoch(epoch, state, metrics)
         after epoch 0 (when start_epoch is 0) and after every epoch."""
         raise NotImplementedError
 
@@ -252,15 +275,16 @@ class Task:
         """What a CV checkpoint holds: the model variables (parameters and fixed state)."""
         raise NotImplementedError
 
-    def abstract_variables(self, config, data) -> Any:
+    def abstract_variables(self, config, data, model) -> Any:
         """Shapes and dtypes of cv_variables, to restore checkpoints into."""
         import jax
 
-        return jax.eval_shape(lambda: self.cv_variables(self.init_state(config, data)))
+        return jax.eval_shape(lambda: self.cv_variables(self.init_state(config, data, model)))
 
     # -- analysis ---------------------------------------------------------------------------
 
-    def probe(self, config, data, context: ProbeContext | None = None) -> Probe:
+    def probe(self, config, data, model, context: ProbeContext | None = None) -> Probe:
+        """The networks of `model` the analyzer measures and the sets it measures them on."""
         raise NotImplementedError
 
     def default_probe_sets(self) -> tuple[str, ...]:
@@ -282,7 +306,7 @@ class Task:
                                 loss_keys=self.loss_metrics, xlabel=unit, log_x=unit == "optimizer step",
                                 loss_label=self.loss_label)
 
-    def checkpoint_artifacts(self, config, data, variables, epoch: int) -> Iterable[tuple[str, Any]]:
+    def checkpoint_artifacts(self, config, data, model, variables, epoch: int) -> Iterable[tuple[str, Any]]:
         """(artifact path, matplotlib figure) pairs the analyzer logs per checkpoint (VAE pictures)."""
         return ()
 

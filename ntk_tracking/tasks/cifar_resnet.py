@@ -15,6 +15,7 @@ import math
 
 import jax
 
+from ntk_tracking.models import resnet
 from ntk_tracking.tasks.base import Probe, ProbeSet, Task, TaskConfig, option
 
 IMAGE_SHAPES = ((32, 32, 3), (28, 28, 1))  # CIFAR-10, and MNIST for the offline smoke test
@@ -39,10 +40,8 @@ class CifarResNetConfig(TaskConfig):
     augment: bool = option(True, "random crop (pad 4) and horizontal flip of every training image")
 
     def checks(self):
-        from ntk_tracking.models.resnet import RESNETS
-
         return [
-            (self.model in RESNETS, f"unknown model {self.model!r}; choose one of {sorted(RESNETS)}"),
+            (self.model in resnet.RESNETS, f"unknown model {self.model!r}; choose one of {sorted(resnet.RESNETS)}"),
             (math.isfinite(self.width) and self.width > 0,
              f"width must be a positive channel multiplier (1 = ResNet18's 64…512 channels), got {self.width}"),
             (math.isfinite(self.learning_rate) and self.learning_rate > 0,
@@ -54,12 +53,6 @@ class CifarResNetConfig(TaskConfig):
              f"warmup_epochs must be ≥ 0, got {self.warmup_epochs}"),
             (self.batch_size > 0, f"batch_size must be positive, got {self.batch_size}"),
         ] + super().checks()
-
-
-def create_model(config, num_classes: int):
-    from ntk_tracking.models.resnet import RESNETS
-
-    return RESNETS[config.model](num_classes=num_classes, width=config.width)
 
 
 def inference_apply_fn(model, mean, std):
@@ -81,6 +74,7 @@ class CifarResNetTask(Task):
     config_class = CifarResNetConfig
     defaults = dict(epochs=50, cv_every=5, cv_log_points=8)
     summary = "a ResNet18 on CIFAR-10 (paper Fig. 3a)"
+    architecture = resnet
 
     def run_name(self, config) -> str:
         return f"{config.task}-{config.model}-k{config.width:g}"
@@ -98,12 +92,15 @@ class CifarResNetTask(Task):
                              "another dataset")
         return data
 
-    def init_state(self, config, data):
+    def model_data_info(self, data):
+        return {"num_outputs": data.num_outputs}
+
+    def init_state(self, config, data, model):
         from ntk_tracking.train.image_classifier import create_train_state
 
-        return create_train_state(create_model(config, data.num_outputs), config, data)
+        return create_train_state(model, config, data)
 
-    def fit(self, config, data, state, start_epoch, on_epoch, progress=True):
+    def fit(self, config, data, model, state, start_epoch, on_epoch, progress=True):
         from ntk_tracking.train.image_classifier import fit
 
         return fit(config, data, state, start_epoch, on_epoch, progress=progress)
@@ -116,9 +113,9 @@ class CifarResNetTask(Task):
     def cv_variables(self, state):
         return {"params": state.params, "batch_stats": state.batch_stats}
 
-    def probe(self, config, data, context=None) -> Probe:
+    def probe(self, config, data, model, context=None) -> Probe:
         norm = data.info["normalization"]
-        apply_fn = inference_apply_fn(create_model(config, data.num_outputs), norm["mean"], norm["std"])
+        apply_fn = inference_apply_fn(model, norm["mean"], norm["std"])
         return Probe(networks={"model": apply_fn},
                      sets={"train": ProbeSet(data.x_train), "test": ProbeSet(data.x_test)})
 

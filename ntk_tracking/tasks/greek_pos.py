@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import math
 
+from ntk_tracking.models import transformer
 from ntk_tracking.tasks.base import Probe, ProbeSet, Task, TaskConfig, option
 
 TAGSETS = ("upos", "xpos")  # = ntk_tracking.data.ud_pos.TAGSETS, without importing data for --help
@@ -79,6 +80,7 @@ class GreekPosTask(Task):
     config_class = GreekPosConfig
     defaults = dict(dataset="UD_Ancient_Greek-Perseus", epochs=20)
     summary = "a transformer part-of-speech tagger on UD Ancient Greek Perseus (paper §4)"
+    architecture = transformer
 
     def run_name(self, config) -> str:
         return f"{config.task}-{config.tagset}-d{config.model_dim}-l{config.num_layers}"
@@ -94,12 +96,15 @@ class GreekPosTask(Task):
                     data.sentences["train"], data.sentences[split])
         return data
 
-    def init_state(self, config, data):
+    def model_data_info(self, data):
+        return {"vocab_size": data.vocab.size, "num_tags": data.num_tags}
+
+    def init_state(self, config, data, model):
         from ntk_tracking.train.tagging import create_train_state
 
-        return create_train_state(config, data)
+        return create_train_state(model, config, data)
 
-    def fit(self, config, data, state, start_epoch, on_epoch, progress=True):
+    def fit(self, config, data, model, state, start_epoch, on_epoch, progress=True):
         from ntk_tracking.train.tagging import fit
 
         return fit(config, data, state, start_epoch, on_epoch, progress=progress)
@@ -112,14 +117,12 @@ class GreekPosTask(Task):
     def cv_variables(self, state):
         return {"params": state.params}
 
-    def probe(self, config, data, context=None) -> Probe:
+    def probe(self, config, data, model, context=None) -> Probe:
         from ntk_tracking.models import ntk_apply_fn
-        from ntk_tracking.train.tagging import model_config, tagger
 
         # The multi-hot embedding is the same function as the lookup, seen by the structured rule.
-        model = tagger(model_config(config, data, one_hot_embedding=True))
         sets = {name: probe_points(split, config.probe_max_tokens) for name, split in data.splits.items()}
-        return Probe(networks={"model": ntk_apply_fn(model)}, sets=sets)
+        return Probe(networks={"model": ntk_apply_fn(transformer.with_one_hot_embedding(model))}, sets=sets)
 
 
 TASKS = {"greek_pos": GreekPosTask()}

@@ -14,6 +14,7 @@ import math
 
 import numpy as np
 
+from ntk_tracking.models import vae
 from ntk_tracking.tasks.base import Probe, ProbeSet, Task, TaskConfig, option
 
 IMAGE_SHAPE = (28, 28, 1)
@@ -62,6 +63,7 @@ class MnistVaeTask(Task):
     defaults = dict(epochs=50, cv_every=5, cv_log_points=6)
     summary = "a variational autoencoder on MNIST (paper Fig. 3e)"
     loss_label = "negative ELBO (nats)"  # train/loss and test/loss are the negative ELBO per image
+    architecture = vae  # one VAE module; its methods are the probe's two networks
 
     def run_name(self, config) -> str:
         return f"{config.task}-h{config.hidden}-z{config.latents}"
@@ -78,12 +80,15 @@ class MnistVaeTask(Task):
                              "28×28 single-channel MNIST images: use mnist5k, ylecun/mnist or an MNIST-format path")
         return unit_pixels(data)
 
-    def init_state(self, config, data):
+    def model_data_info(self, data):
+        return {"num_pixels": data.x_train.shape[1]}
+
+    def init_state(self, config, data, model):
         from ntk_tracking.train.vae import create_train_state
 
-        return create_train_state(config, data.x_train.shape[1])
+        return create_train_state(model, config, data)
 
-    def fit(self, config, data, state, start_epoch, on_epoch, progress=True):
+    def fit(self, config, data, model, state, start_epoch, on_epoch, progress=True):
         from ntk_tracking.train.vae import fit
 
         return fit(config, data, state, start_epoch, on_epoch, progress=progress)
@@ -99,11 +104,7 @@ class MnistVaeTask(Task):
     def network_names(self, config):
         return ("model", "encoder")
 
-    def probe(self, config, data, context=None) -> Probe:
-        from ntk_tracking.train.vae import create_model
-
-        model = create_model(config, data.x_train.shape[1])
-
+    def probe(self, config, data, model, context=None) -> Probe:
         def reconstruction(variables, x):
             return model.apply({"params": variables["params"]}, x, method=model.reconstruct)
 
@@ -113,17 +114,15 @@ class MnistVaeTask(Task):
         return Probe(networks={"model": reconstruction, "encoder": encoder},
                      sets={"train": ProbeSet(data.x_train), "test": ProbeSet(data.x_test)})
 
-    def checkpoint_artifacts(self, config, data, variables, epoch):
-        yield f"analysis/vae/epoch_{epoch:06d}.png", self.figure(config, data, variables, epoch)
+    def checkpoint_artifacts(self, config, data, model, variables, epoch):
+        yield f"analysis/vae/epoch_{epoch:06d}.png", self.figure(config, data, model, variables, epoch)
 
-    def figure(self, config, data, variables, epoch: int):
+    def figure(self, config, data, model, variables, epoch: int):
         """Test digits over their reconstructions, and decoder samples of z ~ N(0, I) (seed 0)."""
         import jax
 
         from ntk_tracking.figures import plt
-        from ntk_tracking.train.vae import create_model
 
-        model = create_model(config, data.x_train.shape[1])
         digits = data.x_test[:FIGURE_DIGITS]
         recon = jax.nn.sigmoid(model.apply(variables, digits, method=model.reconstruct))
         z = jax.random.normal(jax.random.PRNGKey(0), (FIGURE_SAMPLES, config.latents))

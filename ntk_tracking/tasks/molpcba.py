@@ -11,6 +11,7 @@ import math
 
 import numpy as np
 
+from ntk_tracking.models import graph_net
 from ntk_tracking.tasks.base import Probe, ProbeSet, Task, TaskConfig, option
 
 
@@ -83,6 +84,7 @@ class MolPCBATask(Task):
     config_class = MolPCBAConfig
     defaults = dict(dataset="ogbg-molpcba", epochs=75, cv_every=1)
     summary = "a graph convolutional network on ogbg-molpcba (paper §4.3, Fig. 3d)"
+    architecture = graph_net
 
     def run_name(self, config) -> str:
         return f"{config.task}-l{config.latent_size}-s{config.message_passing_steps}"
@@ -114,20 +116,23 @@ class MolPCBATask(Task):
                     mean_nodes=float(mols.train.n_node.mean()), mean_edges=float(mols.train.n_edge.mean()))
         return MolPCBAData(mols, budget, _first(mols.train, config.train_eval_size, config.seed), info)
 
-    def init_state(self, config, data: MolPCBAData):
+    def model_data_info(self, data: MolPCBAData):
+        return {"num_outputs": data.num_tasks}
+
+    def init_state(self, config, data: MolPCBAData, model):
         from ntk_tracking.data.graph_batches import batches
         from ntk_tracking.train.graph_classification import create_train_state
 
         example = next(batches(data.molecules.train, data.budget))
-        return create_train_state(config, data.num_tasks, example)
+        return create_train_state(model, config, example)
 
-    def fit(self, config, data: MolPCBAData, state, start_epoch, on_epoch, progress=True):
+    def fit(self, config, data: MolPCBAData, model, state, start_epoch, on_epoch, progress=True):
         from ntk_tracking.train.graph_classification import fit
 
         eval_sets = {"train": data.train_eval, "test": data.molecules.test}
         if config.eval_valid:
             eval_sets["valid"] = data.molecules.valid
-        return fit(config, data.molecules, state, start_epoch, on_epoch, data.budget, eval_sets, progress)
+        return fit(config, data.molecules, model, state, start_epoch, on_epoch, data.budget, eval_sets, progress)
 
     def steps_per_epoch(self, config, data: MolPCBAData):
         """The first epoch's batches (their count varies a little with the order of the molecules)."""
@@ -140,7 +145,7 @@ class MolPCBATask(Task):
     def cv_variables(self, state):
         return {"params": state.params}
 
-    def probe(self, config, data: MolPCBAData, context=None) -> Probe:
+    def probe(self, config, data: MolPCBAData, model, context=None) -> Probe:
         from ntk_tracking.data.graph_batches import Budget, padded_points, point_budget
 
         pools = {name: _first(graphs, config.probe_pool, config.seed + 1)
@@ -149,18 +154,15 @@ class MolPCBATask(Task):
         budgets = [point_budget(g) for g in pools.values()]
         budget = Budget(max(b.n_node for b in budgets), max(b.n_edge for b in budgets), 2)
         sets = {name: ProbeSet(padded_points(g, budget)) for name, g in pools.items()}
-        return Probe(networks={"model": ntk_apply_fn(config, data.num_tasks)}, sets=sets)
+        return Probe(networks={"model": ntk_apply_fn(model)}, sets=sets)
 
 
-def ntk_apply_fn(config, num_outputs: int):
-    """apply_fn(variables, points) -> (m, num_outputs): each molecule's logits, dropout off."""
-    from ntk_tracking.models.graph_net import point_logits
-    from ntk_tracking.train.graph_classification import create_model
-
-    model = create_model(config, num_outputs)
+def ntk_apply_fn(model):
+    """apply_fn(variables, points) -> (m, num_outputs): each molecule's logits (`model` is the
+    deterministic GCN graph_net.make builds: dropout off)."""
 
     def apply_fn(variables, points):
-        return point_logits(model, {"params": variables["params"]}, points)
+        return graph_net.point_logits(model, {"params": variables["params"]}, points)
 
     return apply_fn
 

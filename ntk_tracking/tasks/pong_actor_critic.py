@@ -14,6 +14,7 @@ import math
 
 import numpy as np
 
+from ntk_tracking.models import actor_critic
 from ntk_tracking.tasks.base import Probe, ProbeSet, Task, TaskConfig, option
 
 PROBE_ARTIFACT = "analysis/probe_states.npz"
@@ -102,6 +103,7 @@ class PongActorCriticTask(Task):
     summary = "an actor-critic (PPO) learning Pong (paper §4, Fig. 3c)"
     step_name = "PPO update"
     loss_metrics = ("train/episode_return",)
+    architecture = actor_critic  # make returns the pair ActorCritic(actor, critic)
 
     def run_name(self, config) -> str:
         return f"{config.task}-{config.env}-s{config.seed}"
@@ -122,15 +124,18 @@ class PongActorCriticTask(Task):
                 "num_actions": int(env.action_space(params).n)}
         return PongData(env, params, info)
 
-    def init_state(self, config, data):
+    def model_data_info(self, data):
+        return {"num_actions": int(data.info["num_actions"])}
+
+    def init_state(self, config, data, model):
         from ntk_tracking.train.ppo import init_runner
 
-        return init_runner(config, data.env, data.params)
+        return init_runner(config, model, data.env, data.params)
 
-    def fit(self, config, data, state, start_epoch, on_epoch, progress=True):
+    def fit(self, config, data, model, state, start_epoch, on_epoch, progress=True):
         from ntk_tracking.train.ppo import fit
 
-        return fit(config, data, state, start_epoch, on_epoch, progress=progress,
+        return fit(config, data, model, state, start_epoch, on_epoch, progress=progress,
                    eval_epochs=config.cv_epochs() + config.cv_optimizer_steps(1))
 
     def steps_per_epoch(self, config, data):
@@ -147,33 +152,29 @@ class PongActorCriticTask(Task):
     def default_probe_sets(self):
         return ("states",)
 
-    def probe(self, config, data, context=None) -> Probe:
+    def probe(self, config, data, model, context=None) -> Probe:
         """Actor (summed logits) and critic (value) on states the agent visited at three stages."""
-        from ntk_tracking.models.actor_critic import ntk_apply_fns
-        from ntk_tracking.train.ppo import network_options
-
         arrays = context.load_arrays(PROBE_ARTIFACT) if context is not None else None
         if arrays is None:
-            arrays = self._collect_probe_states(config, data, context)
+            arrays = self._collect_probe_states(config, data, model, context)
             if context is not None:
                 context.save_arrays(PROBE_ARTIFACT, arrays)
         states = np.asarray(arrays["states"], np.float32)
-        fns = ntk_apply_fns(int(data.info["num_actions"]), **network_options(config))
-        return Probe(networks=fns, sets={"states": ProbeSet(states)})
+        return Probe(networks=actor_critic.ntk_apply_fns(model), sets={"states": ProbeSet(states)})
 
-    def _collect_probe_states(self, config, data, context) -> dict:
+    def _collect_probe_states(self, config, data, model, context) -> dict:
         from ntk_tracking.train.ppo import make_state_collector
 
         if context is None:  # no run: the untrained agent only
             stages = [0]
-            variables = [self.cv_variables(self.init_state(config, data))]
+            variables = [self.cv_variables(self.init_state(config, data, model))]
         else:
             # +1 per step in play: the best possible return is the episode's step limit.
             stages = probe_stages(context.cv_epochs, context.metric_history("eval/episode_return"),
                                   max_return=config.max_steps)
             variables = [context.restore(e) for e in stages]
         per_stage = -(-config.probe_states // len(stages))
-        collect = make_state_collector(config, data.env, data.params, per_stage)
+        collect = make_state_collector(config, model, data.env, data.params, per_stage)
         pooled = [collect(v["actor"]["params"], config.seed + e) for e, v in zip(stages, variables)]
         states = np.concatenate(pooled)[: config.probe_states]
         return {"states": states.astype(np.uint8), "stages": np.asarray(stages, np.int64)}

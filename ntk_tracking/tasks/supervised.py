@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from ntk_tracking.models import ACTIVATIONS, INITIALIZERS, MODELS, create_model, ntk_apply_fn
+from ntk_tracking.models import ACTIVATIONS, INITIALIZERS, MODELS, mlp_cnn, ntk_apply_fn
 from ntk_tracking.tasks.base import Probe, ProbeSet, Task, TaskConfig, option
 
 OPTIMIZERS = ("adam", "sgd", "momentum", "adamw")
@@ -47,16 +47,12 @@ class SupervisedConfig(TaskConfig):
             (self.batch_size > 0, f"batch_size must be positive, got {self.batch_size}"),
         ] + super().checks()
 
-    def model_hyperparameters(self, num_outputs: int) -> dict:
-        """Keyword arguments of models.create_model."""
-        return dict(width=self.width, depth=self.depth, num_outputs=num_outputs,
-                    activation=self.activation, initializer=self.init)
-
 
 class SupervisedTask(Task):
     """A dense or convolutional network trained on a labelled dataset."""
 
     config_class = SupervisedConfig
+    architecture = mlp_cnn  # config.model picks MLP or CNN
 
     def __init__(self, name: str, summary: str, **defaults):
         self.name, self.summary, self.defaults = name, summary, defaults
@@ -70,12 +66,15 @@ class SupervisedTask(Task):
         return load_dataset(config.dataset, train_size=config.train_size, test_size=config.test_size,
                             seed=config.seed)
 
-    def init_state(self, config, data):
+    def model_data_info(self, data):
+        return {"num_outputs": data.num_outputs}
+
+    def init_state(self, config, data, model):
         from ntk_tracking.train.supervised import create_train_state
 
-        return create_train_state(config, data.num_outputs, data.x_train)
+        return create_train_state(model, config, data)
 
-    def fit(self, config, data, state, start_epoch, on_epoch, progress=True):
+    def fit(self, config, data, model, state, start_epoch, on_epoch, progress=True):
         from ntk_tracking.train.supervised import fit
 
         return fit(config, data, state, start_epoch, on_epoch, progress=progress)
@@ -90,8 +89,7 @@ class SupervisedTask(Task):
 
         return model_variables(state)
 
-    def probe(self, config, data, context=None) -> Probe:
-        model = create_model(config.model, **config.model_hyperparameters(data.num_outputs))
+    def probe(self, config, data, model, context=None) -> Probe:
         return Probe(networks={"model": ntk_apply_fn(model)},
                      sets={"train": ProbeSet(data.x_train), "test": ProbeSet(data.x_test)})
 

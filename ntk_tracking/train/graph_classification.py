@@ -29,21 +29,8 @@ class TrainState(train_state.TrainState):
     """Flax TrainState; dropout keys come from (seed, epoch, step), so none is stored."""
 
 
-def create_model(config, num_outputs: int, deterministic: bool = True) -> GraphConvNet:
-    """The GCN the config describes (skip connections and LayerNorm on, as in the flax example)."""
-    return _create(_model_key(config), num_outputs, deterministic)
-
-
-def _create(key: tuple, num_outputs: int, deterministic: bool = True) -> GraphConvNet:
-    latent_size, mlp_layers, steps, dropout_rate = key
-    return GraphConvNet(num_outputs=num_outputs, latent_size=latent_size, num_mlp_layers=mlp_layers,
-                        message_passing_steps=steps, dropout_rate=dropout_rate, skip_connections=True,
-                        layer_norm=True, deterministic=deterministic)
-
-
-def create_train_state(config, num_outputs: int, example: jraph.GraphsTuple) -> TrainState:
-    """Model variables seeded by config.seed, and Adam."""
-    model = create_model(config, num_outputs)
+def create_train_state(model: GraphConvNet, config, example: jraph.GraphsTuple) -> TrainState:
+    """Variables of `model` seeded by config.seed, and Adam."""
     variables = model.init(jax.random.PRNGKey(config.seed), example)
     return TrainState.create(apply_fn=model.apply, params=variables["params"],
                              tx=optax.adam(config.learning_rate))
@@ -62,20 +49,14 @@ def masked_bce(logits, graphs: jraph.GraphsTuple) -> tuple[jax.Array, jax.Array]
     return jnp.sum(jnp.where(mask, loss, 0.0)), jnp.sum(mask)
 
 
-def _model_key(config) -> tuple:
-    """The fields the network depends on: runs differing only elsewhere share compiled steps."""
-    return (config.latent_size, config.mlp_layers, config.message_passing_steps, config.dropout_rate)
-
-
-def make_train_step(config, num_outputs: int) -> Callable:
-    """train_step(state, graphs, key) -> (state, metrics), jitted."""
-    return _train_step(_model_key(config), num_outputs)
+def make_train_step(model: GraphConvNet) -> Callable:
+    """train_step(state, graphs, key) -> (state, metrics), jitted: `model` with dropout on.
+    Equal modules (runs differing only outside the network) share one compiled step."""
+    return _train_step(model.clone(deterministic=False))
 
 
 @functools.lru_cache(maxsize=8)
-def _train_step(key: tuple, num_outputs: int) -> Callable:
-    model = _create(key, num_outputs, deterministic=False)
-
+def _train_step(model: GraphConvNet) -> Callable:
     @jax.jit
     def train_step(state: TrainState, graphs: jraph.GraphsTuple, key):
         def loss_fn(params):
@@ -90,14 +71,13 @@ def _train_step(key: tuple, num_outputs: int) -> Callable:
     return train_step
 
 
-def make_predict(config, num_outputs: int) -> Callable:
+def make_predict(model: GraphConvNet) -> Callable:
     """predict(params, graphs) -> logits (n_graph, T), jitted, dropout off."""
-    return _predict(_model_key(config), num_outputs)
+    return _predict(model)
 
 
 @functools.lru_cache(maxsize=8)
-def _predict(key: tuple, num_outputs: int) -> Callable:
-    model = _create(key, num_outputs)
+def _predict(model: GraphConvNet) -> Callable:
     return jax.jit(lambda params, graphs: model.apply({"params": params}, graphs))
 
 
@@ -136,13 +116,12 @@ def evaluate(predict, params, graphs: Graphs, budget: Budget, prefix: str) -> di
     return {f"{prefix}/loss": bce_loss(logits, labels), f"{prefix}/mean_ap": mean_average_precision(logits, labels)}
 
 
-def fit(config, data, state: TrainState, start_epoch: int, on_epoch: Callable, budget: Budget,
+def fit(config, data, model: GraphConvNet, state: TrainState, start_epoch: int, on_epoch: Callable, budget: Budget,
         eval_sets: dict[str, Graphs], progress: bool = True) -> TrainState:
-    """Train from `start_epoch` to config.epochs (train/loop.py). `eval_sets` maps metric
+    """Train `model` from `start_epoch` to config.epochs (train/loop.py). `eval_sets` maps metric
     prefixes to graphs."""
-    num_outputs = data.num_tasks
-    train_step = make_train_step(config, num_outputs)
-    predict = make_predict(config, num_outputs)
+    train_step = make_train_step(model)
+    predict = make_predict(model)
 
     def evaluation(state, epoch):
         metrics = {}

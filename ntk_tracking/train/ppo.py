@@ -21,7 +21,7 @@ from flax.training.train_state import TrainState
 
 from ntk_tracking.train.loop import run_epochs
 from ntk_tracking.envs.pong import evaluate_policy, make_env
-from ntk_tracking.models import actor_critic
+from ntk_tracking.models.actor_critic import ActorCritic, init_params
 
 
 class Runner(NamedTuple):
@@ -48,17 +48,6 @@ class Transition(NamedTuple):
     done: jax.Array
 
 
-def network_options(config) -> dict:
-    """The actor's and critic's architecture from a task config (keywords of actor_critic's builders)."""
-    return dict(channels=(config.channels, 2 * config.channels), hidden=config.hidden, encoder=config.encoder,
-                dense_layers=config.dense_layers)
-
-
-def networks(config, num_actions: int):
-    options = network_options(config)
-    return actor_critic.actor(num_actions, **options), actor_critic.critic(**options)
-
-
 def make_optimizer(config) -> optax.GradientTransformation:
     """Adam with gradient-norm clipping per network: the critic's large value gradients must
     not scale the actor's step down (one global norm over both stalls the policy)."""
@@ -71,12 +60,11 @@ def make_optimizer(config) -> optax.GradientTransformation:
         name: jax.tree_util.tree_map(lambda _: name, tree) for name, tree in params.items()})
 
 
-def init_runner(config, env, env_params) -> Runner:
-    """Parameters, optimizer and environments from config.seed."""
+def init_runner(config, networks: ActorCritic, env, env_params) -> Runner:
+    """Parameters of `networks`, optimizer and environments from config.seed."""
     key = jax.random.PRNGKey(config.seed)
     key, k_params, k_reset = jax.random.split(key, 3)
-    num_actions = env.action_space(env_params).n
-    params = actor_critic.init_params(k_params, num_actions, env.obs_shape, **network_options(config))
+    params = init_params(k_params, networks, env.obs_shape)
     train = TrainState.create(apply_fn=None, params=params, tx=make_optimizer(config))
     obs, env_state = jax.vmap(env.reset, (0, None))(jax.random.split(k_reset, config.num_envs), env_params)
     zeros = jnp.zeros(config.num_envs, jnp.float32)
@@ -84,10 +72,9 @@ def init_runner(config, env, env_params) -> Runner:
                   jnp.int32(0))
 
 
-def make_update(config, env, env_params) -> Callable[[Runner], tuple[Runner, dict]]:
-    """The jitted PPO update: one rollout and its optimization epochs."""
-    num_actions = env.action_space(env_params).n
-    actor, critic = networks(config, num_actions)
+def make_update(config, networks: ActorCritic, env, env_params) -> Callable[[Runner], tuple[Runner, dict]]:
+    """The jitted PPO update of `networks`: one rollout and its optimization epochs."""
+    actor, critic = networks
     batch = config.num_envs * config.num_steps
     minibatch = batch // config.num_minibatches
 
@@ -184,9 +171,9 @@ def make_update(config, env, env_params) -> Callable[[Runner], tuple[Runner, dic
     return update
 
 
-def make_evaluate(config, env, env_params, num_envs: int):
+def make_evaluate(config, networks: ActorCritic, env, env_params, num_envs: int):
     """Mean return of `num_envs` episodes of the current (sampled) policy, up to the step limit."""
-    actor, _ = networks(config, env.action_space(env_params).n)
+    actor = networks.actor
 
     @jax.jit
     def evaluate(params, key):
@@ -200,10 +187,11 @@ def make_evaluate(config, env, env_params, num_envs: int):
 
 
 @functools.lru_cache(maxsize=8)
-def _compiled(config):
+def _compiled(config, networks: ActorCritic):
     """One compiled update and evaluation per configuration (resumed runs in one process reuse them)."""
     env, env_params = make_env(config.env, config.max_steps)
-    return make_update(config, env, env_params), make_evaluate(config, env, env_params, config.eval_envs)
+    return (make_update(config, networks, env, env_params),
+            make_evaluate(config, networks, env, env_params, config.eval_envs))
 
 
 def _is_default_env(config, data) -> bool:
@@ -212,16 +200,17 @@ def _is_default_env(config, data) -> bool:
     return type(data.env) is type(env) and data.params == env_params
 
 
-def fit(config, data, runner: Runner, start_epoch: int, on_epoch: Callable[[int, Runner, dict], None],
-        progress: bool = True, eval_epochs=()) -> Runner:
-    """PPO updates start_epoch+1 … config.epochs (one update per task epoch; train/loop.py).
+def fit(config, data, networks: ActorCritic, runner: Runner, start_epoch: int,
+        on_epoch: Callable[[int, Runner, dict], None], progress: bool = True, eval_epochs=()) -> Runner:
+    """PPO updates of `networks` start_epoch+1 … config.epochs (one update per task epoch; train/loop.py).
 
     Update 0 reports the initial policy's evaluation return; `eval/episode_return` is measured
     at `eval_epochs` with a key that is a function of (seed, epoch), so resumed runs repeat it.
     A non-finite update is refused before it is reported (its checkpoint would be NaN).
     """
-    update, evaluate = _compiled(config) if _is_default_env(config, data) else (
-        make_update(config, data.env, data.params), make_evaluate(config, data.env, data.params, config.eval_envs))
+    update, evaluate = _compiled(config, networks) if _is_default_env(config, data) else (
+        make_update(config, networks, data.env, data.params),
+        make_evaluate(config, networks, data.env, data.params, config.eval_envs))
     eval_epochs = set(eval_epochs)
 
     def eval_return(runner, epoch):
@@ -243,11 +232,12 @@ def fit(config, data, runner: Runner, start_epoch: int, on_epoch: Callable[[int,
                       epoch_steps=lambda epoch: 1)
 
 
-def make_state_collector(config, env, env_params, count: int, num_envs: int = 32, every: int = 4):
+def make_state_collector(config, networks: ActorCritic, env, env_params, count: int, num_envs: int = 32,
+                         every: int = 4):
     """collect(actor_params, seed) -> `count` observations (uint8) the policy visits: `num_envs`
     environments with auto-reset, every `every`-th step kept (consecutive frames are near
     duplicates), drawn without replacement. Compiled once for all checkpoints."""
-    actor, _ = networks(config, env.action_space(env_params).n)
+    actor = networks.actor
     steps = max(1, -(-count * every // num_envs))
 
     @jax.jit

@@ -14,7 +14,6 @@ import optax
 from flax.training import train_state
 
 from ntk_tracking.train.loop import chunked_means, full_batches, run_epochs, shuffled_batches, train_and_test
-from ntk_tracking.models import create_model
 
 EVAL_BATCH = 1024
 
@@ -47,10 +46,9 @@ def loss_and_metrics(objective: str, outputs, targets) -> tuple[jax.Array, dict]
     return jnp.sum((outputs - targets) ** 2, axis=-1), {}
 
 
-def create_train_state(config, num_outputs: int, example_x) -> TrainState:
-    """Model, initial variables (seeded by config.seed) and optimizer in one TrainState."""
-    model = create_model(config.model, **config.model_hyperparameters(num_outputs))
-    variables = model.init(jax.random.PRNGKey(config.seed), jnp.asarray(example_x[:1]))
+def create_train_state(model, config, data) -> TrainState:
+    """Variables of `model` (seeded by config.seed) and the optimizer in one TrainState."""
+    variables = model.init(jax.random.PRNGKey(config.seed), jnp.asarray(data.x_train[:1]))
     return TrainState.create(
         apply_fn=model.apply,
         params=variables["params"],

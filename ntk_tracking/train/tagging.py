@@ -17,18 +17,8 @@ import optax
 from flax.training import train_state
 
 from ntk_tracking.train.loop import run_epochs
-from ntk_tracking.models.transformer import TransformerConfig, TransformerTagger
 
 EVAL_BATCH = 256
-
-
-def model_config(config, data, one_hot_embedding: bool = False) -> TransformerConfig:
-    """The tagger's hyperparameters from a task config and the data's vocabulary and tagset."""
-    return TransformerConfig(
-        vocab_size=data.vocab.size, num_tags=data.num_tags, max_length=config.max_length,
-        model_dim=config.model_dim, num_heads=config.num_heads, num_layers=config.num_layers,
-        mlp_dim=config.mlp_dim, dropout_rate=config.dropout_rate,
-        attention_dropout_rate=config.attention_dropout_rate, one_hot_embedding=one_hot_embedding)
 
 
 def masked_sums(logits, tags, mask):
@@ -54,15 +44,8 @@ def create_optimizer(config, num_points: int) -> optax.GradientTransformation:
                        optax.adamw(schedule, b2=0.98, weight_decay=config.weight_decay))
 
 
-@functools.lru_cache(maxsize=16)
-def tagger(config: TransformerConfig) -> TransformerTagger:
-    """One module object per configuration: equal apply functions, so jitted code is reused."""
-    return TransformerTagger(config)
-
-
-def create_train_state(config, data) -> train_state.TrainState:
-    """Tagger, initial parameters (seeded by config.seed) and optimizer in one TrainState."""
-    model = tagger(model_config(config, data))
+def create_train_state(model, config, data) -> train_state.TrainState:
+    """The tagger's initial parameters (seeded by config.seed) and optimizer in one TrainState."""
     train = data.splits["train"]
     example = jax.tree_util.tree_map(lambda a: jnp.asarray(a[:1]), train.inputs)
     variables = model.init(jax.random.PRNGKey(config.seed), example)

@@ -161,7 +161,8 @@ def _train_in_run(client, run_id: str, task, config, dataset, progress: bool,
         run_inputs.log_training_data(client, run_id, config, dataset, task.data_info(dataset))
 
     store = CheckpointStore(run_id, client, resume_interval_seconds=resume_interval_seconds)
-    state = task.init_state(config, dataset)
+    model = task.build_model(config, dataset)  # once: training's init_state and fit share it
+    state = task.init_state(config, dataset, model)
     # Every logged batch holds `epoch` (runs before it existed: the loss), so a replayed step is never logged twice.
     logged = (tracking.logged_steps(client, run_id, EPOCH_METRIC)
               | tracking.logged_steps(client, run_id, task.loss_metrics[0]))
@@ -204,6 +205,6 @@ def _train_in_run(client, run_id: str, task, config, dataset, progress: bool,
 
     try:
         with system_metrics.sampled(run_id):
-            task.fit(config, dataset, state, start_epoch, on_epoch, progress=progress)
+            task.fit(config, dataset, model, state, start_epoch, on_epoch, progress=progress)
     finally:
         store.close()  # waits for pending saves and uploads

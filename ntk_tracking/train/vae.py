@@ -22,13 +22,9 @@ EVAL_BATCH = 1000
 _EVAL_STREAM = 2**31 - 1  # fold_in index of the evaluation noise: no training epoch uses it
 
 
-def create_model(config, num_pixels: int) -> VAE:
-    return VAE(hidden=config.hidden, latents=config.latents, outputs=num_pixels)
-
-
-def create_train_state(config, num_pixels: int) -> train_state.TrainState:
-    """VAE parameters seeded by config.seed and Adam."""
-    model = create_model(config, num_pixels)
+def create_train_state(model: VAE, config, data) -> train_state.TrainState:
+    """Parameters of `model` seeded by config.seed, and Adam."""
+    num_pixels = data.x_train.shape[1]
     key = jax.random.PRNGKey(config.seed)
     params = model.init(key, jnp.zeros((1, num_pixels), jnp.float32), key)["params"]
     return train_state.TrainState.create(apply_fn=model.apply, params=params, tx=optax.adam(config.learning_rate))
