@@ -224,7 +224,37 @@ def measure(name: str, m: int, repeats: int) -> dict:
             "factor_contract_while_loops": LOOPS.get(impl),
             "factor_temp_mib": mem.temp_size_in_bytes / 2**20, "factor_output_mib": mem.output_size_in_bytes / 2**20,
         })
-    return row, (bench, ntk, x, mask_in, mask, params, out_shape, act, rate)
+    return row, (bench, ntk, x, mask_in, mask, params, out_shape, act, rate, engine)
+
+
+def protocol(name, ctx, n_subsets: int, limit_s: float) -> dict:
+    """The analyzer's measurement of one checkpoint at K subsets of m points on each probe set
+    (`Measurement.run`, as the analyzer calls it), against K × probe sets × the engine's seconds
+    per kernel. Past `limit_s` of predicted time, K is cut to what fits and the time scaled."""
+    import jax
+    import numpy as np
+
+    from ntk_tracking.ntk import Measurement, draw_subsets
+
+    bench, ntk, x, mask_in, mask, params, out_shape, act, rate, engine = ctx
+    m = jax.tree_util.tree_leaves(x)[0].shape[0]
+    per_checkpoint = bench.probe_sets * n_subsets * engine
+    k = n_subsets if per_checkpoint <= limit_s else max(2, int(limit_s / (bench.probe_sets * engine)))
+    pool = bench.pool or n_subsets * m
+    points, pool_mask = bench.probe_points(pool, 1)
+    subsets = draw_subsets(pool, n_subsets, m, seed=0)[:k]
+    sets = [Measurement(ntk, points, subsets, pool_mask) for _ in range(bench.probe_sets)]
+    rss0 = PEAK["rss"] = _rss()
+    t0 = time.perf_counter()
+    for measurement in sets:
+        values = dict(measurement.run(params))
+    took = time.perf_counter() - t0
+    assert np.isfinite(values["entropy"])
+    scaled = took * n_subsets / k
+    return {"subsets": n_subsets, "subsets_timed": k, "probe_sets": bench.probe_sets, "pool": pool,
+            "seconds_timed": took, "per_checkpoint_s": scaled, "kernels_s": per_checkpoint,
+            "ratio_to_kernels": scaled / per_checkpoint, "peak_growth_mib": (PEAK["rss"] - rss0) / 2**20,
+            "memory_budget_mib": ntk.memory_budget / 2**20}
 
 
 def _describe(x, mask) -> str:
@@ -375,7 +405,7 @@ def parts(name, ctx, repeats) -> dict:
     import jax
     import jax.numpy as jnp
 
-    bench, ntk, x, mask_in, mask, params, out_shape, act, rate = ctx
+    bench, ntk, x, mask_in, mask, params, out_shape, act, rate, _ = ctx
     m = jax.tree_util.tree_leaves(x)[0].shape[0]
     xj = jax.tree_util.tree_map(jnp.asarray, x)
     impl, block, _ = ntk._plan(params, m, out_shape, act, xj, mask)
@@ -443,6 +473,11 @@ def main(argv=None):
     parser.add_argument("--parts", nargs="*", default=["tagger", "gcn"],
                         help="networks whose time is taken apart (default: tagger gcn; none: --parts)")
     parser.add_argument("--json", default=None, help="also write the rows here")
+    parser.add_argument("--protocol", type=int, default=0, metavar="K",
+                        help="also time the analyzer's measurement of one checkpoint at K subsets on "
+                             "every probe set (Measurement.run) against K × sets × seconds per kernel")
+    parser.add_argument("--protocol-seconds", type=float, default=120,
+                        help="per network: past this predicted time, fewer subsets are timed and scaled")
     args = parser.parse_args(argv)
 
     import jax
@@ -477,6 +512,12 @@ def main(argv=None):
                   f"{r.get('refined_floor_s', float('nan')):>9.4f} {r.get('refined_ratio', float('nan')):>6.1f} "
                   f"{r.get('engine_flops', float('nan')) / 1e9:>9.2f} {r.get('engine_flops_s', float('nan')):>7.3f} "
                   f"{','.join(map(str, r['compiles_per_call'][:3])):>9}", flush=True)
+        if ctx is not None and args.protocol:
+            row["protocol"] = p = protocol(name, ctx, args.protocol, args.protocol_seconds)
+            print(f"{'':11} K = {p['subsets']} × {p['probe_sets']} sets ({p['subsets_timed']} timed): "
+                  f"{p['per_checkpoint_s']:.2f} s per checkpoint, {p['kernels_s']:.2f} s of kernels, "
+                  f"ratio {p['ratio_to_kernels']:.3f}; peak +{p['peak_growth_mib']:.0f} MiB "
+                  f"(budget {p['memory_budget_mib']:.0f} MiB)", flush=True)
         rows.append(row)
         if ctx is not None and name in (args.parts or ()):
             details[name] = parts(name, ctx, args.repeats)
