@@ -16,6 +16,7 @@ import numpy as np
 import optax
 from flax.training import train_state
 
+from ntk_tracking.models import scale_initial_params
 from ntk_tracking.tasks.base import Probe, ProbeSet, Task, TaskConfig, option
 from ntk_tracking.train.loop import run_epochs, shuffled_batches, train_and_test
 
@@ -62,6 +63,7 @@ class ToyTask(Task):
 
     def init_state(self, config, data, model):
         params = model.init(jax.random.PRNGKey(config.seed), data.x_train[:1])["params"]
+        params = scale_initial_params(params, config.init_scale)  # --init-scale, which every task has
         return train_state.TrainState.create(apply_fn=model.apply, params=params, tx=optax.sgd(config.learning_rate))
 
     def fit(self, config, data, model, state, start_epoch, on_epoch, progress=True):

@@ -10,6 +10,7 @@ calls `make` once per command.
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 
 from ntk_tracking.models.mlp_cnn import ACTIVATIONS, CNN, INITIALIZERS, MLP, MODELS, count_params
 
@@ -28,4 +29,30 @@ def ntk_apply_fn(model):
     return apply_fn
 
 
-__all__ = ["ACTIVATIONS", "CNN", "INITIALIZERS", "MLP", "MODELS", "count_params", "ntk_apply_fn"]
+# The `params` leaves --init-scale multiplies: weight matrices and convolution / attention kernels
+# (flax's Dense, DenseGeneral, Conv: "kernel") and embedding tables (flax's Embed: "embedding").
+INIT_SCALED_LEAVES = ("kernel", "embedding")
+
+
+def scale_initial_params(params, scale: float):
+    """A freshly initialized network's `params` collection with every leaf named kernel or
+    embedding multiplied by `scale` (the task option --init-scale); every other leaf (biases,
+    normalization scales, other parameters) unchanged. `scale == 1` returns `params` itself, so
+    the default initialization is bit-identical to a run made before the option existed.
+
+    Call it on a new network's parameters only, before the optimizer state is created from them;
+    a resumed run restores its trained parameters over the initial state and is never rescaled.
+    Pass the `params` collection, not the whole variables: BatchNorm statistics are not weights.
+    """
+    if scale == 1:
+        return params
+
+    def scaled(path, leaf):
+        name = getattr(path[-1], "key", None) if path else None
+        return leaf * jnp.asarray(scale, leaf.dtype) if name in INIT_SCALED_LEAVES else leaf
+
+    return jax.tree_util.tree_map_with_path(scaled, params)
+
+
+__all__ = ["ACTIVATIONS", "CNN", "INITIALIZERS", "INIT_SCALED_LEAVES", "MLP", "MODELS", "count_params",
+           "ntk_apply_fn", "scale_initial_params"]

@@ -48,6 +48,12 @@ class TaskConfig:
                            "step = optimizer step")
     cv_log_steps: int = option(0, "N extra CV checkpoints log-spaced over the optimizer steps inside the first "
                                "epoch (1 … steps per epoch − 1, rounded, repeats dropped)")
+    init_scale: float = option(1.0, "multiplies every weight matrix/kernel (dense, convolution, attention) and "
+                               "embedding table of the freshly initialized network, i.e. the `params` leaves named "
+                               "kernel or embedding, before the optimizer state is made; biases, normalization "
+                               "parameters, BatchNorm statistics and any other parameter (greek_pos's position "
+                               "table) are unchanged. Fresh runs only: a resumed run keeps its trained parameters. "
+                               "1 = the initializers' own scale")
 
     def checks(self) -> list[tuple[bool, str]]:
         """(condition, message) pairs; subclasses extend the list with their own fields."""
@@ -56,6 +62,9 @@ class TaskConfig:
             (self.cv_every > 0, f"cv_every (the CV cadence in epochs) must be ≥ 1, got {self.cv_every}"),
             (self.cv_log_points >= 0, f"cv_log_points must be ≥ 0, got {self.cv_log_points}"),
             (self.cv_log_steps >= 0, f"cv_log_steps must be ≥ 0, got {self.cv_log_steps}"),
+            (isinstance(self.init_scale, (int, float)) and math.isfinite(self.init_scale) and self.init_scale > 0,
+             f"init_scale must be a finite number > 0 (the factor on the initial weights; 1 = the initializers' "
+             f"own scale), got {self.init_scale!r}: pass e.g. --init-scale 0.5"),
             (self.train_size is None or self.train_size > 0,
              f"train_size must be positive (or unset for all), got {self.train_size}"),
             (self.test_size is None or self.test_size > 0,

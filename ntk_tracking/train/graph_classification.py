@@ -22,6 +22,7 @@ from flax.training import train_state
 from ntk_tracking.train.loop import epoch_order, run_epochs
 from ntk_tracking.data.graph_batches import Budget, batches, count_batches, labels_of
 from ntk_tracking.data.ogbg import Graphs
+from ntk_tracking.models import scale_initial_params
 from ntk_tracking.models.graph_net import GraphConvNet
 
 
@@ -30,9 +31,9 @@ class TrainState(train_state.TrainState):
 
 
 def create_train_state(model: GraphConvNet, config, example: jraph.GraphsTuple) -> TrainState:
-    """Variables of `model` seeded by config.seed, and Adam."""
+    """Variables of `model` seeded by config.seed (weights times config.init_scale), and Adam."""
     variables = model.init(jax.random.PRNGKey(config.seed), example)
-    return TrainState.create(apply_fn=model.apply, params=variables["params"],
+    return TrainState.create(apply_fn=model.apply, params=scale_initial_params(variables["params"], config.init_scale),
                              tx=optax.adam(config.learning_rate))
 
 

@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from ntk_tracking.models import scale_initial_params
 from ntk_tracking.train.loop import chunked_means, run_epochs, shuffled_batches, train_and_test
 from ntk_tracking.train.supervised import TrainState, model_variables
 
@@ -68,10 +69,11 @@ def steps_per_epoch(config, num_train: int) -> int:
 
 
 def create_train_state(model, config, data) -> TrainState:
-    """Variables of `model` seeded by config.seed, and the optimizer, in one TrainState."""
+    """Variables of `model` seeded by config.seed (weights times config.init_scale), and the
+    optimizer, in one TrainState."""
     example = jnp.zeros((1,) + data.x_train.shape[1:], jnp.float32)
     variables = model.init(jax.random.PRNGKey(config.seed), example, train=False)
-    return TrainState.create(apply_fn=model.apply, params=variables["params"],
+    return TrainState.create(apply_fn=model.apply, params=scale_initial_params(variables["params"], config.init_scale),
                              tx=create_optimizer(config, steps_per_epoch(config, len(data.x_train))),
                              batch_stats=variables.get("batch_stats"))
 

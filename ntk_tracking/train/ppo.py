@@ -21,6 +21,7 @@ from flax.training.train_state import TrainState
 
 from ntk_tracking.train.loop import run_epochs
 from ntk_tracking.envs.pong import evaluate_policy, make_env
+from ntk_tracking.models import scale_initial_params
 from ntk_tracking.models.actor_critic import ActorCritic, init_params
 
 
@@ -61,10 +62,10 @@ def make_optimizer(config) -> optax.GradientTransformation:
 
 
 def init_runner(config, networks: ActorCritic, env, env_params) -> Runner:
-    """Parameters of `networks`, optimizer and environments from config.seed."""
+    """Parameters of `networks` (weights times config.init_scale), optimizer and environments from config.seed."""
     key = jax.random.PRNGKey(config.seed)
     key, k_params, k_reset = jax.random.split(key, 3)
-    params = init_params(k_params, networks, env.obs_shape)
+    params = scale_initial_params(init_params(k_params, networks, env.obs_shape), config.init_scale)
     train = TrainState.create(apply_fn=None, params=params, tx=make_optimizer(config))
     obs, env_state = jax.vmap(env.reset, (0, None))(jax.random.split(k_reset, config.num_envs), env_params)
     zeros = jnp.zeros(config.num_envs, jnp.float32)

@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import optax
 from flax.training import train_state
 
+from ntk_tracking.models import scale_initial_params
 from ntk_tracking.train.loop import chunked_means, full_batches, run_epochs, shuffled_batches, train_and_test
 
 EVAL_BATCH = 1024
@@ -47,11 +48,12 @@ def loss_and_metrics(objective: str, outputs, targets) -> tuple[jax.Array, dict]
 
 
 def create_train_state(model, config, data) -> TrainState:
-    """Variables of `model` (seeded by config.seed) and the optimizer in one TrainState."""
+    """Variables of `model` (seeded by config.seed; weights times config.init_scale) and the
+    optimizer in one TrainState."""
     variables = model.init(jax.random.PRNGKey(config.seed), jnp.asarray(data.x_train[:1]))
     return TrainState.create(
         apply_fn=model.apply,
-        params=variables["params"],
+        params=scale_initial_params(variables["params"], config.init_scale),
         tx=create_optimizer(config),
         batch_stats=variables.get("batch_stats"),
     )

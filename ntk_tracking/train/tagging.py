@@ -16,6 +16,7 @@ import numpy as np
 import optax
 from flax.training import train_state
 
+from ntk_tracking.models import scale_initial_params
 from ntk_tracking.train.loop import run_epochs
 
 EVAL_BATCH = 256
@@ -45,11 +46,13 @@ def create_optimizer(config, num_points: int) -> optax.GradientTransformation:
 
 
 def create_train_state(model, config, data) -> train_state.TrainState:
-    """The tagger's initial parameters (seeded by config.seed) and optimizer in one TrainState."""
+    """The tagger's initial parameters (seeded by config.seed; weights times config.init_scale) and
+    optimizer in one TrainState."""
     train = data.splits["train"]
     example = jax.tree_util.tree_map(lambda a: jnp.asarray(a[:1]), train.inputs)
     variables = model.init(jax.random.PRNGKey(config.seed), example)
-    return train_state.TrainState.create(apply_fn=model.apply, params=variables["params"],
+    return train_state.TrainState.create(apply_fn=model.apply,
+                                         params=scale_initial_params(variables["params"], config.init_scale),
                                          tx=create_optimizer(config, len(train)))
 
 

@@ -16,6 +16,7 @@ import optax
 from flax.training import train_state
 
 from ntk_tracking.train.loop import chunked_means, full_batches, run_epochs, shuffled_batches, train_and_test
+from ntk_tracking.models import scale_initial_params
 from ntk_tracking.models.vae import VAE, bernoulli_nll, gaussian_kl
 
 EVAL_BATCH = 1000
@@ -23,10 +24,11 @@ _EVAL_STREAM = 2**31 - 1  # fold_in index of the evaluation noise: no training e
 
 
 def create_train_state(model: VAE, config, data) -> train_state.TrainState:
-    """Parameters of `model` seeded by config.seed, and Adam."""
+    """Parameters of `model` seeded by config.seed (weights times config.init_scale), and Adam."""
     num_pixels = data.x_train.shape[1]
     key = jax.random.PRNGKey(config.seed)
     params = model.init(key, jnp.zeros((1, num_pixels), jnp.float32), key)["params"]
+    params = scale_initial_params(params, config.init_scale)
     return train_state.TrainState.create(apply_fn=model.apply, params=params, tx=optax.adam(config.learning_rate))
 
 
