@@ -17,6 +17,7 @@ from ntk_tracking.cli import config_from_args, train_main, train_parser
 from ntk_tracking.models import INIT_SCALED_LEAVES, scale_initial_params
 from ntk_tracking.sweep import sweep_main
 from ntk_tracking.tasks import TASK_NAMES, get_task
+from ntk_tracking.train.tracked import check_init_scale
 from conftest import metric_history
 
 pytestmark = pytest.mark.usefixtures("fast_compile")  # conftest: tiny models compile faster
@@ -119,6 +120,8 @@ def test_every_trainer_scales_only_the_weights(task_name, request):
     states = {s: task.init_state(config if s == 1 else task.config(**overrides, init_scale=s).validate(),
                                  data, model) for s in (1, 0.25)}
     assert_scaled(leaves(task.cv_variables(states[0.25])), leaves(task.cv_variables(states[1])), 0.25)
+    scaled_config = task.config(**overrides, init_scale=0.25).validate()
+    check_init_scale(task, scaled_config, data, model, states[0.25])  # the run-start check agrees
     if task_name == "greek_pos":  # the learned position table is not a kernel or an embedding
         positions = leaves(task.cv_variables(states[0.25]))["['params']['positions']"]
         np.testing.assert_array_equal(positions, leaves(task.cv_variables(states[1]))["['params']['positions']"])
@@ -209,3 +212,13 @@ def test_the_option_is_declared_once_for_every_task():
         (field,) = [f for f in cli_fields(task.config_class) if f.name == "init_scale"]
         assert field.metadata == base.metadata and task.default_config().init_scale == 1.0
         assert math.isclose(task.config(init_scale=0.5).validate().init_scale, 0.5)
+
+
+def test_a_task_that_ignores_init_scale_fails_loudly(store, monkeypatch):
+    """A trainer that leaves its new network unscaled is caught at the run's start, against the same
+    initialization at scale 1, instead of training at the default scale under a scaled run's name."""
+    from ntk_tracking.train import vae
+
+    monkeypatch.setattr(vae, "scale_initial_params", lambda params, scale: params)
+    with pytest.raises(RuntimeError, match="does not apply --init-scale 0.5.*scale_initial_params"):
+        train_main("mnist_vae", RUNS["mnist_vae"] + EPOCH_ZERO + ["--init-scale", "0.5"])

@@ -15,6 +15,7 @@ from ntk_tracking.checkpointing import CheckpointError, CheckpointStore
 from ntk_tracking.claims import TTL_SECONDS, Claim, Held, clean_up
 
 from ntk_tracking.keys import EPOCH_METRIC, KIND_TAG as RUN_KIND_TAG, STEP_UNIT_TAG, STEPS_PER_EPOCH_TAG, TASK_TAG
+from ntk_tracking.models import INIT_SCALED_LEAVES
 from ntk_tracking.train.loop import StepCadence
 
 
@@ -176,6 +177,8 @@ def _train_in_run(client, run_id: str, task, config, dataset, progress: bool,
             tracking.log_metrics(client, run_id, {**meta["metrics"], EPOCH_METRIC: float(start_epoch)}, start_step)
             logged.add(start_step)
         print(f"resuming run {run_id} after epoch {start_epoch}")
+    elif config.init_scale != 1:
+        check_init_scale(task, config, dataset, model, state)
     cv_epochs = set(config.cv_epochs())
     losses = {m.step: m.value for m in client.get_metric_history(run_id, "train/loss")}
     diverged = [client.get_run(run_id).data.tags.get(tracking.DIVERGED_TAG)]
@@ -208,3 +211,27 @@ def _train_in_run(client, run_id: str, task, config, dataset, progress: bool,
             task.fit(config, dataset, model, state, start_epoch, on_epoch, progress=progress)
     finally:
         store.close()  # waits for pending saves and uploads
+
+
+def check_init_scale(task, config, dataset, model, state) -> None:
+    """--init-scale is applied by each task's init_state (models.scale_initial_params): prove it
+    was, against the same initialization at scale 1, so a task that ignores the option fails
+    loudly instead of training at the default scale under a scaled run's name."""
+    import numpy as np
+
+    reference = task.cv_variables(task.init_state(dataclasses.replace(config, init_scale=1.0), dataset, model))
+    got = dict(jax.tree_util.tree_flatten_with_path(task.cv_variables(state))[0])
+    scaled = 0
+    for path, want in jax.tree_util.tree_flatten_with_path(reference)[0]:
+        name = getattr(path[-1], "key", None)
+        factor = config.init_scale if name in INIT_SCALED_LEAVES and any(
+            getattr(p, "key", None) == "params" for p in path) else 1.0
+        scaled += factor != 1.0
+        if path not in got or not np.allclose(np.asarray(got[path]), factor * np.asarray(want), rtol=1e-6, atol=0):
+            raise RuntimeError(
+                f"task {task.name!r} does not apply --init-scale {config.init_scale:g} to "
+                f"{jax.tree_util.keystr(path)}: its init_state must pass the new network's params through "
+                "ntk_tracking.models.scale_initial_params(params, config.init_scale)")
+    if not scaled:
+        raise RuntimeError(f"--init-scale {config.init_scale:g} has nothing to scale: task {task.name!r}'s "
+                           f"network has no {' or '.join(INIT_SCALED_LEAVES)} parameter")
