@@ -32,8 +32,8 @@ from ntk_tracking.claims import (TTL_SECONDS, Claim, Held, clean_up, describe, h
 from ntk_tracking.ntk import IMPLEMENTATIONS, NTK, Measurement, check_against_ntvp, draw_subsets
 from ntk_tracking.ntk.kernel import DEFAULT_MEMORY_BUDGET, num_points
 from ntk_tracking.ntk.measure import NonFiniteKernel
-from ntk_tracking.tasks import PRIMARY_NETWORK, task_names, ProbeContext, get_task
-from ntk_tracking.keys import EPOCH_METRIC, STEPS_PER_EPOCH_TAG, metric_key
+from ntk_tracking.tasks import task_names, ProbeContext, get_task
+from ntk_tracking.keys import DIVERGED_TAG, EPOCH_METRIC, PRIMARY_NETWORK, STEPS_PER_EPOCH_TAG, TRAIN_LOSS, metric_key
 
 AUTO_SPLITS = ("auto",)  # the task's own probe sets
 SETTINGS_ARTIFACT = "analysis/settings.json"
@@ -372,8 +372,8 @@ class Analyzer:
 
     def diverged(self) -> str | None:
         """How the run's training diverged (tagged by the trainer, or read from its loss), or None."""
-        tag = self.client.get_run(self.run_id).data.tags.get(tracking.DIVERGED_TAG)
-        return tag or tracking.divergence(self.history("train/loss"))
+        tag = self.client.get_run(self.run_id).data.tags.get(DIVERGED_TAG)
+        return tag or tracking.divergence(self.history(TRAIN_LOSS))
 
     def _planned_checkpoints(self) -> int:
         """How many CV checkpoints the run's cadence writes in all (step checkpoints included)."""

@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 
 from ntk_tracking import tracking
-from ntk_tracking.analyze import AnalysisSettings, Analyzer, metric_key
+from ntk_tracking.analyze import AnalysisSettings, Analyzer
+from ntk_tracking.keys import metric_key
 from ntk_tracking.checkpointing import CheckpointStore
 from ntk_tracking.cli import analyze_main, train_main
 from conftest import use_tracking_store

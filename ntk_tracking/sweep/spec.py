@@ -12,7 +12,6 @@ from ntk_tracking.helpformat import HelpFormatter, add_ray_options, yes_no
 from ntk_tracking.train_command import config_from_args, train_parser
 from ntk_tracking.tasks import task_names, get_task
 
-from ntk_tracking.keys import FAILED_TAG, KEY_TAG, KIND_TAG, PARENT_TAG, TASK_TAG  # noqa: F401 (re-exported)
 SPEC_ARTIFACT = "sweep.json"
 # (config field, sweep option, value type): one child per combination, in this order.
 GRID = (("width", "widths", int), ("depth", "depths", int), ("activation", "activations", str),

@@ -18,6 +18,7 @@ from typing import Any, Callable, Iterable
 import numpy as np
 
 from ntk_tracking.keys import PRIMARY_NETWORK, metric_key  # noqa: F401 (the task interface exports them)
+from ntk_tracking.keys import TEST_LOSS, TRAIN_LOSS
 
 
 def option(default, help: str, cli: bool = True):
@@ -179,7 +180,7 @@ class Task:
     defaults: dict = {}  # overrides of config_class's defaults for this task
     summary: str = ""  # one line for --help
     step_name: str = "epoch"  # what one training step of the metrics is (RL: update)
-    loss_metrics: tuple[str, ...] = ("train/loss", "test/loss")  # drawn in the evolution figure
+    loss_metrics: tuple[str, ...] = (TRAIN_LOSS, TEST_LOSS)  # drawn in the evolution figure
     loss_label: str = ""  # the loss axis's label in figures; empty: the metric names
 
     # -- configuration ----------------------------------------------------------------------
