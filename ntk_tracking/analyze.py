@@ -557,11 +557,3 @@ def _numbers(value, prefix: str = ""):
             yield from _numbers(v, f"{prefix}[{i}]")
     elif isinstance(value, (int, float)) and not isinstance(value, bool):
         yield prefix, float(value)
-
-
-def analyze_run(run_id: str, settings: AnalysisSettings | None = None, follow: bool = False,
-                poll_seconds: float = 10.0, progress: bool = True, data_paths: tuple[str, ...] = (),
-                data: str | None = None) -> list[int]:
-    """Analyze run `run_id`; returns the checkpoint epochs analyzed by this call."""
-    return Analyzer(run_id, settings or AnalysisSettings(), data_paths=data_paths, data=data).run(
-        follow, poll_seconds, progress)

@@ -15,8 +15,6 @@ import types
 import typing
 from typing import Any, Callable, Iterable
 
-import numpy as np
-
 from ntk_tracking.keys import PRIMARY_NETWORK, metric_key  # noqa: F401 (the task interface exports them)
 from ntk_tracking.keys import TEST_LOSS, TRAIN_LOSS
 
@@ -286,10 +284,3 @@ class Task:
     def checkpoint_artifacts(self, config, data, variables, epoch: int) -> Iterable[tuple[str, Any]]:
         """(artifact path, matplotlib figure) pairs the analyzer logs per checkpoint (VAE pictures)."""
         return ()
-
-
-def stack_points(points: list) -> Any:
-    """One pytree from per-point pytrees, points first."""
-    import jax
-
-    return jax.tree_util.tree_map(lambda *a: np.stack(a), *points)
