@@ -282,7 +282,8 @@ def get_ntk_fn(cfg):
 
 
 def test_default_model_has_the_flax_examples_695936_parameters():
-    from ntk_tracking.models.graph_net import GraphConvNet, count_params
+    from ntk_tracking.models import count_params
+    from ntk_tracking.models.graph_net import GraphConvNet
 
     g = jraph.GraphsTuple(nodes=jnp.ones((3, 9)), edges=None, senders=jnp.array([0, 1]), receivers=jnp.array([1, 0]),
                           n_node=jnp.array([2, 1]), n_edge=jnp.array([2, 0]), globals=None)

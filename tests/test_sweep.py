@@ -317,6 +317,17 @@ def test_a_task_without_the_scanned_fields_needs_a_grid_and_lists_its_options():
         sweep.parse_sweep(["--task", "molpcba_gnn", "--widths", "4,8"])
 
 
+@pytest.mark.parametrize("given, analyze", [([], False), (["--analyze"], True), (["--analyze", "yes"], True),
+                                            (["--analyze", "no"], False), (["--analyze", ""], False)])
+def test_analyze_takes_yes_or_no_and_empty_means_no(given, analyze):
+    """--analyze as MLproject passes it: yes/no, or empty (the parameter left unset) for no."""
+    assert sweep.parse_sweep(["--task", "mnist_dense", *given])[1].analyze is analyze
+
+
+def test_analyze_refuses_other_words(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        sweep.parse_sweep(["--task", "mnist_dense", "--analyze", "maybe"])
+    assert exit_.value.code == 2 and "expected yes or no, got 'maybe'" in capsys.readouterr().err
 
 
 def test_analyzing_a_sweep_with_a_damaged_checkpoint_names_it_and_exits_incomplete(store, capsys):
