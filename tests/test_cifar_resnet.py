@@ -21,7 +21,6 @@ from ntk_tracking.models.resnet import ResNet18, _ResNetTiny, stage_channels
 from ntk_tracking.tasks import get_task
 from ntk_tracking.tasks.cifar_resnet import inference_apply_fn
 from ntk_tracking.train import image_classifier
-from conftest import use_tracking_store
 
 N_TRAIN, N_TEST = 40, 20
 
@@ -283,15 +282,6 @@ def test_tiny_resnet_stops_inside_an_epoch_without_changing_training():
     assert task.steps_per_epoch(config, data) == 3
     assert fit_in_stretches(task, config, data, [1, 2]) == [(0, 0.0, True), (1, 1 / 3, False), (2, 2 / 3, False),
                                                             (3, 1.0, True)]
-
-
-@pytest.fixture
-def store(tmp_path, monkeypatch):
-    use_tracking_store(monkeypatch, tmp_path)
-    yield tmp_path
-    if mlflow.active_run():
-        mlflow.end_run()
-    mlflow.set_tracking_uri(None)
 
 
 def test_resnet18_train_checkpoint_analyze_end_to_end(store, splits):

@@ -12,7 +12,6 @@ from jax.flatten_util import ravel_pytree
 from ntk_tracking import NTK
 from ntk_tracking.models.vae import VAE, bernoulli_nll, gaussian_kl
 from ntk_tracking.tasks import get_task
-from conftest import use_tracking_store
 
 TASK = get_task("mnist_vae")
 
@@ -111,15 +110,6 @@ def test_the_vae_learns_and_a_resumed_run_repeats_an_uninterrupted_one():
     resumed = TASK.fit(config, data, states[1], 1, lambda *a: None, progress=False)
     for a, b in zip(jax.tree_util.tree_leaves(final.params), jax.tree_util.tree_leaves(resumed.params)):
         np.testing.assert_array_equal(a, b)
-
-
-@pytest.fixture
-def store(tmp_path, monkeypatch):
-    use_tracking_store(monkeypatch, tmp_path)
-    yield tmp_path
-    if mlflow.active_run():
-        mlflow.end_run()
-    mlflow.set_tracking_uri(None)
 
 
 def test_train_checkpoint_analyze_end_to_end_with_pictures(store):

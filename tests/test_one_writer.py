@@ -15,7 +15,6 @@ import mlflow
 import numpy as np
 import pytest
 
-from conftest import use_tracking_store
 from ntk_tracking import claims
 from ntk_tracking.cli import analyze_main, train_main
 
@@ -37,13 +36,6 @@ def cli(*argv) -> list[str]:
 
 def steps(run_id, key="ntk/entropy/train") -> list[int]:
     return sorted(m.step for m in mlflow.MlflowClient().get_metric_history(run_id, key))
-
-
-@pytest.fixture
-def store(tmp_path, monkeypatch):
-    use_tracking_store(monkeypatch, tmp_path)
-    yield tmp_path
-    mlflow.set_tracking_uri(None)
 
 
 @pytest.fixture

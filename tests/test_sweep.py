@@ -28,11 +28,10 @@ def _use_store(monkeypatch, path):
     monkeypatch.setenv("JAX_PLATFORMS", "cpu")
 
 
-@pytest.fixture
-def store(tmp_path, monkeypatch):
-    _use_store(monkeypatch, tmp_path)
-    yield tmp_path
-    mlflow.set_tracking_uri(None)
+@pytest.fixture(autouse=True)
+def children_on_cpu(monkeypatch):
+    """Sweep children here skip probing for accelerators (module-scoped fixtures: _use_store)."""
+    monkeypatch.setenv("JAX_PLATFORMS", "cpu")
 
 
 @pytest.fixture(scope="module")
