@@ -13,7 +13,7 @@ from packaging.requirements import Requirement
 from packaging.specifiers import SpecifierSet
 from packaging.version import Version
 
-from ntk_tracking.cli import train_parser
+from ntk_tracking.train_command import train_parser
 from ntk_tracking.tasks import TASK_NAMES as TASKS
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]

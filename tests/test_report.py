@@ -14,7 +14,8 @@ import pytest
 from mlflow.entities import Metric
 
 from ntk_tracking import regimes, tracking
-from ntk_tracking.cli import analyze_main, train_main
+from ntk_tracking.analyze_command import analyze_main
+from ntk_tracking.train_command import train_main
 from ntk_tracking.keys import REGIME_TAG
 from ntk_tracking.report import report, report_main
 from conftest import metric_history, use_tracking_store

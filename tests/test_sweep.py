@@ -12,7 +12,7 @@ import pytest
 from ntk_tracking import analyze, sweep, tracking
 from ntk_tracking.analyze import AnalysisSettings
 from ntk_tracking.checkpointing import CheckpointStore
-from ntk_tracking.cli import config_from_args, train_parser
+from ntk_tracking.train_command import config_from_args, train_parser
 from ntk_tracking.tasks import TASK_NAMES as TASKS
 from ntk_tracking.sweep import analyze_sweep, find_children, sweep_main
 from conftest import use_tracking_store
@@ -159,7 +159,7 @@ def test_analyze_sweep_measures_every_child_under_one_progress_bar(grid_sweep, m
 KILLED_AT_EPOCH_1 = """
 import os, signal, sys
 from ntk_tracking import tracking
-from ntk_tracking.cli import train_main
+from ntk_tracking.train_command import train_main
 real_log = tracking.log_metrics
 def dying_log(client, run_id, metrics, step):
     if step == 1:
