@@ -32,8 +32,8 @@ from ntk_tracking.claims import (TTL_SECONDS, Claim, Held, clean_up, describe, h
 from ntk_tracking.ntk import IMPLEMENTATIONS, NTK, Measurement, check_against_ntvp, draw_subsets
 from ntk_tracking.ntk.kernel import DEFAULT_MEMORY_BUDGET, num_points
 from ntk_tracking.ntk.measure import NonFiniteKernel
-from ntk_tracking.tasks import PRIMARY_NETWORK, task_names, ProbeContext, get_task
-from ntk_tracking.keys import EPOCH_METRIC, STEPS_PER_EPOCH_TAG, metric_key
+from ntk_tracking.tasks import task_names, ProbeContext, get_task
+from ntk_tracking.keys import DIVERGED_TAG, EPOCH_METRIC, PRIMARY_NETWORK, STEPS_PER_EPOCH_TAG, TRAIN_LOSS, metric_key
 
 AUTO_SPLITS = ("auto",)  # the task's own probe sets
 SETTINGS_ARTIFACT = "analysis/settings.json"
@@ -373,8 +373,8 @@ class Analyzer:
 
     def diverged(self) -> str | None:
         """How the run's training diverged (tagged by the trainer, or read from its loss), or None."""
-        tag = self.client.get_run(self.run_id).data.tags.get(tracking.DIVERGED_TAG)
-        return tag or tracking.divergence(self.history("train/loss"))
+        tag = self.client.get_run(self.run_id).data.tags.get(DIVERGED_TAG)
+        return tag or tracking.divergence(self.history(TRAIN_LOSS))
 
     def _planned_checkpoints(self) -> int:
         """How many CV checkpoints the run's cadence writes in all (step checkpoints included)."""
@@ -558,11 +558,3 @@ def _numbers(value, prefix: str = ""):
             yield from _numbers(v, f"{prefix}[{i}]")
     elif isinstance(value, (int, float)) and not isinstance(value, bool):
         yield prefix, float(value)
-
-
-def analyze_run(run_id: str, settings: AnalysisSettings | None = None, follow: bool = False,
-                poll_seconds: float = 10.0, progress: bool = True, data_paths: tuple[str, ...] = (),
-                data: str | None = None) -> list[int]:
-    """Analyze run `run_id`; returns the checkpoint epochs analyzed by this call."""
-    return Analyzer(run_id, settings or AnalysisSettings(), data_paths=data_paths, data=data).run(
-        follow, poll_seconds, progress)

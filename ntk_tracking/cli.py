@@ -1,16 +1,12 @@
-"""`ntk-tracking COMMAND …`: dispatches to the commands; it holds none of them.
-
-The names below are re-exported for scripts and tests that import them from here."""
+"""`ntk-tracking COMMAND …`: dispatches to the commands; it holds none of them."""
 
 from __future__ import annotations
 
 import sys
 
-from ntk_tracking.analyze_command import EXIT_INCOMPLETE, analyze_main, analyze_parser, settings_from_args  # noqa: F401
-from ntk_tracking.helpformat import fail as _fail  # noqa: F401
+from ntk_tracking.analyze_command import analyze_main
 from ntk_tracking.tasks import task_names
-from ntk_tracking.train_command import (RESUME_INTERVAL_SECONDS, config_from_args, prepare_training,  # noqa: F401
-                                        train_command, train_main, train_parser)
+from ntk_tracking.train_command import train_command
 
 COMMANDS = {
     "quickstart": "train a small dense network on bundled MNIST digits and analyze it (offline, ~1 min)",

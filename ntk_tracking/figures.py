@@ -9,6 +9,8 @@ import matplotlib.ticker
 import matplotlib.pyplot as plt
 import numpy as np
 
+from ntk_tracking.keys import PRIMARY_NETWORK, TEST_LOSS, TRAIN_LOSS, metric_key, split_key
+
 SPLIT_COLORS = {"train": "tab:blue", "test": "tab:orange"}
 
 
@@ -88,17 +90,15 @@ def log_axis_if_spanning(ax, axis: str = "y", ratio: float = 10.0) -> None:
         _plain_log_ticks(getattr(ax, f"{axis}axis"), values.min(), values.max())
 
 
-def evolution_figure(histories: dict, splits, title: str = "", networks=("model",),
-                     loss_keys=("train/loss", "test/loss"), xlabel: str = "epoch", log_x: bool = False,
+def evolution_figure(histories: dict, splits, title: str = "", networks=(PRIMARY_NETWORK,),
+                     loss_keys=(TRAIN_LOSS, TEST_LOSS), xlabel: str = "epoch", log_x: bool = False,
                      loss_label: str = ""):
     """Entropy, trace and loss against epoch, one row per network; `histories` maps metric keys
     to (step, value) lists (`…/entropy_std/…`, `…/trace_std/…` where present: bands); `log_x`:
     a log axis whatever the steps (runs counted in optimizer steps)."""
-    from ntk_tracking.keys import metric_key
-
     fig, axes = plt.subplots(len(networks), 3, figsize=(13, 3.6 * len(networks)), squeeze=False)
     for row, network in zip(axes, networks):
-        prefix = "" if network == "model" else f"{network}: "
+        prefix = "" if network == PRIMARY_NETWORK else f"{network}: "
         cv_steps = []
         for ax, variable, ylabel in ((row[0], "entropy", "NTK entropy S (nats)"), (row[1], "trace", "NTK trace Tr Θ")):
             for split in splits:
@@ -201,8 +201,9 @@ def evolution_grid(rows, loss_label: str = "loss", title: str = ""):
     from matplotlib.lines import Line2D
     from matplotlib.ticker import MaxNLocator
 
-    panels = [("NTK entropy S (nats)", "ntk/entropy/{}"), ("NTK trace Tr Θ (sum over m points)", "ntk/trace/{}"),
-              (loss_label, "{}/loss")]
+    panels = [("NTK entropy S (nats)", lambda split: metric_key(PRIMARY_NETWORK, "entropy", split)),
+              ("NTK trace Tr Θ (sum over m points)", lambda split: metric_key(PRIMARY_NETWORK, "trace", split)),
+              (loss_label, lambda split: split_key(split, "loss"))]
     fig, axes = plt.subplots(len(rows), 3, figsize=(16, 3.3 * len(rows) + 0.5), squeeze=False)
     for r, row in enumerate(rows):
         values = list(row["values"])
@@ -211,7 +212,7 @@ def evolution_grid(rows, loss_label: str = "loss", title: str = ""):
             for i, value in enumerate(values):
                 members = [line["histories"] for line in row["lines"] if line["value"] == value]
                 for split, color in SPLIT_COLORS.items():
-                    steps, mean, std = mean_and_std([m.get(key.format(split), []) for m in members])
+                    steps, mean, std = mean_and_std([m.get(key(split), []) for m in members])
                     if not len(steps):
                         continue
                     tone = shade(color, i, len(values))

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from ntk_tracking.keys import EVAL_EPISODE_RETURN, TRAIN_EPISODE_RETURN, TRAIN_EPISODES, metric_key
+
 JUMP_FACTOR = 2.0  # a return jump: the evaluation return at least doubles the untrained agent's
 
 
@@ -28,7 +30,7 @@ def return_jump_step(points, factor: float = JUMP_FACTOR, max_return: float | No
 
 def _episodes_at(histories, steps):
     """Cumulative training episodes at each update step (update 0 → 0)."""
-    table = dict(histories.get("train/episodes", []))
+    table = dict(histories.get(TRAIN_EPISODES, []))
     table.setdefault(0, 0.0)
     known = sorted(table)
     return np.array([table.get(s, table[max([k for k in known if k <= s] or [0])]) for s in steps], float)
@@ -43,8 +45,8 @@ def rl_evolution_figure(histories: dict, title: str = "", probe_set: str = "stat
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(3, 2, figsize=(10, 8), sharex=True, squeeze=False)
-    returns = sorted(histories.get("eval/episode_return", []))
-    train_returns = sorted(histories.get("train/episode_return", []))
+    returns = sorted(histories.get(EVAL_EPISODE_RETURN, []))
+    train_returns = sorted(histories.get(TRAIN_EPISODE_RETURN, []))
     jump = return_jump_step(returns, max_return=max_return)
     jump_x = None if jump is None else max(_episodes_at(histories, [jump])[0], 1.0)
 
@@ -54,7 +56,7 @@ def rl_evolution_figure(histories: dict, title: str = "", probe_set: str = "stat
     for col, network in enumerate(("actor", "critic")):
         for row, variable in enumerate(("entropy", "trace")):
             ax = axes[row, col]
-            points = sorted(histories.get(f"ntk/{network}/{variable}/{probe_set}", []))
+            points = sorted(histories.get(metric_key(network, variable, probe_set), []))
             if points:
                 ax.plot(x_of(points), [v for _, v in points], "o-", ms=3)
             ax.set_ylabel(f"{network} NTK {variable}")

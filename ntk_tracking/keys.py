@@ -1,4 +1,5 @@
-"""Every MLflow tag name and NTK metric key the product writes, defined once."""
+"""Every MLflow tag name and NTK metric key the product writes, and the training metric keys more
+than one module reads or writes, defined once."""
 
 from __future__ import annotations
 
@@ -22,9 +23,29 @@ STEP_UNIT_TAG = "ntk_tracking.step_unit"
 STEPS_PER_EPOCH_TAG = "ntk_tracking.steps_per_epoch"  # optimizer steps of the first epoch (step-unit runs)
 EPOCH_METRIC = "epoch"  # logged at every step: (fractional) epochs, a common x-axis for every run
 
+NTK_PREFIX = "ntk/"  # every NTK metric key starts with it (metric_key)
+TRAIN_LOSS = "train/loss"  # the loss on the training split after each epoch; divergence is judged on it
+TEST_LOSS = "test/loss"
+TEST_ACCURACY = "test/accuracy"
+# The RL task's: returns of the training episodes ended in an update, of the evaluation episodes
+# (at CV checkpoints), and the training episodes ended so far (the paper's x axis).
+TRAIN_EPISODE_RETURN = "train/episode_return"
+EVAL_EPISODE_RETURN = "eval/episode_return"
+TRAIN_EPISODES = "train/episodes"
+
 
 def metric_key(network: str, name: str, probe_set: str) -> str:
     """`ntk/<variable>/<set>` for the primary network, `ntk/<network>/<variable>/<set>` otherwise."""
     if network == PRIMARY_NETWORK:
         return f"ntk/{name}/{probe_set}"
     return f"ntk/{network}/{name}/{probe_set}"
+
+
+def split_key(split: str, name: str) -> str:
+    """`<split>/<name>`: a training metric on a data split, e.g. `train/loss`, `test/accuracy`."""
+    return f"{split}/{name}"
+
+
+def regime_key(name: str, split: str) -> str:
+    """`regime/<name>/<split>`: a number of the entropy regime a report found on `split`."""
+    return f"regime/{name}/{split}"

@@ -40,15 +40,16 @@ from tqdm.auto import tqdm
 
 from ntk_tracking import figures, regimes, tracking, ui_links
 from ntk_tracking.helpformat import HelpFormatter
+from ntk_tracking.keys import (EPOCH_METRIC, KIND_TAG, NTK_PREFIX, PRIMARY_NETWORK, REGIME_SPLIT_TAG, REGIME_TAG,
+                               REPORTED_RUN_TAG, STEP_UNIT_TAG, TRAIN_LOSS, metric_key, regime_key, split_key)
 from ntk_tracking.tasks import task_names, get_task
 
 SWEEP_ARTIFACT = "sweep.json"
-from ntk_tracking.keys import EPOCH_METRIC, KIND_TAG, REGIME_SPLIT_TAG, REGIME_TAG, REPORTED_RUN_TAG, STEP_UNIT_TAG
 # The architecture scan's axes but the seed; evolution rows in the paper's order. Other sweeps'
 # properties are their grid's fields (sweep.json), in the order given.
 PROPERTIES = ("activation", "width", "depth", "init", "learning_rate")
 TUPLE_ORDER = ("width", "depth", "activation", "init", "learning_rate")  # the paper's (W, D, A) titles
-HISTORY_PREFIXES = ("train/", "test/", "ntk/")
+HISTORY_PREFIXES = ("train/", "test/", NTK_PREFIX)
 SPLITS = ("train", "test")
 
 
@@ -78,7 +79,7 @@ class Child:
         return max(m.step for m in self.points[key])
 
     def analyzed(self, split: str) -> bool:
-        return bool(self.points.get(f"ntk/entropy/{split}"))
+        return bool(self.points.get(metric_key(PRIMARY_NETWORK, "entropy", split)))
 
 
 @dataclasses.dataclass
@@ -160,7 +161,7 @@ def read_child(client, run, props=PROPERTIES) -> Child:
         if key.startswith(HISTORY_PREFIXES):
             points[key] = sorted(client.get_metric_history(run_id, key), key=lambda m: (m.step, m.timestamp))
     settings = tracking.load_json_artifact(run_id, "analysis/settings.json") if any(
-        k.startswith("ntk/") for k in points) else None
+        k.startswith(NTK_PREFIX) for k in points) else None
     params = run.data.params
     epochs = None
     if run.data.tags.get(STEP_UNIT_TAG) == "optimizer step":
@@ -172,17 +173,18 @@ def read_child(client, run, props=PROPERTIES) -> Child:
 
 def classify_child(child: Child, split: str, threshold: float) -> regimes.Regime:
     """The regime of the child's entropy on `split`, noise from the logged std over K subsets."""
-    stds = dict(child.series(f"ntk/entropy_std/{split}"))
+    stds = dict(child.series(metric_key(PRIMARY_NETWORK, "entropy_std", split)))
     stderr = regimes.standard_errors(stds, child.num_subsets or 1)
-    return regimes.classify_entropy(child.series(f"ntk/entropy/{split}"), stderr, threshold=threshold)
+    entropy = child.series(metric_key(PRIMARY_NETWORK, "entropy", split))
+    return regimes.classify_entropy(entropy, stderr, threshold=threshold)
 
 
 def log_regime(client, child: Child, split: str) -> None:
     """Regime numbers as child metrics at the last NTK epoch (not repeated on reruns), class as tag."""
     r = child.regime
-    step = child.last_step(f"ntk/entropy/{split}")
-    values = {f"regime/entropy_recovery/{split}": r.recovery, f"regime/entropy_drop/{split}": r.drop,
-              f"regime/entropy_rise/{split}": r.rise}
+    step = child.last_step(metric_key(PRIMARY_NETWORK, "entropy", split))
+    values = {regime_key("entropy_recovery", split): r.recovery, regime_key("entropy_drop", split): r.drop,
+              regime_key("entropy_rise", split): r.rise}
 
     def same(a, b):
         return a == b or (math.isnan(a) and math.isnan(b))
@@ -274,7 +276,8 @@ def scaling_figures(children: list[Child], values: dict, split: str, loss_label:
     widths, depths = values["width"], values["depth"]  # ascending
     columns = [(f"NTK entropy S on {split} (nats)", False), (f"NTK trace Tr Θ on {split}", True),
                (f"{split} {loss_label}", True)]
-    keys = [f"ntk/entropy/{split}", f"ntk/trace/{split}", f"{split}/loss"]
+    keys = [metric_key(PRIMARY_NETWORK, "entropy", split), metric_key(PRIMARY_NETWORK, "trace", split),
+            split_key(split, "loss")]
     others = [p for p in ("init", "learning_rate") if len(values.get(p, [])) > 1]  # one map set per combination
     try:
         geometric = all(math.log2(float(w)).is_integer() for w in widths) and len(widths) > 1
@@ -333,8 +336,9 @@ def field_figures(children: list[Child], values: dict, ref: dict, split: str):
         for variable in ("entropy", "trace"):
             for when in ("initial", "final"):
                 rows = []
+                key = metric_key(PRIMARY_NETWORK, variable, split)
                 for v in values[prop]:
-                    vals = [_cell_value(c.series(f"ntk/{variable}/{split}"), when) for c in members if c.grid[prop] == v]
+                    vals = [_cell_value(c.series(key), when) for c in members if c.grid[prop] == v]
                     vals = [x for x in vals if math.isfinite(x)]
                     rows.append((np.mean(vals) if vals else math.nan, np.std(vals) if len(vals) > 1 else 0.0, len(vals)))
                 panels[variable, when] = rows
@@ -382,8 +386,8 @@ def write_runs(path: str, children: list[Child], split: str) -> None:
                       *(f"{k}@{w}" for k in keys for w in ("epoch0", "last")), "last_ntk_epoch", "figures"])
         for c in children:
             r = c.regime
-            loss = c.series("train/loss")
-            ntk = c.series(f"ntk/entropy/{split}")
+            loss = c.series(TRAIN_LOSS)
+            ntk = c.series(metric_key(PRIMARY_NETWORK, "entropy", split))
             out.writerow([
                 c.run_id, c.name, c.status, *(c.grid[g] for g in columns), c.analyzed(split),
                 c.num_subsets or "", f"{loss[-1][0]:g}" if loss else "", split,
@@ -412,14 +416,15 @@ def report(parent_run_id: str, split: str = "train", progress: bool = True,
     children.sort(key=lambda c: tuple(_sort_key(_numeric(values[p]), c.grid[p]) for p in (*props, "seed")))
     analyzed = [c for c in children if c.analyzed(split)]
     skipped = [c.run_id for c in children if not c.analyzed(split)]
+    entropy = metric_key(PRIMARY_NETWORK, "entropy", split)
     if not analyzed:
         raise tracking.RunError(
-            f"no child run of sweep {parent_run_id} has NTK metrics on {split!r} (ntk/entropy/{split}); "
+            f"no child run of sweep {parent_run_id} has NTK metrics on {split!r} ({entropy}); "
             f"analyze them first: ntk-tracking analyze {parent_run_id}"
         )
     if skipped:
         warnings.warn(
-            f"{len(skipped)} of {len(children)} child runs have no ntk/entropy/{split} yet and are left out "
+            f"{len(skipped)} of {len(children)} child runs have no {entropy} yet and are left out "
             f"of the figures (run `ntk-tracking analyze RUN_ID` on each): {', '.join(skipped)}",
             RuntimeWarning, stacklevel=2,
         )

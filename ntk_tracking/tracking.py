@@ -15,9 +15,10 @@ from urllib.parse import urlsplit, urlunsplit
 
 import mlflow
 
-from ntk_tracking.keys import DIVERGED_TAG  # noqa: F401 (re-exported: tracking.DIVERGED_TAG)
 from mlflow.entities import Metric
 from mlflow.exceptions import MlflowException
+
+from ntk_tracking.keys import TRAIN_LOSS
 
 CONFIG_ARTIFACT = "config.json"
 # Small JSON downloads should not draw progress bars over the training bar.
@@ -123,7 +124,7 @@ def check_artifacts_writable(artifact_uri: str | None) -> None:
 EXPLODING_FACTOR = 1e6  # a loss this many times its first value (in magnitude) has diverged
 
 
-def divergence(points: list[tuple[int, float]], key: str = "train/loss") -> str | None:
+def divergence(points: list[tuple[int, float]], key: str = TRAIN_LOSS) -> str | None:
     """How a loss history diverged (the first non-finite or exploding value), or None."""
     import math
 

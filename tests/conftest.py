@@ -88,10 +88,13 @@ def tracking_store(path):
             mlflow.set_tracking_uri(None)
 
 
-def metric_history(run_id, key) -> list[tuple[int, float]]:
-    """[(step, value)] of a metric, by step."""
-    return [(m.step, m.value) for m in sorted(mlflow.MlflowClient().get_metric_history(run_id, key),
+def metric_history(run_id, key, client=None) -> list[tuple[int, float]]:
+    """[(step, value)] of a metric, by step (then time, where a step was logged twice), read through
+    `client` (default: the current tracking store)."""
+    client = client or mlflow.MlflowClient()
+    return [(m.step, m.value) for m in sorted(client.get_metric_history(run_id, key),
                                               key=lambda m: (m.step, m.timestamp))]
+
 
 @pytest.fixture(scope="session")
 def shared_tracking_server(tmp_path_factory):
@@ -107,13 +110,29 @@ def shared_tracking_server(tmp_path_factory):
 
 
 @pytest.fixture
-def store(tmp_path, monkeypatch):
-    """A fresh SQLite tracking store and artifact root in tmp_path, as a user's working directory."""
-    use_tracking_store(monkeypatch, tmp_path)
-    yield tmp_path
+def store_dir(tmp_path):
+    """The folder `store` opens: a fresh tmp_path. A module overrides it to share one store between
+    its tests (a new store costs seconds) or to open a store a module-scoped fixture filled."""
+    return tmp_path
+
+
+@pytest.fixture
+def store(store_dir, monkeypatch):
+    """The SQLite tracking store and artifact root in store_dir (fresh: tmp_path), made current and
+    run from as a user's working directory; the folder."""
+    use_tracking_store(monkeypatch, store_dir)
+    yield store_dir
     while mlflow.active_run():
         mlflow.end_run()
     mlflow.set_tracking_uri(None)
+
+
+@pytest.fixture(scope="module")
+def module_store(tmp_path_factory, request):
+    """One SQLite store for a whole module, current while the module runs: its module-scoped
+    fixtures train into it once and its tests read it; the folder."""
+    with tracking_store(tmp_path_factory.mktemp(request.module.__name__.rpartition(".")[2])) as path:
+        yield path
 
 
 @pytest.fixture(params=["sqlite", "server"])

@@ -21,7 +21,6 @@ from ntk_tracking.models.resnet import ResNet18, _ResNetTiny, stage_channels
 from ntk_tracking.tasks import get_task
 from ntk_tracking.tasks.cifar_resnet import inference_apply_fn
 from ntk_tracking.train import image_classifier
-from conftest import use_tracking_store
 
 N_TRAIN, N_TEST = 40, 20
 
@@ -286,18 +285,10 @@ def test_tiny_resnet_stops_inside_an_epoch_without_changing_training():
                                                             (3, 1.0, True)]
 
 
-@pytest.fixture
-def store(tmp_path, monkeypatch):
-    use_tracking_store(monkeypatch, tmp_path)
-    yield tmp_path
-    if mlflow.active_run():
-        mlflow.end_run()
-    mlflow.set_tracking_uri(None)
-
-
 def test_resnet18_train_checkpoint_analyze_end_to_end(store, splits):
     from ntk_tracking.checkpointing import CheckpointStore
-    from ntk_tracking.cli import analyze_main, train_main
+    from ntk_tracking.analyze_command import analyze_main
+    from ntk_tracking.train_command import train_main
 
     path = write_parquet(store / "cifar_hub", splits)
     t0 = time.perf_counter()

@@ -323,3 +323,24 @@ def test_oversize_autompg():
 def test_datasets_registry_describes_each_name():
     assert {"mnist5k", "autompg", "ylecun/mnist", "mnist"} <= set(DATASETS)
     assert all(isinstance(v, str) and "\n" not in v for v in DATASETS.values())
+
+
+def test_datasets_registry_knows_every_dataset_the_tasks_read():
+    from ntk_tracking.data import TASK_DATASETS, cifar10, molecules_offline, ogbg, ud_pos
+    from ntk_tracking.tasks import all_tasks, task_names
+
+    defaults = {t.default_config().dataset for t in all_tasks().values()} - {""}  # the RL task has none
+    assert defaults <= set(DATASETS)
+    readers = {**{n: "cifar_resnet" for n in cifar10.CIFAR_NAMES}, ud_pos.PERSEUS: "greek_pos",
+               **{n: "molpcba_gnn" for n in (*ogbg.MOLPCBA_NAMES, molecules_offline.NAME)}}
+    assert TASK_DATASETS == readers and set(TASK_DATASETS) <= set(DATASETS)
+    assert set(TASK_DATASETS.values()) <= set(task_names())
+
+
+@pytest.mark.parametrize("name, task", [("uoft-cs/cifar10", "cifar_resnet"), ("UD_Ancient_Greek-Perseus", "greek_pos"),
+                                        ("molecules-offline", "molpcba_gnn")])
+def test_another_tasks_dataset_names_its_task(tmp_path, monkeypatch, name, task):
+    monkeypatch.chdir(tmp_path)  # no folder of that name here
+    with pytest.raises(ValueError, match=f"read by task {task} ") as caught:
+        load_dataset(name)
+    assert "mnist5k" in str(caught.value)

@@ -12,7 +12,8 @@ import mlflow
 import numpy as np
 import pytest
 
-from ntk_tracking.cli import analyze_main, train_main
+from ntk_tracking.analyze_command import analyze_main
+from ntk_tracking.train_command import train_main
 from conftest import use_tracking_store
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -47,13 +48,16 @@ def trained(tmp_path_factory):
 
 
 @pytest.fixture
-def store(trained, monkeypatch):
-    root, run_id = trained
-    use_tracking_store(monkeypatch, root / "work")
-    monkeypatch.setenv("NTK_TRACKING_HOME", str(root / "home"))
+def store_dir(trained):
+    """conftest's `store` opens the store the run was trained into, from `work/`."""
+    return trained[0] / "work"
+
+
+@pytest.fixture
+def as_the_trainer(trained, monkeypatch):
+    """The home of the user who trained the run (where its data path is trusted); no data roots."""
+    monkeypatch.setenv("NTK_TRACKING_HOME", str(trained[0] / "home"))
     monkeypatch.delenv("NTK_TRACKING_DATA_ROOTS", raising=False)
-    yield root, run_id
-    mlflow.set_tracking_uri(None)
 
 
 def ntk_steps(run_id) -> list[int]:
@@ -72,8 +76,9 @@ def refused(argv, capsys) -> str:
     return capsys.readouterr().err
 
 
-def test_a_run_you_trained_is_analyzed_with_no_option_and_others_are_refused(store, capsys, monkeypatch):
-    root, run_id = store
+def test_a_run_you_trained_is_analyzed_with_no_option_and_others_are_refused(trained, store, as_the_trainer, capsys,
+                                                                            monkeypatch):
+    root, run_id = trained
     data = str((root / "data" / "digits.csv").resolve())
     # Another user (another home) analyzing the same store: the recorded path is not trusted.
     monkeypatch.setenv("NTK_TRACKING_HOME", str(root / "someone-else"))
@@ -116,8 +121,8 @@ def test_moved_data_is_named_and_read_through_data(tmp_path, monkeypatch, capsys
     assert analyze_main([run_id, *TINY_ANALYSIS, "--data", str(moved)]) == [0, 1]
 
 
-def test_analyze_entry_point_takes_the_opt_in_and_the_remap(store, monkeypatch):
-    root, run_id = store
+def test_analyze_entry_point_takes_the_opt_in_and_the_remap(trained, store, as_the_trainer, monkeypatch):
+    root, run_id = trained
     monkeypatch.setenv("NTK_TRACKING_HOME", str(root / "third-user"))
     env = dict(os.environ, PATH=os.pathsep.join([os.path.dirname(sys.executable), os.environ["PATH"]]))
     base = [sys.executable, "-m", "mlflow", "run", str(ROOT), "-e", "analyze", "--env-manager", "local",

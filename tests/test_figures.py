@@ -63,9 +63,25 @@ def test_log_spaced_checkpoints_go_on_a_log_axis_that_keeps_epoch_zero():
     assert 0 in xs
 
 
+def drawn(ax) -> list[list[tuple[float, float]]]:
+    """The (x, y) points of each line on the axes."""
+    return [list(zip(np.asarray(line.get_xdata(), float), np.asarray(line.get_ydata(), float)))
+            for line in ax.get_lines()]
+
+
 @pytest.mark.parametrize("steps", [[0, 1], [0, 5, 10], [3]])
-def test_short_series_still_draw(steps):
-    figures.evolution_figure(histories(steps), ("train",))
+def test_short_series_still_draw(steps, tmp_path):
+    """Each panel draws its series' every point, and the figure saves as a PNG."""
+    data = histories(steps)
+    fig = figures.evolution_figure(data, ("train",))
+    entropy, trace, loss = fig.axes[:3]
+    assert drawn(entropy) == [data["ntk/entropy/train"]]
+    assert drawn(trace) == [data["ntk/trace/train"]]
+    assert drawn(loss) == [data["train/loss"], data["test/loss"]]
+    fig.savefig(tmp_path / "evolution.png")
+    figures.plt.close(fig)
+    png = (tmp_path / "evolution.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 1000
 
 
 def test_tick_numbers_are_plain_and_one_style():

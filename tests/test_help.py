@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from ntk_tracking import cli
+from ntk_tracking import analyze_command, cli, train_command
 from ntk_tracking.analyze import AnalysisSettings
 from ntk_tracking.quickstart import QUICKSTART_EPOCHS, quickstart_parser
 from ntk_tracking.report import report_parser
@@ -53,9 +53,9 @@ def as_shown(value) -> str:
 
 @pytest.mark.parametrize("task", TASK_NAMES)
 def test_train_help_shows_the_defaults_it_uses(task):
-    parser = cli.train_parser(task)
+    parser = train_command.train_parser(task)
     assert parser.format_usage().startswith(f"usage: ntk-tracking train {task} ")
-    config = cli.config_from_args(task, parser.parse_args([]))
+    config = train_command.config_from_args(task, parser.parse_args([]))
     assert config == get_task(task).default_config()
     shown = shown_defaults(parser)
     for field in base.cli_fields(get_task(task).config_class):
@@ -63,16 +63,16 @@ def test_train_help_shows_the_defaults_it_uses(task):
         if base.field_type(get_task(task).config_class, field.name)[0] is bool:
             assert "{yes,no}" in parser.format_usage(), field.name
     assert "experiment" not in shown and "no_progress" not in shown
-    assert shown["resume_interval_seconds"] == str(cli.RESUME_INTERVAL_SECONDS)
+    assert shown["resume_interval_seconds"] == str(train_command.RESUME_INTERVAL_SECONDS)
     assert "PPO" not in parser.format_help() or task == "pong_actor_critic"
     assert "No NTK is computed here" in parser.format_help()
 
 
 def test_analyze_help_shows_the_defaults_it_uses():
-    parser = cli.analyze_parser()
+    parser = analyze_command.analyze_parser()
     assert parser.format_usage().startswith("usage: ntk-tracking analyze ")
     args = parser.parse_args(["RUN"])
-    settings = cli.settings_from_args(args)
+    settings = analyze_command.settings_from_args(args)
     assert settings == AnalysisSettings(splits=("auto",))
     shown = shown_defaults(parser)
     assert (shown["subsets"], shown["points"], shown["seed"], shown["implementation"], shown["splits"]) == (
@@ -138,7 +138,7 @@ def test_analyze_entry_point_parameters_are_analyze_options_with_the_same_defaul
     import yaml
 
     entry = yaml.safe_load((ROOT / "MLproject").read_text())["entry_points"]["analyze"]
-    parser = cli.analyze_parser()
+    parser = analyze_command.analyze_parser()
     options = {a.option_strings[0]: a for a in parser._actions if a.option_strings}
     for name, spec in entry["parameters"].items():
         if name == "run_id":

@@ -9,8 +9,9 @@ import mlflow
 import numpy as np
 import pytest
 
-from ntk_tracking.cli import analyze_main, train_main
-from conftest import metric_history, tracking_store
+from ntk_tracking.analyze_command import analyze_main
+from ntk_tracking.train_command import train_main
+from conftest import metric_history
 
 COMMON = ["--depth", "1", "--train-size", "256", "--test-size", "128", "--batch-size", "32", "--no-progress"]
 LEARNERS = {
@@ -26,13 +27,7 @@ MNIST_CLASSES = 10
 
 
 @pytest.fixture(scope="module")
-def store(tmp_path_factory):
-    with tracking_store(tmp_path_factory.mktemp("learning")) as path:
-        yield path
-
-
-@pytest.fixture(scope="module")
-def trained(store):
+def trained(module_store):
     """trained(task) -> the run id of the task's tiny run, trained once per module."""
     runs: dict[str, str] = {}
 

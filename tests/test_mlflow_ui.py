@@ -32,7 +32,7 @@ def _run(argv, cwd, env) -> str:
 
 
 @pytest.fixture(scope="module")
-def store(tmp_path_factory):
+def ui_runs(tmp_path_factory):
     """A local store holding the quickstart's run (1 epoch) and a 2-child width sweep, both analyzed,
     made by the console script; what each command printed."""
     root = tmp_path_factory.mktemp("ui-store")
@@ -45,9 +45,9 @@ def store(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def ui(store):
+def ui(ui_runs):
     """The `mlflow ui` command the quickstart printed, serving on a free port of loopback."""
-    root, quickstart, _ = store
+    root, quickstart, _ = ui_runs
     server = MlflowUi(printed_links(quickstart)["start it"], root).start()
     try:
         yield server.wait_until_healthy()
@@ -97,8 +97,8 @@ def curves(card) -> int:
     return len({line.value_of_css_property("stroke") for line in card.find_elements(By.CSS_SELECTOR, "path.js-line")})
 
 
-def test_the_commands_end_with_the_ui_links_and_the_next_step(store):
-    _, quickstart, sweep = store
+def test_the_commands_end_with_the_ui_links_and_the_next_step(ui_runs):
+    _, quickstart, sweep = ui_runs
     assert "ntk-tracking analyze" not in quickstart  # analyzed already: no hint to analyze it
     assert set(printed_links(quickstart)) == {"start it", "Model metrics"}
     assert set(printed_links(sweep)) >= {"start it", "sweep charts", "sweep comparison"}
@@ -106,8 +106,8 @@ def test_the_commands_end_with_the_ui_links_and_the_next_step(store):
     assert sweep.rstrip().splitlines()[-1] == f"report the sweep with: ntk-tracking report {parent}"
 
 
-def test_the_quickstart_link_shows_the_runs_ntk_charts(store, ui, browser):
-    _open(browser, ui, printed_links(store[1])["Model metrics"])
+def test_the_quickstart_link_shows_the_runs_ntk_charts(ui_runs, ui, browser):
+    _open(browser, ui, printed_links(ui_runs[1])["Model metrics"])
     text = wait_for_text(browser, "Model training", "Model metrics", "ntk/entropy", "ntk/trace")
     assert "Traces 0" not in text  # not the GenAI overview
     assert show_section(browser, "ntk/entropy").splitlines()[:2] == ["ntk/entropy", "(2)"]
@@ -115,10 +115,10 @@ def test_the_quickstart_link_shows_the_runs_ntk_charts(store, ui, browser):
     assert curves(chart_with(browser, "mnist_dense-w128-d2-relu (ntk/entropy/train)")) == 1
 
 
-def test_the_sweep_link_draws_both_children_on_one_chart(store, ui, browser):
+def test_the_sweep_link_draws_both_children_on_one_chart(ui_runs, ui, browser):
     from selenium.webdriver.common.by import By
 
-    _open(browser, ui, printed_links(store[2])["sweep charts"])
+    _open(browser, ui, printed_links(ui_runs[2])["sweep charts"])
     wait_for_text(browser, "children's NTK charts", "width=4", "width=8", "ntk/entropy")
     show_section(browser, "ntk/entropy")
     wait_for_text(browser, "width=4 (ntk/entropy/train)", "width=8 (ntk/entropy/train)")
@@ -128,17 +128,17 @@ def test_the_sweep_link_draws_both_children_on_one_chart(store, ui, browser):
     assert "Additional runs" in browser.find_element(By.TAG_NAME, "body").text  # the parent, set apart
 
 
-def test_the_compare_link_puts_the_children_side_by_side(store, ui, browser):
-    _open(browser, ui, printed_links(store[2])["sweep comparison"])
+def test_the_compare_link_puts_the_children_side_by_side(ui_runs, ui, browser):
+    _open(browser, ui, printed_links(ui_runs[2])["sweep comparison"])
     text = wait_for_text(browser, "Comparing 2 Runs", "width=4", "width=8", "ntk/entropy/train")
     assert "Parameters" in text and "Metrics" in text
 
 
-def test_the_descriptions_lead_to_the_same_pages(store, ui, browser):
+def test_the_descriptions_lead_to_the_same_pages(ui_runs, ui, browser):
     """A child's description (its run page's Overview) links its sweep's charts; the link opens them."""
     from selenium.webdriver.common.by import By
 
-    sweep_url = printed_links(store[2])["sweep charts"]
+    sweep_url = printed_links(ui_runs[2])["sweep charts"]
     _open(browser, ui, sweep_url)
     wait_for_text(browser, "width=4")
     browser.find_element(By.LINK_TEXT, "width=4").click()  # the child's run page, Overview

@@ -12,7 +12,6 @@ from jax.flatten_util import ravel_pytree
 from ntk_tracking import NTK
 from ntk_tracking.models.vae import VAE, bernoulli_nll, gaussian_kl
 from ntk_tracking.tasks import get_task
-from conftest import use_tracking_store
 
 TASK = get_task("mnist_vae")
 
@@ -114,18 +113,10 @@ def test_the_vae_learns_and_a_resumed_run_repeats_an_uninterrupted_one():
         np.testing.assert_array_equal(a, b)
 
 
-@pytest.fixture
-def store(tmp_path, monkeypatch):
-    use_tracking_store(monkeypatch, tmp_path)
-    yield tmp_path
-    if mlflow.active_run():
-        mlflow.end_run()
-    mlflow.set_tracking_uri(None)
-
-
 def test_train_checkpoint_analyze_end_to_end_with_pictures(store):
     from ntk_tracking.checkpointing import CheckpointStore
-    from ntk_tracking.cli import analyze_main, train_main
+    from ntk_tracking.analyze_command import analyze_main
+    from ntk_tracking.train_command import train_main
 
     run_id = train_main("mnist_vae", ["--epochs", "2", "--train-size", "100", "--test-size", "40", "--hidden", "32",
                                       "--batch-size", "25", "--cv-every", "2", "--cv-log-points", "0",

@@ -288,7 +288,8 @@ def get_ntk_fn(cfg):
 
 
 def test_default_model_has_the_flax_examples_695936_parameters():
-    from ntk_tracking.models.graph_net import GraphConvNet, count_params
+    from ntk_tracking.models import count_params
+    from ntk_tracking.models.graph_net import GraphConvNet
 
     g = jraph.GraphsTuple(nodes=jnp.ones((3, 9)), edges=None, senders=jnp.array([0, 1]), receivers=jnp.array([1, 0]),
                           n_node=jnp.array([2, 1]), n_edge=jnp.array([2, 0]), globals=None)
@@ -337,7 +338,8 @@ def test_tiny_config_learns(fixture_paths):
 
 def test_train_checkpoint_analyze_through_mlflow(fixture_paths, tmp_path, monkeypatch):
     from ntk_tracking.checkpointing import CheckpointStore
-    from ntk_tracking.cli import analyze_main, train_main
+    from ntk_tracking.analyze_command import analyze_main
+    from ntk_tracking.train_command import train_main
 
     use_tracking_store(monkeypatch, tmp_path)
     try:
@@ -381,7 +383,7 @@ def test_batch_count_matches_the_batches_for_any_order_and_budget(fixture_paths)
 def test_step_checkpoints_count_the_batches_really_trained(fixture_paths, tmp_path, monkeypatch):
     """Epochs of molecules batched by size differ in steps: the global step adds up the real ones."""
     from ntk_tracking.checkpointing import CheckpointStore
-    from ntk_tracking.cli import train_main
+    from ntk_tracking.train_command import train_main
 
     use_tracking_store(monkeypatch, tmp_path)
     try:

@@ -15,9 +15,9 @@ import mlflow
 import numpy as np
 import pytest
 
-from conftest import use_tracking_store
 from ntk_tracking import claims
-from ntk_tracking.cli import analyze_main, train_main
+from ntk_tracking.analyze_command import analyze_main
+from ntk_tracking.train_command import train_main
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 TINY = ["--width", "8", "--depth", "1", "--epochs", "6", "--train-size", "64", "--test-size", "32",
@@ -37,13 +37,6 @@ def cli(*argv) -> list[str]:
 
 def steps(run_id, key="ntk/entropy/train") -> list[int]:
     return sorted(m.step for m in mlflow.MlflowClient().get_metric_history(run_id, key))
-
-
-@pytest.fixture
-def store(tmp_path, monkeypatch):
-    use_tracking_store(monkeypatch, tmp_path)
-    yield tmp_path
-    mlflow.set_tracking_uri(None)
 
 
 @pytest.fixture

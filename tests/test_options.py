@@ -16,8 +16,10 @@ import pytest
 
 from ntk_tracking import tracking
 from ntk_tracking.checkpointing import CheckpointStore
-from ntk_tracking.cli import analyze_main, main, train_main
-from conftest import metric_history, tracking_store
+from ntk_tracking.analyze_command import analyze_main
+from ntk_tracking.cli import main
+from ntk_tracking.train_command import train_main
+from conftest import metric_history
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -34,13 +36,7 @@ VARIANTS.update({f"optimizer={o}": ["--optimizer", o] for o in OPTIMIZERS})
 
 
 @pytest.fixture(scope="module")
-def store(tmp_path_factory):
-    with tracking_store(tmp_path_factory.mktemp("options")) as path:
-        yield path
-
-
-@pytest.fixture(scope="module")
-def runs(store):
+def runs(module_store):
     """Run ids of the reference configuration and of one variant per option value, trained once."""
     return {name: train_main("mnist_dense", BASE + extra) for name, extra in VARIANTS.items()}
 
@@ -101,7 +97,7 @@ def trained_through_dispatcher(capsys, argv) -> str:
     return capsys.readouterr().out.split("ntk-tracking analyze ")[-1].split()[0]
 
 
-def test_cv_log_points_adds_log_spaced_checkpoints(store, capsys):
+def test_cv_log_points_adds_log_spaced_checkpoints(module_store, capsys):
     """Through `ntk-tracking train`: 10 epochs, cv_every 10 and 4 log points, 10^(0, 1/3, 2/3, 1),
     checkpoint epochs 0, 1, 2, 5 and 10."""
     run_id = trained_through_dispatcher(capsys, BASE + ["--epochs", "10", "--cv-every", "10", "--cv-log-points", "4"])

@@ -14,30 +14,17 @@ import numpy as np
 import pytest
 
 from ntk_tracking import tracking
-from ntk_tracking.analyze import AnalysisSettings, Analyzer, metric_key
+from ntk_tracking.analyze import AnalysisSettings, Analyzer
+from ntk_tracking.keys import metric_key
 from ntk_tracking.checkpointing import CheckpointStore
-from ntk_tracking.cli import analyze_main, train_main
-from conftest import use_tracking_store
+from ntk_tracking.analyze_command import analyze_main
+from ntk_tracking.train_command import train_main
+from conftest import metric_history
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 TINY = ["--width", "8", "--depth", "1", "--epochs", "4", "--train-size", "64", "--test-size", "32",
         "--batch-size", "16", "--cv-every", "2", "--no-progress"]
 TINY_ANALYSIS = ["--subsets", "2", "--points", "4", "--no-progress"]
-
-
-@pytest.fixture
-def store(tmp_path, monkeypatch):
-    """A fresh SQLite tracking store and artifact root in tmp_path, as a user's working directory."""
-    use_tracking_store(monkeypatch, tmp_path)
-    yield tmp_path
-    if mlflow.active_run():
-        mlflow.end_run()
-    mlflow.set_tracking_uri(None)
-
-
-def history(run_id, key):
-    return [(m.step, m.value) for m in sorted(mlflow.MlflowClient().get_metric_history(run_id, key),
-                                              key=lambda m: (m.step, m.timestamp))]
 
 
 def test_train_checkpoint_analyze_end_to_end(store):
@@ -47,8 +34,8 @@ def test_train_checkpoint_analyze_end_to_end(store):
     assert run.info.status == "FINISHED"
     assert run.data.params["width"] == "8"
     # Per-epoch training metrics, epoch 0 = initialization.
-    assert [s for s, _ in history(run_id, "train/loss")] == [0, 1, 2, 3, 4]
-    assert [s for s, _ in history(run_id, "test/accuracy")] == [0, 1, 2, 3, 4]
+    assert [s for s, _ in metric_history(run_id, "train/loss")] == [0, 1, 2, 3, 4]
+    assert [s for s, _ in metric_history(run_id, "test/accuracy")] == [0, 1, 2, 3, 4]
     # CV checkpoints at the cadence, epoch 0 and the last included, in the run's artifact store.
     assert CheckpointStore(run_id, client).cv_epochs() == [0, 2, 4]
     listed = {a.path for a in client.list_artifacts(run_id, "checkpoints")}
@@ -61,11 +48,11 @@ def test_train_checkpoint_analyze_end_to_end(store):
     for split in ("train", "test"):
         for name in ("entropy", "entropy_std", "entropy_effective", "trace", "trace_std",
                      "trace_per_point", "covariance_entropy"):
-            steps = [s for s, _ in history(run_id, metric_key("model", name, split))]
+            steps = [s for s, _ in metric_history(run_id, metric_key("model", name, split))]
             assert steps == [0, 2, 4], (name, split)
-    entropies = [v for _, v in history(run_id, "ntk/entropy/train")]
+    entropies = [v for _, v in metric_history(run_id, "ntk/entropy/train")]
     assert all(0 < v <= np.log(4) + 1e-9 for v in entropies)
-    assert all(v > 0 for _, v in history(run_id, "ntk/trace/test"))
+    assert all(v > 0 for _, v in metric_history(run_id, "ntk/trace/test"))
     artifacts = {a.path for a in client.list_artifacts(run_id, "analysis")}
     assert {"analysis/evolution.png", "analysis/settings.json", "analysis/spectra"} <= artifacts
     spectra = {a.path for a in client.list_artifacts(run_id, "analysis/spectra")}
@@ -73,9 +60,9 @@ def test_train_checkpoint_analyze_end_to_end(store):
     assert client.get_run(run_id).info.status == "FINISHED"  # the analyzer leaves the run state alone
 
     # Idempotent: a second analysis finds nothing to do and duplicates no metric point.
-    before = {k: history(run_id, k) for k in client.get_run(run_id).data.metrics}
+    before = {k: metric_history(run_id, k) for k in client.get_run(run_id).data.metrics}
     assert analyze_main([run_id] + TINY_ANALYSIS) == []
-    after = {k: history(run_id, k) for k in client.get_run(run_id).data.metrics}
+    after = {k: metric_history(run_id, k) for k in client.get_run(run_id).data.metrics}
     assert after == before
 
     # Other settings on an analyzed run are refused rather than mixed into its history.
@@ -102,7 +89,7 @@ def test_analyzer_matches_direct_measurement(store):
     variables = analyzer.store.restore_cv(2, abstract)
     subsets = draw_subsets(len(data.x_test), 3, 5, seed=0)
     traces = [trace(empirical_ntk(ntk_apply_fn(model), variables, data.x_test[idx])) for idx in subsets]
-    logged = dict(history(run_id, "ntk/trace/test"))[2]
+    logged = dict(metric_history(run_id, "ntk/trace/test"))[2]
     assert logged == pytest.approx(np.mean(traces), rel=1e-5)
 
 
@@ -112,7 +99,7 @@ def test_resume_after_interruption_matches_uninterrupted(store, monkeypatch, int
     epoch 3, whose metrics come from the checkpoint's metadata. Either way: identical metrics."""
     TINY = globals()["TINY"] + interval
     reference = train_main("mnist_dense", TINY)
-    ref_final = {k: history(reference, k) for k in ("train/loss", "test/loss", "test/accuracy")}
+    ref_final = {k: metric_history(reference, k) for k in ("train/loss", "test/loss", "test/accuracy")}
 
     real_log = tracking.log_metrics
 
@@ -131,7 +118,7 @@ def test_resume_after_interruption_matches_uninterrupted(store, monkeypatch, int
     assert exit_info.value.code == 130
     assert capsys.readouterr().err.startswith(f"interrupted: run {interrupted} stopped and is marked KILLED")
     assert interrupted != reference
-    assert [s for s, _ in history(interrupted, "train/loss")] == [0, 1, 2]
+    assert [s for s, _ in metric_history(interrupted, "train/loss")] == [0, 1, 2]
     monkeypatch.setattr(tracking, "log_metrics", real_log)
 
     monkeypatch.setenv("MLFLOW_RUN_ID", interrupted)  # what `mlflow run --run-id` does
@@ -139,7 +126,7 @@ def test_resume_after_interruption_matches_uninterrupted(store, monkeypatch, int
     assert train_main("mnist_dense", TINY) == interrupted
     assert f"after epoch {3 if interval else 0}" in capsys.readouterr().out
     for key, ref in ref_final.items():
-        resumed = history(interrupted, key)
+        resumed = metric_history(interrupted, key)
         assert [s for s, _ in resumed] == [0, 1, 2, 3, 4], key  # no epoch logged twice
         np.testing.assert_allclose([v for _, v in resumed], [v for _, v in ref], rtol=1e-6, err_msg=key)
     assert CheckpointStore(interrupted, mlflow.MlflowClient()).cv_epochs() == [0, 2, 4]
@@ -236,7 +223,7 @@ def test_run_without_checkpoints_and_a_corrupt_step(store, capsys):
     with pytest.raises(SystemExit) as exit_info:
         analyze_main([run_id] + TINY_ANALYSIS)
     assert exit_info.value.code == 3
-    assert [s for s, _ in history(run_id, "ntk/entropy/train")] == [0, 4]
+    assert [s for s, _ in metric_history(run_id, "ntk/entropy/train")] == [0, 4]
     err = capsys.readouterr().err
     assert "epoch 2:" in err and "skipped: 1 damaged (epoch 2)" in err
 
@@ -262,7 +249,7 @@ import pathlib, sys, time
 import mlflow
 
 from ntk_tracking import checkpointing
-from ntk_tracking.cli import train_main
+from ntk_tracking.train_command import train_main
 
 gates = pathlib.Path(sys.argv[1])
 save_cv = checkpointing.CheckpointStore.save_cv
@@ -322,7 +309,7 @@ def test_follow_analyzes_checkpoints_while_training_writes_them(store):
             proc.wait(timeout=300)
     assert proc.returncode == 0, (store / "training.log").read_text()
     assert sorted(analyzed) == [0, 3, 6, 9, 12]
-    assert [s for s, _ in history(run_id, "ntk/entropy/test")] == [0, 3, 6, 9, 12]
+    assert [s for s, _ in metric_history(run_id, "ntk/entropy/test")] == [0, 3, 6, 9, 12]
     # Every later checkpoint was written after the analyzer had logged the one before it (so at
     # that moment nothing was pending), and was analyzed by the same --follow afterwards.
     logged_at = {m.step: m.timestamp / 1000 for m in mlflow.MlflowClient().get_metric_history(run_id, "ntk/entropy/test")}

@@ -13,9 +13,10 @@ from jax.flatten_util import ravel_pytree
 
 from ntk_tracking import NTK, tracking
 from ntk_tracking.checkpointing import CheckpointStore
-from ntk_tracking.cli import analyze_main, train_main
+from ntk_tracking.analyze_command import analyze_main
+from ntk_tracking.train_command import train_main
 from ntk_tracking.tasks import get_task
-from conftest import use_tracking_store
+from conftest import metric_history
 
 TASK = "pong_actor_critic"
 TINY = ["--epochs", "4", "--num-envs", "2", "--num-steps", "8", "--num-minibatches", "2", "--update-epochs", "1",
@@ -25,20 +26,6 @@ TINY_ANALYSIS = ["--subsets", "2", "--points", "4", "--no-progress"]
 
 
 pytestmark = pytest.mark.usefixtures("fast_compile")  # conftest: tiny models compile faster
-
-
-@pytest.fixture
-def store(tmp_path, monkeypatch):
-    use_tracking_store(monkeypatch, tmp_path)
-    yield tmp_path
-    if mlflow.active_run():
-        mlflow.end_run()
-    mlflow.set_tracking_uri(None)
-
-
-def history(run_id, key):
-    return [(m.step, m.value) for m in sorted(mlflow.MlflowClient().get_metric_history(run_id, key),
-                                              key=lambda m: (m.step, m.timestamp))]
 
 
 def tiny_config(**overrides):
@@ -162,17 +149,17 @@ def test_train_checkpoint_analyze_end_to_end(store):
     client = mlflow.MlflowClient()
     assert client.get_run(run_id).info.status == "FINISHED"
     for key in ("train/episode_return", "train/episodes", "train/env_steps"):
-        assert [s for s, _ in history(run_id, key)] == [0, 1, 2, 3, 4], key
+        assert [s for s, _ in metric_history(run_id, key)] == [0, 1, 2, 3, 4], key
     for key in ("train/episode_length", "train/policy_loss", "train/value_loss", "train/entropy", "train/approx_kl"):
-        assert [s for s, _ in history(run_id, key)] == [1, 2, 3, 4], key
-    assert [s for s, _ in history(run_id, "eval/episode_return")] == [0, 2, 4]
-    assert [v for _, v in history(run_id, "train/env_steps")] == [0, 16, 32, 48, 64]
+        assert [s for s, _ in metric_history(run_id, key)] == [1, 2, 3, 4], key
+    assert [s for s, _ in metric_history(run_id, "eval/episode_return")] == [0, 2, 4]
+    assert [v for _, v in metric_history(run_id, "train/env_steps")] == [0, 16, 32, 48, 64]
     assert CheckpointStore(run_id, client).cv_epochs() == [0, 2, 4]
 
     assert analyze_main([run_id] + TINY_ANALYSIS) == [0, 2, 4]
     for network in ("actor", "critic"):
         for name in ("entropy", "trace"):
-            points = history(run_id, f"ntk/{network}/{name}/states")
+            points = metric_history(run_id, f"ntk/{network}/{name}/states")
             assert [s for s, _ in points] == [0, 2, 4], (network, name)
             assert all(np.isfinite(v) and v > 0 for _, v in points)
     artifacts = {a.path for a in client.list_artifacts(run_id, "analysis")}
@@ -188,8 +175,8 @@ def test_step_checkpoints_are_ppo_updates(store):
     client = mlflow.MlflowClient()
     assert client.get_run(run_id).data.tags["ntk_tracking.step_unit"] == "PPO update"
     assert CheckpointStore(run_id, client).cv_epochs() == [0, 1, 2, 3, 4]
-    assert [s for s, _ in history(run_id, "eval/episode_return")] == [0, 1, 2, 3, 4]
-    assert history(run_id, "epoch") == [(s, float(s)) for s in range(5)]
+    assert [s for s, _ in metric_history(run_id, "eval/episode_return")] == [0, 1, 2, 3, 4]
+    assert metric_history(run_id, "epoch") == [(s, float(s)) for s in range(5)]
     assert analyze_main([run_id] + TINY_ANALYSIS) == [0, 1, 2, 3, 4]
 
 
@@ -210,7 +197,7 @@ def test_resume_after_interruption_matches_uninterrupted(store, monkeypatch, cap
     logs exactly the metrics of an uninterrupted one."""
     keys = ("train/episode_return", "train/value_loss", "train/entropy", "train/episodes", "eval/episode_return")
     reference = train_main(TASK, TINY)
-    ref = {k: history(reference, k) for k in keys}
+    ref = {k: metric_history(reference, k) for k in keys}
     real_log = tracking.log_metrics
 
     def dying_log(client, run_id, metrics, step):
@@ -231,7 +218,7 @@ def test_resume_after_interruption_matches_uninterrupted(store, monkeypatch, cap
     assert train_main(TASK, TINY) == interrupted
     assert "after epoch 3" in capsys.readouterr().out
     for key in keys:
-        assert history(interrupted, key) == ref[key], key
+        assert metric_history(interrupted, key) == ref[key], key
 
 
 @pytest.mark.parametrize("points, max_return, expected", [

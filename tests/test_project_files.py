@@ -13,7 +13,7 @@ from packaging.requirements import Requirement
 from packaging.specifiers import SpecifierSet
 from packaging.version import Version
 
-from ntk_tracking.cli import train_parser
+from ntk_tracking.train_command import train_parser
 from ntk_tracking.tasks import TASK_NAMES as TASKS
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -173,3 +173,16 @@ def test_the_quickstart_runs_under_mlflow_run_with_uv_instead_of_conda(tmp_path)
     assert contexts["mnist5k"] == "training"
     venvs = list((tmp_path / "envs").iterdir())
     assert len(venvs) == 1 and not (venvs[0] / "bin" / "conda").exists()
+
+
+def test_metric_keys_are_built_only_in_keys_py():
+    """NTK keys and the training loss key are spelled once, in ntk_tracking/keys.py."""
+    spelled = {}
+    for path in sorted((ROOT / "ntk_tracking").rglob("*.py")):
+        if path.name == "keys.py" and path.parent.name == "ntk_tracking":
+            continue
+        text = path.read_text()
+        hits = [s for s in ('f"ntk/', "f'ntk/", '"train/loss"', "'train/loss'") if s in text]
+        if hits:
+            spelled[str(path.relative_to(ROOT))] = hits
+    assert not spelled

@@ -10,6 +10,7 @@ import mlflow
 import pytest
 
 from ntk_tracking.sweep import find_children, sweep_main
+from conftest import metric_history
 
 ray = pytest.importorskip("ray")
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -79,10 +80,6 @@ def _use_server(monkeypatch, server, tmp_path):
     mlflow.set_tracking_uri(server.uri)
 
 
-def history(client, run_id, key):
-    return [(m.step, m.value) for m in sorted(client.get_metric_history(run_id, key), key=lambda m: m.step)]
-
-
 def test_unreachable_ray_address_fails_fast(shared_tracking_server, tmp_path, monkeypatch, capsys):
     import time
 
@@ -98,7 +95,7 @@ def test_unreachable_ray_address_fails_fast(shared_tracking_server, tmp_path, mo
 
 
 def test_grid_on_ray_survives_a_killed_worker(cluster, shared_tracking_server, tmp_path, monkeypatch, capsys):
-    from ntk_tracking.cli import train_main
+    from ntk_tracking.train_command import train_main
 
     _use_server(monkeypatch, shared_tracking_server, tmp_path)
     parent = sweep_main(GRID + ["--executor", "ray", "--cpus-per-run", "1", "--experiment", "ray-grid",
@@ -113,8 +110,8 @@ def test_grid_on_ray_survives_a_killed_worker(cluster, shared_tracking_server, t
         run_id = run.info.run_id
         assert client.get_run(run_id).info.status == "FINISHED", key
         for metric in ("train/loss", "test/loss"):
-            assert [s for s, _ in history(client, run_id, metric)] == [0, 1, 2], (key, metric)
-        assert [s for s, _ in history(client, run_id, "ntk/entropy/train")] == [0, 1, 2], key  # analyzed on Ray
+            assert [s for s, _ in metric_history(run_id, metric, client)] == [0, 1, 2], (key, metric)
+        assert [s for s, _ in metric_history(run_id, "ntk/entropy/train", client)] == [0, 1, 2], key  # analyzed on Ray
         logs = {a.path for a in client.list_artifacts(run_id, "logs")}
         assert {"logs/train.log", "logs/analyze.log"} <= logs, key
     assert "killed" not in client.get_run(victim).data.tags.get("error", "")
@@ -123,7 +120,8 @@ def test_grid_on_ray_survives_a_killed_worker(cluster, shared_tracking_server, t
     reference = train_main("mnist_dense", ["--width", "8", "--depth", "2", "--activation", "relu",
                                            "--experiment", "ray-reference"] + TINY)
     for metric in ("train/loss", "test/loss", "test/accuracy"):
-        assert [v for _, v in history(client, victim, metric)] == [v for _, v in history(client, reference, metric)]
+        assert [v for _, v in metric_history(victim, metric, client)] == \
+            [v for _, v in metric_history(reference, metric, client)]
 
     # A relaunch skips the finished children (and finds nothing left to analyze).
     capsys.readouterr()
@@ -163,7 +161,8 @@ def test_analysis_on_ray_equals_the_local_analyzer_once_each(cluster, shared_tra
     """A sweep's children analyzed by Ray workers, one worker killed as it was about to log: the
     metrics equal the local analyzer's on the same configuration, every checkpoint logged once, and
     a rerun adds nothing."""
-    from ntk_tracking.cli import analyze_main, train_main
+    from ntk_tracking.analyze_command import analyze_main
+    from ntk_tracking.train_command import train_main
 
     _use_server(monkeypatch, shared_tracking_server, tmp_path)
     grid = ["--widths", "4,8", "--depths", "1", "--activations", "relu"] + TINY
@@ -180,7 +179,7 @@ def test_analysis_on_ray_equals_the_local_analyzer_once_each(cluster, shared_tra
     keys = ("ntk/entropy/train", "ntk/entropy/test", "ntk/trace/train", "ntk/trace/test", "ntk/entropy_std/train")
     for run_id in children.values():
         for key in keys:
-            assert [s for s, _ in history(client, run_id, key)] == [0, 1, 2], (run_id, key)  # once each
+            assert [s for s, _ in metric_history(run_id, key, client)] == [0, 1, 2], (run_id, key)  # once each
         assert "analysis/evolution.png" in {a.path for a in client.list_artifacts(run_id, "analysis")}
 
     # The local analyzer on the same configuration, trained alone, measures the same values.
@@ -188,15 +187,15 @@ def test_analysis_on_ray_equals_the_local_analyzer_once_each(cluster, shared_tra
                                            "--experiment", "ray-analysis-reference"] + TINY)
     assert analyze_main([reference] + analysis) == [0, 1, 2]
     for key in keys:
-        ray_values = [v for _, v in history(client, victim, key)]
-        assert ray_values == pytest.approx([v for _, v in history(client, reference, key)], rel=1e-5), key
+        ray_values = [v for _, v in metric_history(victim, key, client)]
+        assert ray_values == pytest.approx([v for _, v in metric_history(reference, key, client)], rel=1e-5), key
 
     # A rerun finds nothing to do and logs nothing.
     capsys.readouterr()
     assert analyze_main([parent, "--executor", "ray"] + analysis) == {run_id: [] for run_id in children.values()}
     assert "3 already analyzed" in capsys.readouterr().out
     for run_id in children.values():
-        assert [s for s, _ in history(client, run_id, "ntk/entropy/train")] == [0, 1, 2]
+        assert [s for s, _ in metric_history(run_id, "ntk/entropy/train", client)] == [0, 1, 2]
 
 
 @pytest.mark.parametrize("extra, message", [
@@ -205,7 +204,7 @@ def test_analysis_on_ray_equals_the_local_analyzer_once_each(cluster, shared_tra
     (["--executor", "ray", "--follow"], "--follow follows one training run"),
 ])
 def test_bad_ray_analysis_options_are_refused(extra, message, tmp_path, monkeypatch, capsys):
-    from ntk_tracking.cli import analyze_main
+    from ntk_tracking.analyze_command import analyze_main
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:9")  # never contacted
@@ -215,7 +214,7 @@ def test_bad_ray_analysis_options_are_refused(extra, message, tmp_path, monkeypa
 
 
 def test_ray_analysis_needs_a_tracking_server(tmp_path, monkeypatch, capsys):
-    from ntk_tracking.cli import analyze_main
+    from ntk_tracking.analyze_command import analyze_main
     from conftest import use_tracking_store
 
     use_tracking_store(monkeypatch, tmp_path)

@@ -14,9 +14,11 @@ import pytest
 from mlflow.entities import Metric
 
 from ntk_tracking import regimes, tracking
-from ntk_tracking.cli import analyze_main, train_main
-from ntk_tracking.report import REGIME_TAG, report, report_main
-from conftest import use_tracking_store
+from ntk_tracking.analyze_command import analyze_main
+from ntk_tracking.train_command import train_main
+from ntk_tracking.keys import REGIME_TAG
+from ntk_tracking.report import report, report_main
+from conftest import metric_history, use_tracking_store
 
 TINY = ["--epochs", "2", "--train-size", "64", "--test-size", "32", "--batch-size", "16",
         "--cv-every", "1", "--no-progress"]
@@ -25,17 +27,10 @@ WIDTHS, DEPTHS = (4, 8), (1, 2)
 
 
 @pytest.fixture(scope="module")
-def _synthetic_store(tmp_path_factory):
+def store_dir(tmp_path_factory):
+    """One SQLite store for the synthetic sweeps (each test makes its own parent; conftest's `store`
+    opens it): fresh stores cost seconds of schema migration each."""
     return tmp_path_factory.mktemp("synthetic")
-
-
-@pytest.fixture
-def store(_synthetic_store, monkeypatch):
-    """One SQLite store for the synthetic sweeps (each test makes its own parent): fresh
-    stores cost seconds of schema migration each."""
-    use_tracking_store(monkeypatch, _synthetic_store)
-    yield _synthetic_store
-    mlflow.set_tracking_uri(None)
 
 
 def make_parent(client, grid, task="mnist_dense"):
@@ -85,10 +80,6 @@ def report_error(parent):
     return str(err.value)
 
 
-def history(client, run_id, key):
-    return sorted(client.get_metric_history(run_id, key), key=lambda m: (m.step, m.timestamp))
-
-
 def read_csv(run_id, name):
     local = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=f"report/{name}")
     with open(local, newline="") as f:
@@ -118,7 +109,8 @@ def test_history_csv_holds_exactly_the_logged_points(sweep):
         keys = [k for k in run.data.metrics if k.startswith(("train/", "test/", "ntk/"))]
         assert {"train/loss", "test/loss", "ntk/entropy/train", "ntk/trace/test"} <= set(keys)
         for key in keys:
-            logged = [(m.step, m.timestamp, m.value) for m in history(client, child, key)]
+            logged = [(m.step, m.timestamp, m.value)
+                      for m in sorted(client.get_metric_history(child, key), key=lambda m: (m.step, m.timestamp))]
             table = [(int(r["step"]), int(r["timestamp"]), float(r["value"]))
                      for r in rows if r["run_id"] == child and r["metric"] == key]
             assert table == logged, key
@@ -136,21 +128,21 @@ def test_runs_csv_and_regime_on_each_child(sweep):
         row = rows[child]
         assert run.data.tags[REGIME_TAG] == regime.label == row["regime"]
         assert regime.label in regimes.REGIMES
-        (point,) = history(client, child, "regime/entropy_recovery/train")
-        assert point.step == 2  # the last NTK epoch
-        assert (math.isnan(point.value) and math.isnan(regime.recovery)) or point.value == regime.recovery
-        assert history(client, child, "regime/entropy_drop/train")[0].value == pytest.approx(regime.drop)
+        ((step, recovery),) = metric_history(child, "regime/entropy_recovery/train", client)
+        assert step == 2  # the last NTK epoch
+        assert (math.isnan(recovery) and math.isnan(regime.recovery)) or recovery == regime.recovery
+        assert metric_history(child, "regime/entropy_drop/train", client)[0][1] == pytest.approx(regime.drop)
         assert float(row["regime_drop"]) == pytest.approx(regime.drop)
         # The regime follows from the logged entropy and std alone.
-        entropy = [(m.step, m.value) for m in history(client, child, "ntk/entropy/train")]
-        stds = {m.step: m.value for m in history(client, child, "ntk/entropy_std/train")}
+        entropy = metric_history(child, "ntk/entropy/train", client)
+        stds = dict(metric_history(child, "ntk/entropy_std/train", client))
         again = regimes.classify_entropy(entropy, regimes.standard_errors(stds, 2))
         assert again == regime
         # Summary columns are the logged values at epoch 0 and at the last step.
         for key in ("train/loss", "ntk/trace/test"):
-            points = history(client, child, key)
-            assert float(row[f"{key}@epoch0"]) == points[0].value and points[0].step == 0
-            assert float(row[f"{key}@last"]) == points[-1].value
+            points = metric_history(child, key, client)
+            assert float(row[f"{key}@epoch0"]) == points[0][1] and points[0][0] == 0
+            assert float(row[f"{key}@last"]) == points[-1][1]
         # Evolution rows hold the other property at its reference (width 4, depth 1).
         in_evolution = row["width"] == "4" or row["depth"] == "1"
         assert row["figures"] == ("evolution;scaling_relu" if in_evolution else "scaling_relu")
@@ -166,7 +158,7 @@ def test_rerun_repeats_no_regime_point(sweep):
     client = sweep["client"]
     report(sweep["parent"], progress=False)
     for child in sweep["children"]:
-        assert len(history(client, child, "regime/entropy_rise/train")) == 1
+        assert len(metric_history(child, "regime/entropy_rise/train", client)) == 1
 
 
 def test_unanalyzed_sweep_and_non_parent_runs_are_refused(sweep):

@@ -12,10 +12,10 @@ import mlflow
 import pytest
 
 from ntk_tracking import tracking
-from ntk_tracking.cli import analyze_main, train_main
+from ntk_tracking.analyze_command import analyze_main
+from ntk_tracking.train_command import train_main
 from ntk_tracking.confine import check_data_paths, looks_like_path
 from ntk_tracking.tasks import get_task
-from conftest import use_tracking_store
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 TINY = ["--width", "4", "--depth", "1", "--epochs", "1", "--train-size", "64", "--test-size", "32",
@@ -24,19 +24,13 @@ TINY = ["--width", "4", "--depth", "1", "--epochs", "1", "--train-size", "64", "
 
 @pytest.fixture(scope="module")
 def store_dir(tmp_path_factory):
+    """One SQLite store for the module (creating one costs seconds; conftest's `store` opens it), with a
+    link in it to a file outside."""
     root = tmp_path_factory.mktemp("security")
     (root / "work").mkdir()
     (root / "outside.csv").write_text("label\n")
     (root / "work" / "link.csv").symlink_to(root / "outside.csv")
     return root / "work"
-
-
-@pytest.fixture
-def store(store_dir, monkeypatch):
-    """One SQLite store for the module (creating one costs seconds), run from its folder."""
-    use_tracking_store(monkeypatch, store_dir)
-    yield store_dir
-    mlflow.set_tracking_uri(None)
 
 
 def planted_run(dataset: str) -> str:

@@ -15,20 +15,18 @@ import mlflow
 import pytest
 
 from ntk_tracking.checkpointing import CheckpointStore
-from ntk_tracking.cli import analyze_main, train_main
+from ntk_tracking.analyze_command import analyze_main
+from ntk_tracking.train_command import train_main
 from ntk_tracking.keys import EPOCH_METRIC, STEP_UNIT_TAG, STEPS_PER_EPOCH_TAG
 from ntk_tracking.tasks import get_task
 from ntk_tracking.tasks.base import TaskConfig, parse_steps
+from conftest import metric_history
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 # 64 points in batches of 8: 8 optimizer steps per epoch.
 DENSE = ["--width", "8", "--depth", "1", "--epochs", "2", "--train-size", "64", "--test-size", "32",
          "--batch-size", "8", "--cv-every", "1", "--no-progress"]
 ANALYSIS = ["--subsets", "2", "--points", "4", "--no-progress"]
-
-
-def history(run_id, key):
-    return sorted((m.step, m.value) for m in mlflow.MlflowClient().get_metric_history(run_id, key))
 
 
 def assert_one_value_per_step(run_id):
@@ -81,26 +79,26 @@ def test_dense_step_checkpoints_train_and_analyze_once(store):
     assert tags[STEP_UNIT_TAG] == "optimizer step" and tags[STEPS_PER_EPOCH_TAG] == "8"
     # Step 8 is both a step checkpoint and the end of epoch 1: one checkpoint, one point.
     assert CheckpointStore(run_id, client).cv_epochs() == [0, 1, 2, 4, 8, 16]
-    assert [s for s, _ in history(run_id, "train/loss")] == [0, 1, 2, 4, 8, 16]
-    assert history(run_id, EPOCH_METRIC) == [(0, 0.0), (1, 0.125), (2, 0.25), (4, 0.5), (8, 1.0), (16, 2.0)]
-    assert [s for s, _ in history(run_id, "train/grad_norm")] == [8, 16]  # per-epoch statistics at epoch ends
+    assert [s for s, _ in metric_history(run_id, "train/loss")] == [0, 1, 2, 4, 8, 16]
+    assert metric_history(run_id, EPOCH_METRIC) == [(0, 0.0), (1, 0.125), (2, 0.25), (4, 0.5), (8, 1.0), (16, 2.0)]
+    assert [s for s, _ in metric_history(run_id, "train/grad_norm")] == [8, 16]  # per-epoch statistics at epoch ends
 
     # Stopping inside an epoch changes no number: the epoch ends equal a run without step checkpoints.
     plain = train_main("mnist_dense", DENSE)
     assert client.get_run(plain).data.tags[STEP_UNIT_TAG] == "epoch"
-    assert [s for s, _ in history(plain, "train/loss")] == [0, 1, 2]
-    assert history(plain, EPOCH_METRIC) == [(0, 0.0), (1, 1.0), (2, 2.0)]
+    assert [s for s, _ in metric_history(plain, "train/loss")] == [0, 1, 2]
+    assert metric_history(plain, EPOCH_METRIC) == [(0, 0.0), (1, 1.0), (2, 2.0)]
     for key in ("train/loss", "test/loss", "train/grad_norm", "train/param_norm"):
-        stepped = dict(history(run_id, key))
-        for epoch, value in history(plain, key):
+        stepped = dict(metric_history(run_id, key))
+        for epoch, value in metric_history(plain, key):
             assert stepped[8 * epoch] == pytest.approx(value, rel=1e-5), (key, epoch)
 
     assert analyze_main([run_id] + ANALYSIS) == [0, 1, 2, 4, 8, 16]
     for key in ("ntk/entropy/train", "ntk/trace/test", "ntk/entropy_std/test"):
-        assert [s for s, _ in history(run_id, key)] == [0, 1, 2, 4, 8, 16], key
-    before = {k: history(run_id, k) for k in client.get_run(run_id).data.metrics}
+        assert [s for s, _ in metric_history(run_id, key)] == [0, 1, 2, 4, 8, 16], key
+    before = {k: metric_history(run_id, k) for k in client.get_run(run_id).data.metrics}
     assert analyze_main([run_id] + ANALYSIS) == []
-    assert {k: history(run_id, k) for k in client.get_run(run_id).data.metrics} == before
+    assert {k: metric_history(run_id, k) for k in client.get_run(run_id).data.metrics} == before
     assert_one_value_per_step(run_id)
     assert "analysis/evolution.png" in {a.path for a in client.list_artifacts(run_id, "analysis")}
 
@@ -111,10 +109,10 @@ def test_vae_takes_log_spaced_step_checkpoints_and_the_analyzer_measures_them(st
                                       "--test-size", "32", "--batch-size", "16", "--cv-every", "2",
                                       "--cv-log-points", "0", "--cv-log-steps", "3", "--no-progress"])
     assert CheckpointStore(run_id, mlflow.MlflowClient()).cv_epochs() == [0, 1, 2, 3, 8]
-    assert [s for s, _ in history(run_id, "test/loss")] == [0, 1, 2, 3, 4, 8]
+    assert [s for s, _ in metric_history(run_id, "test/loss")] == [0, 1, 2, 3, 4, 8]
     assert analyze_main([run_id] + ANALYSIS) == [0, 1, 2, 3, 8]
     for key in ("ntk/entropy/train", "ntk/encoder/trace/test"):
-        assert [s for s, _ in history(run_id, key)] == [0, 1, 2, 3, 8], key
+        assert [s for s, _ in metric_history(run_id, key)] == [0, 1, 2, 3, 8], key
     assert_one_value_per_step(run_id)
 
 
@@ -131,7 +129,7 @@ def test_pong_step_checkpoints_are_updates():
 PAUSE_AFTER_STEP_4 = """
 import os, sys, time
 from ntk_tracking import tracking
-from ntk_tracking.cli import train_main
+from ntk_tracking.train_command import train_main
 real_log, ctl = tracking.log_metrics, os.environ["NTK_TEST_CTL"]
 def paced(client, run_id, metrics, step):
     real_log(client, run_id, metrics, step)
@@ -162,7 +160,7 @@ def test_kill_inside_the_first_epoch_then_resume_logs_no_step_twice(store):
             time.sleep(0.1)
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait()
-    assert [s for s, _ in history(run_id, "train/loss")] == [0, 1, 2, 4]  # killed inside epoch 1
+    assert [s for s, _ in metric_history(run_id, "train/loss")] == [0, 1, 2, 4]  # killed inside epoch 1
     # Its training claim lapses with its heartbeat; the relaunch (what `mlflow run --run-id` does) waits for that.
     env.pop("NTK_TEST_CTL")
     deadline = time.monotonic() + 180
@@ -178,7 +176,7 @@ def test_kill_inside_the_first_epoch_then_resume_logs_no_step_twice(store):
     assert client.get_run(run_id).info.status == "FINISHED"
     assert_one_value_per_step(run_id)
     for key in ("train/loss", "test/loss", EPOCH_METRIC):
-        resumed, uninterrupted = history(run_id, key), history(reference, key)
+        resumed, uninterrupted = metric_history(run_id, key), metric_history(reference, key)
         assert [s for s, _ in resumed] == [s for s, _ in uninterrupted] == [0, 1, 2, 4, 6, 8, 16], key
         assert [v for _, v in resumed] == pytest.approx([v for _, v in uninterrupted], rel=1e-6), key
     assert CheckpointStore(run_id, client).cv_epochs() == [0, 1, 2, 4, 6, 8, 16]
@@ -256,7 +254,7 @@ def test_missing_and_damaged_step_checkpoints_are_named_and_the_rest_analyzed(st
     assert exit_.value.code == 3
     err = capsys.readouterr().err
     assert "1 damaged (epoch 2)" in err and "missing: epoch 5:" in err
-    assert [s for s, _ in history(run_id, "ntk/entropy/train")] == [0, 8]
+    assert [s for s, _ in metric_history(run_id, "ntk/entropy/train")] == [0, 8]
 
 
 def test_evolution_figure_of_a_step_counted_run_has_a_log_step_axis():

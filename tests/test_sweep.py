@@ -12,7 +12,7 @@ import pytest
 from ntk_tracking import analyze, sweep, tracking
 from ntk_tracking.analyze import AnalysisSettings
 from ntk_tracking.checkpointing import CheckpointStore
-from ntk_tracking.cli import config_from_args, train_parser
+from ntk_tracking.train_command import config_from_args, train_parser
 from ntk_tracking.tasks import TASK_NAMES as TASKS
 from ntk_tracking.sweep import analyze_sweep, find_children, sweep_main
 from conftest import use_tracking_store
@@ -28,11 +28,10 @@ def _use_store(monkeypatch, path):
     monkeypatch.setenv("JAX_PLATFORMS", "cpu")
 
 
-@pytest.fixture
-def store(tmp_path, monkeypatch):
-    _use_store(monkeypatch, tmp_path)
-    yield tmp_path
-    mlflow.set_tracking_uri(None)
+@pytest.fixture(autouse=True)
+def children_on_cpu(monkeypatch):
+    """Sweep children here skip probing for accelerators (module-scoped fixtures: _use_store)."""
+    monkeypatch.setenv("JAX_PLATFORMS", "cpu")
 
 
 @pytest.fixture(scope="module")
@@ -160,7 +159,7 @@ def test_analyze_sweep_measures_every_child_under_one_progress_bar(grid_sweep, m
 KILLED_AT_EPOCH_1 = """
 import os, signal, sys
 from ntk_tracking import tracking
-from ntk_tracking.cli import train_main
+from ntk_tracking.train_command import train_main
 real_log = tracking.log_metrics
 def dying_log(client, run_id, metrics, step):
     if step == 1:
@@ -317,6 +316,17 @@ def test_a_task_without_the_scanned_fields_needs_a_grid_and_lists_its_options():
         sweep.parse_sweep(["--task", "molpcba_gnn", "--widths", "4,8"])
 
 
+@pytest.mark.parametrize("given, analyze", [([], False), (["--analyze"], True), (["--analyze", "yes"], True),
+                                            (["--analyze", "no"], False), (["--analyze", ""], False)])
+def test_analyze_takes_yes_or_no_and_empty_means_no(given, analyze):
+    """--analyze as MLproject passes it: yes/no, or empty (the parameter left unset) for no."""
+    assert sweep.parse_sweep(["--task", "mnist_dense", *given])[1].analyze is analyze
+
+
+def test_analyze_refuses_other_words(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        sweep.parse_sweep(["--task", "mnist_dense", "--analyze", "maybe"])
+    assert exit_.value.code == 2 and "expected yes or no, got 'maybe'" in capsys.readouterr().err
 
 
 def test_analyzing_a_sweep_with_a_damaged_checkpoint_names_it_and_exits_incomplete(store, capsys):

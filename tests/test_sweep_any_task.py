@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import csv
-import io
 
 import mlflow
 import pytest
 
 from ntk_tracking import sweep, tracking
-from ntk_tracking.cli import config_from_args, train_parser
+from ntk_tracking.train_command import config_from_args, train_parser
 from ntk_tracking.report import report_main
 from ntk_tracking.sweep import find_children, sweep_main
 from ntk_tracking.tasks import TASK_NAMES, get_task

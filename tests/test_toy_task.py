@@ -31,7 +31,9 @@ def toy(tmp_path, monkeypatch):
 
 @pytest.mark.slow
 def test_the_toy_task_trains_analyzes_sweeps_and_reports(toy, capsys):
-    from ntk_tracking.cli import analyze_main, main, train_main
+    from ntk_tracking.analyze_command import analyze_main
+    from ntk_tracking.cli import main
+    from ntk_tracking.train_command import train_main
     from ntk_tracking.report import report_main
     from ntk_tracking.sweep import find_children, sweep_main
 

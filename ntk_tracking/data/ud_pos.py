@@ -16,6 +16,7 @@ import unicodedata
 
 import numpy as np
 
+PERSEUS = "UD_Ancient_Greek-Perseus"  # the paper's treebank: its repository's folder, cloned from GitHub
 TAGSETS = {"upos": 3, "xpos": 4}  # tagset -> CoNLL-U column (0-based)
 SPLITS = ("train", "dev", "test")
 SUFFIX_LENGTHS = (1, 2, 3, 4)

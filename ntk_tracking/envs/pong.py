@@ -144,10 +144,6 @@ def evaluate_policy(env, params, policy, key, num_envs: int = 256, max_steps: in
     return {"returns": ret, "unfinished": alive, "terminated": terminated}
 
 
-def constant_policy(action: int):
-    return lambda key, obs: jnp.asarray(action, jnp.int32)
-
-
 def random_policy(key, obs):
     return jax.random.randint(key, (), 0, 3)
 

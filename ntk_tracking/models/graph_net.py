@@ -93,7 +93,3 @@ def point_logits(model: nn.Module, variables, points: dict) -> jax.Array:
     """(m, num_outputs): each point's molecule's logits (its padding graph dropped)."""
     logits = model.apply(variables, merge_points(points))
     return logits.reshape(points["nodes"].shape[0], -1, logits.shape[-1])[:, 0]
-
-
-def count_params(params) -> int:
-    return sum(x.size for x in jax.tree_util.tree_leaves(params))

@@ -6,7 +6,6 @@ from __future__ import annotations
 from typing import Callable
 
 import flax.linen as nn
-import jax.numpy as jnp
 
 ACTIVATIONS: dict[str, Callable] = {
     "relu": nn.relu,
@@ -76,7 +75,8 @@ def make(config, data_info: dict) -> nn.Module:
 
 
 def count_params(params) -> int:
-    """Number of scalar parameters in a pytree."""
+    """Number of scalar parameters in a pytree (of arrays, or of shapes as jax.eval_shape gives)."""
     import jax
+    import numpy as np
 
-    return sum(int(jnp.size(leaf)) for leaf in jax.tree_util.tree_leaves(params))
+    return sum(int(np.size(leaf)) for leaf in jax.tree_util.tree_leaves(params))

@@ -20,10 +20,8 @@ from ntk_tracking.sweep.analysis import analyze_sweep
 from ntk_tracking.sweep.cli import sweep_main
 from ntk_tracking.sweep.plan import SweepPlan, find_children, is_sweep_run, plan_sweep
 from ntk_tracking.sweep.run import ChildResult, SweepResult, execute_sweep, print_summary, run_sweep
-from ntk_tracking.sweep.spec import (FAILED_TAG, GRID, GRID_DEFAULTS, KEY_TAG, KIND_TAG, PARENT_TAG, SPEC_ARTIFACT,
-                                     TASK_TAG, SweepSpec, child_key, parse_sweep, sweep_parser)
+from ntk_tracking.sweep.spec import GRID, GRID_DEFAULTS, SPEC_ARTIFACT, SweepSpec, child_key, parse_sweep, sweep_parser
 
-__all__ = ["FAILED_TAG", "GRID", "GRID_DEFAULTS", "KEY_TAG", "KIND_TAG", "PARENT_TAG", "SPEC_ARTIFACT", "TASK_TAG",
-           "ChildResult", "SweepPlan", "SweepResult", "SweepSpec", "analyze_sweep", "child_key", "execute_sweep",
+__all__ = ["GRID", "GRID_DEFAULTS", "SPEC_ARTIFACT", "ChildResult", "SweepPlan", "SweepResult", "SweepSpec", "analyze_sweep", "child_key", "execute_sweep",
            "find_children", "is_sweep_run", "parse_sweep", "plan_sweep", "print_summary", "run_sweep",
            "sweep_main", "sweep_parser"]

@@ -9,8 +9,8 @@ from tqdm.auto import tqdm
 
 from ntk_tracking import system_metrics, tracking
 from ntk_tracking.costs import CostEstimate
+from ntk_tracking.keys import KIND_TAG
 from ntk_tracking.sweep.plan import find_children, is_sweep_run
-from ntk_tracking.sweep.spec import KIND_TAG
 
 
 def analyze_sweep(parent_run_id: str, settings=None, progress: bool = True, mlflow_client=None,

@@ -7,19 +7,12 @@ import sys
 from typing import NoReturn
 
 from ntk_tracking import extras, tracking, ui_links
-from ntk_tracking.helpformat import EXIT_INTERRUPTED
+from ntk_tracking.helpformat import EXIT_INTERRUPTED, fail
 from ntk_tracking.confine import looks_like_path
 from ntk_tracking.sweep.analysis import analyze_sweep
 from ntk_tracking.sweep.plan import plan_sweep
 from ntk_tracking.sweep.run import SweepInterrupted, execute_sweep, print_summary
 from ntk_tracking.sweep.spec import parse_sweep
-
-
-def _fail(message: str):
-    message = tracking.redact(message)
-    tracking.fail_launched_run(message)
-    print(f"error: {message}", file=sys.stderr)
-    raise SystemExit(2)
 
 
 def sweep_main(argv=None, prog: str = "ntk-tracking sweep") -> str:
@@ -49,7 +42,7 @@ def sweep_main(argv=None, prog: str = "ntk-tracking sweep") -> str:
         if executor is not None:
             executor.prepare()
     except ValueError as err:  # RunError included
-        _fail(str(err))
+        fail(str(err))
     except KeyboardInterrupt:
         print("interrupted before the sweep started; nothing was trained", file=sys.stderr)
         raise SystemExit(EXIT_INTERRUPTED) from None
@@ -60,7 +53,7 @@ def sweep_main(argv=None, prog: str = "ntk-tracking sweep") -> str:
     print_summary(result, plan.client)
     if executor is not None and settings is not None:
         errors = executor.analysis_errors
-        print(f"analyzed every finished child on Ray" + (f"; {len(errors)} analysis failed" if errors else ""))
+        print("analyzed every finished child on Ray" + (f"; {len(errors)} analysis failed" if errors else ""))
         if errors:
             raise SystemExit(1)
     elif settings is not None:

@@ -9,7 +9,8 @@ import mlflow
 from mlflow.entities import ViewType
 
 from ntk_tracking import tracking
-from ntk_tracking.sweep.spec import KEY_TAG, KIND_TAG, PARENT_TAG, SPEC_ARTIFACT, SweepSpec
+from ntk_tracking.keys import KEY_TAG, KIND_TAG, PARENT_TAG
+from ntk_tracking.sweep.spec import SPEC_ARTIFACT, SweepSpec
 
 
 @dataclasses.dataclass

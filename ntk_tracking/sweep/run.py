@@ -19,8 +19,9 @@ from tqdm.auto import tqdm
 
 from ntk_tracking import tracking, ui_links
 from ntk_tracking.sweep.plan import SweepPlan, find_children, plan_sweep
-from ntk_tracking.sweep.spec import (FAILED_TAG, GRID, KEY_TAG, KIND_TAG, PARENT_TAG, SPEC_ARTIFACT, TASK_TAG,
-                                     SweepSpec, _LOG_TAIL_LINES)
+from ntk_tracking.keys import (FAILED_TAG, KEY_TAG, KIND_TAG, PARENT_TAG, TASK_TAG, TEST_ACCURACY, TEST_LOSS,
+                               TRAIN_LOSS)
+from ntk_tracking.sweep.spec import GRID, SPEC_ARTIFACT, SweepSpec, _LOG_TAIL_LINES
 
 
 @dataclasses.dataclass
@@ -291,10 +292,10 @@ def print_summary(result: SweepResult, mlflow_client=None) -> None:
     """One line per child: status, final losses, run id."""
     client = mlflow_client or tracking.client()
     width = max(len(c.key) for c in result.children)
-    print(f"{'child':<{width}}  {'status':<8}  {'train/loss':>10}  {'test/loss':>10}  {'test/acc':>8}  run id")
+    print(f"{'child':<{width}}  {'status':<8}  {TRAIN_LOSS:>10}  {TEST_LOSS:>10}  {'test/acc':>8}  run id")
     for c in result.children:
         metrics = client.get_run(c.run_id).data.metrics
-        cells = [f"{metrics[k]:.4g}" if k in metrics else "-" for k in ("train/loss", "test/loss", "test/accuracy")]
+        cells = [f"{metrics[k]:.4g}" if k in metrics else "-" for k in (TRAIN_LOSS, TEST_LOSS, TEST_ACCURACY)]
         note = "  (finished earlier)" if c.skipped else ""
         print(f"{c.key:<{width}}  {c.status:<8}  {cells[0]:>10}  {cells[1]:>10}  {cells[2]:>8}  {c.run_id}{note}")
     done = len(result.children) - len(result.failed)

@@ -12,7 +12,6 @@ from ntk_tracking.helpformat import HelpFormatter, add_ray_options, yes_no
 from ntk_tracking.train_command import config_from_args, train_parser
 from ntk_tracking.tasks import task_names, get_task
 
-from ntk_tracking.keys import FAILED_TAG, KEY_TAG, KIND_TAG, PARENT_TAG, TASK_TAG  # noqa: F401 (re-exported)
 SPEC_ARTIFACT = "sweep.json"
 # (config field, sweep option, value type): one child per combination, in this order.
 GRID = (("width", "widths", int), ("depth", "depths", int), ("activation", "activations", str),
@@ -124,14 +123,6 @@ def _or_default(convert, default):
     return parse
 
 
-def _yes_no(text: str) -> bool:
-    if text.lower() in ("1", "true", "yes", "y", "on"):
-        return True
-    if text.lower() in ("", "0", "false", "no", "n", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected yes or no, got {text!r}")
-
-
 class _Parser(argparse.ArgumentParser):
     """argparse whose usage errors also end a run launched by `mlflow run` FAILED."""
 
@@ -185,7 +176,7 @@ def sweep_parser(task: str = "mnist_dense", prog: str = "ntk-tracking sweep") ->
     run.add_argument("--experiment", default=None, help="MLflow experiment of a new sweep; unset: the active one")
     run.add_argument("--no-progress", action="store_true", help="no progress bars")
     analysis = p.add_argument_group("analysis afterwards (ntk-tracking analyze on every finished child)")
-    analysis.add_argument("--analyze", nargs="?", const=True, default=False, type=_yes_no,
+    analysis.add_argument("--analyze", nargs="?", const=True, default=False, type=_or_default(yes_no, False),
                           help="measure the NTK of every finished child after training")
     analysis.add_argument("--subsets", type=int, default=20, help="K: measurement subsets per split")
     analysis.add_argument("--points", type=int, default=20, help="m: points per subset")

@@ -21,9 +21,8 @@ import types
 import typing
 from typing import Any, Callable, Iterable
 
-import numpy as np
-
 from ntk_tracking.keys import PRIMARY_NETWORK, metric_key  # noqa: F401 (the task interface exports them)
+from ntk_tracking.keys import TEST_LOSS, TRAIN_LOSS
 
 
 def option(default, help: str, cli: bool = True):
@@ -194,7 +193,7 @@ class Task:
     defaults: dict = {}  # overrides of config_class's defaults for this task
     summary: str = ""  # one line for --help
     step_name: str = "epoch"  # what one training step of the metrics is (RL: update)
-    loss_metrics: tuple[str, ...] = ("train/loss", "test/loss")  # drawn in the evolution figure
+    loss_metrics: tuple[str, ...] = (TRAIN_LOSS, TEST_LOSS)  # drawn in the evolution figure
     loss_label: str = ""  # the loss axis's label in figures; empty: the metric names
     # The network's module under ntk_tracking/models/ (or any module with `make(config, data_info)`).
     architecture: types.ModuleType | None = None
@@ -318,10 +317,3 @@ class Task:
     def checkpoint_artifacts(self, config, data, model, variables, epoch: int) -> Iterable[tuple[str, Any]]:
         """(artifact path, matplotlib figure) pairs the analyzer logs per checkpoint (VAE pictures)."""
         return ()
-
-
-def stack_points(points: list) -> Any:
-    """One pytree from per-point pytrees, points first."""
-    import jax
-
-    return jax.tree_util.tree_map(lambda *a: np.stack(a), *points)

@@ -14,6 +14,7 @@ import math
 
 import numpy as np
 
+from ntk_tracking.keys import EVAL_EPISODE_RETURN, TRAIN_EPISODE_RETURN, TRAIN_EPISODES, metric_key
 from ntk_tracking.models import actor_critic
 from ntk_tracking.tasks.base import Probe, ProbeSet, Task, TaskConfig, option
 
@@ -102,7 +103,7 @@ class PongActorCriticTask(Task):
     defaults = dict(epochs=600, cv_every=50, cv_log_points=16)
     summary = "an actor-critic (PPO) learning Pong (paper §4, Fig. 3c)"
     step_name = "PPO update"
-    loss_metrics = ("train/episode_return",)
+    loss_metrics = (TRAIN_EPISODE_RETURN,)
     architecture = actor_critic  # make returns the pair ActorCritic(actor, critic)
 
     def run_name(self, config) -> str:
@@ -170,7 +171,7 @@ class PongActorCriticTask(Task):
             variables = [self.cv_variables(self.init_state(config, data, model))]
         else:
             # +1 per step in play: the best possible return is the episode's step limit.
-            stages = probe_stages(context.cv_epochs, context.metric_history("eval/episode_return"),
+            stages = probe_stages(context.cv_epochs, context.metric_history(EVAL_EPISODE_RETURN),
                                   max_return=config.max_steps)
             variables = [context.restore(e) for e in stages]
         per_stage = -(-config.probe_states // len(stages))
@@ -182,8 +183,8 @@ class PongActorCriticTask(Task):
     def evolution_figure(self, config, history, networks, probe_sets, title=""):
         from ntk_tracking.figures_rl import rl_evolution_figure
 
-        keys = [f"ntk/{n}/{v}/{s}" for n in networks for v in ("entropy", "trace") for s in probe_sets]
-        keys += ["train/episode_return", "eval/episode_return", "train/episodes"]
+        keys = [metric_key(n, v, s) for n in networks for v in ("entropy", "trace") for s in probe_sets]
+        keys += [TRAIN_EPISODE_RETURN, EVAL_EPISODE_RETURN, TRAIN_EPISODES]
         return rl_evolution_figure({k: history(k) for k in keys}, title=title, max_return=config.max_steps)
 
 

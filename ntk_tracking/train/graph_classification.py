@@ -19,6 +19,7 @@ import numpy as np
 import optax
 from flax.training import train_state
 
+from ntk_tracking.keys import TRAIN_LOSS, split_key
 from ntk_tracking.train.loop import epoch_order, run_epochs
 from ntk_tracking.data.graph_batches import Budget, batches, count_batches, labels_of
 from ntk_tracking.data.ogbg import Graphs
@@ -114,7 +115,8 @@ def mean_average_precision(logits: np.ndarray, labels: np.ndarray) -> float:
 def evaluate(predict, params, graphs: Graphs, budget: Budget, prefix: str) -> dict[str, float]:
     logits = predict_split(predict, params, graphs, budget)
     labels = labels_of(graphs)
-    return {f"{prefix}/loss": bce_loss(logits, labels), f"{prefix}/mean_ap": mean_average_precision(logits, labels)}
+    return {split_key(prefix, "loss"): bce_loss(logits, labels),
+            split_key(prefix, "mean_ap"): mean_average_precision(logits, labels)}
 
 
 def fit(config, data, model: GraphConvNet, state: TrainState, start_epoch: int, on_epoch: Callable, budget: Budget,
@@ -148,5 +150,5 @@ def fit(config, data, model: GraphConvNet, state: TrainState, start_epoch: int, 
 
     # Mean AP is NaN where a split has no positive label for a task: only the loss must stay finite.
     return run_epochs(config, state, start_epoch, on_epoch, step, evaluation, progress=progress,
-                      shown={"loss": "train/loss", "test_ap": "test/mean_ap"}, finite=("train/step_loss",),
+                      shown={"loss": TRAIN_LOSS, "test_ap": split_key("test", "mean_ap")}, finite=("train/step_loss",),
                       epoch_steps=epoch_steps)

@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from ntk_tracking.keys import TEST_ACCURACY, TRAIN_LOSS
 from ntk_tracking.models import scale_initial_params
 from ntk_tracking.train.loop import chunked_means, run_epochs, shuffled_batches, train_and_test
 from ntk_tracking.train.supervised import TrainState, model_variables
@@ -163,4 +164,4 @@ def fit(config, data, state: TrainState, start_epoch: int, on_epoch: Callable, p
                        "train/learning_rate": float(schedule(epoch * steps))}
 
     return run_epochs(config, state, start_epoch, on_epoch, step, evaluation, progress=progress,
-                      shown={"loss": "train/loss", "test_acc": "test/accuracy"}, epoch_steps=lambda epoch: steps)
+                      shown={"loss": TRAIN_LOSS, "test_acc": TEST_ACCURACY}, epoch_steps=lambda epoch: steps)

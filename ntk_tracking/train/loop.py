@@ -14,6 +14,8 @@ import math
 import time
 from typing import Any, Callable
 
+from ntk_tracking.keys import TEST_LOSS, TRAIN_LOSS, split_key
+
 _LAST = ("param_norm", "learning_rate")  # values at the end of a stretch of steps, not means over it
 _SUMMED = ("train/steps",)
 
@@ -50,7 +52,7 @@ def run_epochs(config, state, start_epoch: int, on_epoch: Callable[[int, Any, di
     `shown`: progress-bar label -> metric key. `finite`: the keys that must stay finite (all by
     default); otherwise FloatingPointError, after the epoch is reported (so its metrics show the
     divergence) or, with `check_before_reporting`, before."""
-    shown = shown or {"loss": "train/loss", "test": "test/loss"}
+    shown = shown or {"loss": TRAIN_LOSS, "test": TEST_LOSS}
     if start_epoch == 0:
         on_epoch(0, state, evaluate(state, 0))
     bar = tqdm(range(start_epoch + 1, config.epochs + 1), desc=f"{config.task} {unit}s", disable=not progress,
@@ -161,5 +163,5 @@ def chunked_means(chunk_sums: Callable, state, arrays: tuple, chunk: int, *extra
 
 def train_and_test(evaluate: Callable, state, train: tuple, test: tuple) -> dict:
     """`evaluate(state, *arrays)` on both splits, keyed train/… and test/…."""
-    return {**{f"train/{k}": v for k, v in evaluate(state, *train).items()},
-            **{f"test/{k}": v for k, v in evaluate(state, *test).items()}}
+    return {**{split_key("train", k): v for k, v in evaluate(state, *train).items()},
+            **{split_key("test", k): v for k, v in evaluate(state, *test).items()}}

@@ -19,6 +19,7 @@ import numpy as np
 import optax
 from flax.training.train_state import TrainState
 
+from ntk_tracking.keys import EVAL_EPISODE_RETURN, TRAIN_EPISODE_RETURN, TRAIN_EPISODES, split_key
 from ntk_tracking.train.loop import run_epochs
 from ntk_tracking.envs.pong import evaluate_policy, make_env
 from ntk_tracking.models import scale_initial_params
@@ -221,15 +222,15 @@ def fit(config, data, networks: ActorCritic, runner: Runner, start_epoch: int,
     def evaluation(runner, epoch):
         if epoch == 0:
             r = eval_return(runner, 0)
-            return {"train/episode_return": r, "eval/episode_return": r, "train/episodes": 0.0, "train/env_steps": 0.0}
-        return {"eval/episode_return": eval_return(runner, epoch)} if epoch in eval_epochs else {}
+            return {TRAIN_EPISODE_RETURN: r, EVAL_EPISODE_RETURN: r, TRAIN_EPISODES: 0.0, "train/env_steps": 0.0}
+        return {EVAL_EPISODE_RETURN: eval_return(runner, epoch)} if epoch in eval_epochs else {}
 
     def step(runner, epoch):
         runner, m = update(runner)
-        return runner, {f"train/{k}": float(v) for k, v in jax.device_get(m).items() if k != "completed"}
+        return runner, {split_key("train", k): float(v) for k, v in jax.device_get(m).items() if k != "completed"}
 
     return run_epochs(config, runner, start_epoch, on_epoch, step, evaluation, progress=progress, unit="update",
-                      shown={"ret": "train/episode_return", "eps": "train/episodes"}, check_before_reporting=True,
+                      shown={"ret": TRAIN_EPISODE_RETURN, "eps": TRAIN_EPISODES}, check_before_reporting=True,
                       epoch_steps=lambda epoch: 1)
 
 

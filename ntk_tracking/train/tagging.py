@@ -16,6 +16,7 @@ import numpy as np
 import optax
 from flax.training import train_state
 
+from ntk_tracking.keys import TEST_ACCURACY, TRAIN_LOSS, split_key
 from ntk_tracking.models import scale_initial_params
 from ntk_tracking.train.loop import run_epochs
 
@@ -151,7 +152,7 @@ def fit(config, data, state, start_epoch: int, on_epoch: Callable, progress: boo
     def evaluation(state, epoch):
         metrics = {}
         for name, split in data.splits.items():
-            metrics.update({f"{name}/{k}": float(v) for k, v in evaluate(state, split).items()})
+            metrics.update({split_key(name, k): float(v) for k, v in evaluate(state, split).items()})
         return metrics
 
     def step(state, epoch, steps=slice(None)):
@@ -160,5 +161,5 @@ def fit(config, data, state, start_epoch: int, on_epoch: Callable, progress: boo
         return state, {"train/grad_norm": float(m["grad_norm"]), "train/param_norm": float(m["param_norm"])}
 
     return run_epochs(config, state, start_epoch, on_epoch, step, evaluation, progress=progress,
-                      shown={"loss": "train/loss", "test": "test/accuracy"},
+                      shown={"loss": TRAIN_LOSS, "test": TEST_ACCURACY},
                       epoch_steps=lambda epoch: steps_per_epoch(config, len(data.splits["train"])))

@@ -14,7 +14,8 @@ from ntk_tracking import run_inputs, system_metrics, tracking
 from ntk_tracking.checkpointing import CheckpointError, CheckpointStore
 from ntk_tracking.claims import TTL_SECONDS, Claim, Held, clean_up
 
-from ntk_tracking.keys import EPOCH_METRIC, KIND_TAG as RUN_KIND_TAG, STEP_UNIT_TAG, STEPS_PER_EPOCH_TAG, TASK_TAG
+from ntk_tracking.keys import (DIVERGED_TAG, EPOCH_METRIC, KIND_TAG, STEP_UNIT_TAG, STEPS_PER_EPOCH_TAG, TASK_TAG,
+                               TRAIN_LOSS)
 from ntk_tracking.models import INIT_SCALED_LEAVES
 from ntk_tracking.train.loop import StepCadence
 
@@ -153,7 +154,7 @@ def _train_in_run(client, run_id: str, task, config, dataset, progress: bool,
         params = client.get_run(run_id).data.params  # `mlflow run` logs its own first
         missing = {k: v for k, v in dataclasses.asdict(config).items() if k not in params}
         mlflow.log_params(missing)
-        tags = {RUN_KIND_TAG: "training", TASK_TAG: config.task, STEP_UNIT_TAG: task.step_unit(config)}
+        tags = {KIND_TAG: "training", TASK_TAG: config.task, STEP_UNIT_TAG: task.step_unit(config)}
         if config.step_checkpoints:
             tags[STEPS_PER_EPOCH_TAG] = str(task.steps_per_epoch(config, dataset))
         mlflow.set_tags(tags)
@@ -180,17 +181,17 @@ def _train_in_run(client, run_id: str, task, config, dataset, progress: bool,
     elif config.init_scale != 1:
         check_init_scale(task, config, dataset, model, state)
     cv_epochs = set(config.cv_epochs())
-    losses = {m.step: m.value for m in client.get_metric_history(run_id, "train/loss")}
-    diverged = [client.get_run(run_id).data.tags.get(tracking.DIVERGED_TAG)]
+    losses = {m.step: m.value for m in client.get_metric_history(run_id, TRAIN_LOSS)}
+    diverged = [client.get_run(run_id).data.tags.get(DIVERGED_TAG)]
 
     def on_point(step, epoch, state, metrics, epoch_end):
         """At every epoch's end (step = epoch, or the optimizer step with step checkpoints) and
         at every step checkpoint inside an epoch (epoch fractional)."""
-        if "train/loss" in metrics and not diverged[0]:  # flag it in the run, once
-            losses.setdefault(step, float(metrics["train/loss"]))
+        if TRAIN_LOSS in metrics and not diverged[0]:  # flag it in the run, once
+            losses.setdefault(step, float(metrics[TRAIN_LOSS]))
             diverged[0] = tracking.divergence(list(losses.items()))
             if diverged[0]:
-                client.set_tag(run_id, tracking.DIVERGED_TAG, diverged[0])
+                client.set_tag(run_id, DIVERGED_TAG, diverged[0])
                 print(f"warning: run {run_id} diverged: {diverged[0]}", file=sys.stderr)
         if (epoch_end and int(epoch) in cv_epochs) or step in step_stops:
             store.save_cv(step, task.cv_variables(state))
