@@ -25,7 +25,6 @@ import orbax.checkpoint as ocp
 from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
 from mlflow.utils.file_utils import local_file_uri_to_path
 from orbax.checkpoint import checkpoint_managers
-from orbax.checkpoint._src import asyncio_utils as _ocp_asyncio
 
 log = logging.getLogger(__name__)
 
@@ -87,34 +86,84 @@ def _orbax_silenced():
         absl.removeFilter(quiet)
 
 
-def _run_sync_until_settled(coro):
-    """Orbax's one-shot event loop (`asyncio_utils._run_sync_via_new_loop`), closed only once
-    every task on it has settled.
+_SETTLE_SECONDS = 60.0  # how long a closing restore loop waits for reads still in flight
 
-    Orbax runs each synchronous save or restore on a fresh event loop and closes it as soon as
-    the top coroutine returns. When one array read of a restore fails (a corrupt step), that
+
+class _SettlingEventLoop(asyncio.SelectorEventLoop):
+    """An event loop whose close() first lets every task still on it finish (for at most
+    `_SETTLE_SECONDS`) and retrieves their exceptions; then closes.
+
+    Orbax runs each synchronous restore on a fresh event loop of its own and closes it as soon
+    as the top coroutine returns. When one array read of a restore fails (a damaged step), that
     coroutine raises at once while the reads of the other arrays are still in flight in
     TensorStore's threads; they finish after the loop is closed, and their completion callback
-    (`loop.call_soon_threadsafe`) raises `RuntimeError: Event loop is closed` as an unraisable
-    exception in a background thread. Here the loop first waits for those tasks, then closes.
-    """
-    loop = asyncio.new_event_loop()
-    try:
-        asyncio.set_event_loop(loop)
-        return loop.run_until_complete(coro)
-    finally:
-        try:
-            pending = asyncio.all_tasks(loop)
+    (`loop.call_soon_threadsafe`) raises `RuntimeError: Event loop is closed`, unraisable, in a
+    background thread, and asyncio logs "Task exception was never retrieved" for each failed
+    read. A loop of this class waits for those reads before it closes."""
+
+    def close(self) -> None:
+        if not self.is_running() and not self.is_closed():
+            pending = asyncio.all_tasks(self)
             if pending:
-                loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
-        finally:
-            asyncio.set_event_loop(None)
-            loop.close()
+                done, _ = self.run_until_complete(asyncio.wait(pending, timeout=_SETTLE_SECONDS))
+                for task in done:
+                    if not task.cancelled():
+                        task.exception()  # retrieved: already reported by the restore that failed
+        super().close()
 
 
-# Orbax's run_sync looks the helper up at call time; an Orbax without it keeps its own.
-if hasattr(_ocp_asyncio, "_run_sync_via_new_loop"):
-    _ocp_asyncio._run_sync_via_new_loop = _run_sync_until_settled
+class _SettlingPolicy(asyncio.AbstractEventLoopPolicy):
+    """The process's event loop policy, except that a loop created on one of `threads` (a thread
+    inside `_settled_event_loops`) is a `_SettlingEventLoop`. Everything else goes to `inner`."""
+
+    def __init__(self, inner: asyncio.AbstractEventLoopPolicy):
+        self.inner = inner
+        self.threads: dict[int, int] = {}  # thread id -> nesting depth
+
+    def new_event_loop(self):
+        if threading.get_ident() in self.threads:
+            return _SettlingEventLoop()
+        return self.inner.new_event_loop()
+
+    def get_event_loop(self):
+        return self.inner.get_event_loop()
+
+    def set_event_loop(self, loop) -> None:
+        self.inner.set_event_loop(loop)
+
+    def get_child_watcher(self):  # Python < 3.14 only
+        return self.inner.get_child_watcher()
+
+    def set_child_watcher(self, watcher) -> None:  # Python < 3.14 only
+        self.inner.set_child_watcher(watcher)
+
+
+_policy_lock = threading.Lock()
+
+
+@contextlib.contextmanager
+def _settled_event_loops():
+    """While an Orbax restore runs on this thread: the event loops it creates here (through the
+    public `asyncio.new_event_loop`) settle their tasks before closing. The process's own policy
+    is wrapped for that time only, and only loops created on this thread are affected. (asyncio's
+    policies are deprecated from Python 3.14; tests/test_checkpointing.py fails if Orbax's restore
+    loops stop settling, whatever the cause.)"""
+    ident = threading.get_ident()
+    with _policy_lock:
+        policy = asyncio.get_event_loop_policy()
+        if not isinstance(policy, _SettlingPolicy):
+            policy = _SettlingPolicy(policy)
+            asyncio.set_event_loop_policy(policy)
+        policy.threads[ident] = policy.threads.get(ident, 0) + 1
+    try:
+        yield
+    finally:
+        with _policy_lock:
+            policy.threads[ident] -= 1
+            if not policy.threads[ident]:
+                del policy.threads[ident]
+            if not policy.threads and asyncio.get_event_loop_policy() is policy:
+                asyncio.set_event_loop_policy(policy.inner)
 
 
 def _on_default_device(abstract):
@@ -445,8 +494,8 @@ class CheckpointStore:
             _refuse_links(directory / str(epoch), epoch, where)
             options = ocp.CheckpointManagerOptions(create=False)
             try:
-                with _orbax_silenced(), ocp.CheckpointManager(directory, options=options,
-                                           item_names=_ITEMS[kind]) as manager:
+                with _orbax_silenced(), _settled_event_loops(), ocp.CheckpointManager(
+                        directory, options=options, item_names=_ITEMS[kind]) as manager:
                     restored = manager.restore(epoch, args=args)
                     if not digest:
                         return restored
