@@ -140,11 +140,11 @@ import sys, time
 from ntk_tracking.train import tracked
 
 def slow_fit(original):
-    def fit(self, config, data, state, start_epoch, on_epoch, progress=True):
+    def fit(self, config, data, model, state, start_epoch, on_epoch, progress=True):
         def paced(epoch, state, metrics):
             on_epoch(epoch, state, metrics)
             time.sleep(float(sys.argv[1]))
-        return original(self, config, data, state, start_epoch, paced, progress)
+        return original(self, config, data, model, state, start_epoch, paced, progress)
     return fit
 
 from ntk_tracking.tasks import get_task
