@@ -96,6 +96,22 @@ def metric_history(run_id, key, client=None) -> list[tuple[int, float]]:
                                               key=lambda m: (m.step, m.timestamp))]
 
 
+def interrupt_logging_at(monkeypatch, kill_step: int):
+    """Ctrl-C (KeyboardInterrupt) when a run logs the metrics of `kill_step`: after that step's resume
+    checkpoint was issued, before its metrics. Returns the real logger, to put back."""
+    from ntk_tracking import tracking
+
+    real_log = tracking.log_metrics
+
+    def dying_log(client, run_id, metrics, step):
+        if step == kill_step:
+            raise KeyboardInterrupt
+        real_log(client, run_id, metrics, step)
+
+    monkeypatch.setattr(tracking, "log_metrics", dying_log)
+    return real_log
+
+
 @pytest.fixture(scope="session")
 def shared_tracking_server(tmp_path_factory):
     """One real `mlflow server` (SQLite + proxied artifacts) for every test of the session that

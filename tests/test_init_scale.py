@@ -18,7 +18,7 @@ from ntk_tracking.models import INIT_SCALED_LEAVES, scale_initial_params
 from ntk_tracking.sweep import sweep_main
 from ntk_tracking.tasks import TASK_NAMES, get_task
 from ntk_tracking.train.tracked import check_init_scale
-from conftest import metric_history
+from conftest import interrupt_logging_at, metric_history
 
 pytestmark = pytest.mark.usefixtures("fast_compile")  # conftest: tiny models compile faster
 
@@ -153,14 +153,7 @@ def test_a_resumed_run_is_not_rescaled(store, monkeypatch, capsys):
     argv = RUNS["mnist_dense"] + ["--epochs", "3", "--cv-every", "1", "--resume-interval-seconds", "0",
                                   "--no-progress", "--init-scale", "0.5"]
     reference = train_main("mnist_dense", argv)
-    real_log = tracking.log_metrics
-
-    def dying_log(client, run_id, metrics, step):
-        if step == 2:  # killed after epoch 2's resume checkpoint was issued, before its metrics
-            raise KeyboardInterrupt
-        real_log(client, run_id, metrics, step)
-
-    monkeypatch.setattr(tracking, "log_metrics", dying_log)
+    real_log = interrupt_logging_at(monkeypatch, 2)
     with pytest.raises(SystemExit):
         train_main("mnist_dense", argv)
     monkeypatch.setattr(tracking, "log_metrics", real_log)

@@ -19,7 +19,7 @@ from ntk_tracking.keys import metric_key
 from ntk_tracking.checkpointing import CheckpointStore
 from ntk_tracking.analyze_command import analyze_main
 from ntk_tracking.train_command import train_main
-from conftest import metric_history
+from conftest import interrupt_logging_at, metric_history
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 TINY = ["--width", "8", "--depth", "1", "--epochs", "4", "--train-size", "64", "--test-size", "32",
@@ -101,14 +101,7 @@ def test_resume_after_interruption_matches_uninterrupted(store, monkeypatch, int
     reference = train_main("mnist_dense", TINY)
     ref_final = {k: metric_history(reference, k) for k in ("train/loss", "test/loss", "test/accuracy")}
 
-    real_log = tracking.log_metrics
-
-    def dying_log(client, run_id, metrics, step):
-        if step == 3:  # killed after epoch 3's resume checkpoint was issued, before its metrics
-            raise KeyboardInterrupt
-        real_log(client, run_id, metrics, step)
-
-    monkeypatch.setattr(tracking, "log_metrics", dying_log)
+    real_log = interrupt_logging_at(monkeypatch, 3)
     capsys.readouterr()
     with pytest.raises(SystemExit) as exit_info:  # Ctrl-C: one line and exit status 130
         train_main("mnist_dense", TINY)
