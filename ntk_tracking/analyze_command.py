@@ -10,13 +10,11 @@ import shlex
 import sys
 
 from ntk_tracking import extras
-from ntk_tracking.helpformat import (EXIT_INTERRUPTED, EXIT_SERVER_LOST, HelpFormatter, add_ray_options,
-                                     fail as _fail)
+from ntk_tracking.helpformat import (EXIT_HELD, EXIT_INCOMPLETE, EXIT_INTERRUPTED, EXIT_SERVER_LOST,  # noqa: F401
+                                     HelpFormatter, add_ray_options, fail as _fail)
 from ntk_tracking.keys import ANALYZED_BY_TAG, ANALYZED_RUN_TAG, DESCRIPTION_TAG
 
-EXIT_INCOMPLETE = 3  # some checkpoints damaged, missing or non-finite (the rest analyzed)
 EXIT_TRAINER_STOPPED = 4  # --follow: the trainer stopped writing
-EXIT_HELD = 5  # some checkpoints still held by another live analyzer after --held-wait-seconds
 
 
 def analyze_parser(prog: str = "ntk-tracking analyze") -> argparse.ArgumentParser:
@@ -206,27 +204,10 @@ def _analyze_one(args, run_id: str, settings, analyzer=None):
         if problems:
             print(f"skipped: {len(problems)} checkpoint(s) not logged: " + "; ".join(problems), file=sys.stderr)
         return analyzed, EXIT_INCOMPLETE if problems else 0
-    diverged = analyzer.diverged()
-    if diverged:
-        print(f"warning: run {run_id} diverged ({diverged}): its kernels measure a broken model", file=sys.stderr)
-    epochs = analyzer.run(follow=args.follow, poll_seconds=args.poll_seconds, progress=not args.no_progress,
-                          stall_seconds=args.stall_seconds, held_wait_seconds=args.held_wait_seconds)
-    report = analyzer.report
-    print(f"analyzed {len(epochs)} checkpoint(s) of run {run_id}: epochs {epochs}")
-    if report.already:
-        print(f"{len(report.already)} checkpoint(s) were already analyzed with these settings (epochs "
-              f"{report.already})" + ("; nothing was left to do" if not epochs and report.ok else ""))
-    if report.skipped:
-        print(f"{len(report.skipped)} checkpoint(s) were logged by another process meanwhile: epochs "
-              f"{sorted(report.skipped)}")
-    if report.unverified:
-        print(f"note: checkpoint(s) {report.unverified} were saved before checkpoints carried a digest: "
-              "they cannot be verified")
-    if not report.ok:
-        print(report.summary(), file=sys.stderr)
-    for line in report.held.values():
-        print(f"held: {line}; not analyzed here: analyze again once it is released or expired", file=sys.stderr)
-    return epochs, 0 if report.ok and not report.held else EXIT_INCOMPLETE if not report.ok else EXIT_HELD
+    from ntk_tracking.run import analyze_one
+
+    return analyze_one(analyzer, follow=args.follow, progress=not args.no_progress, poll_seconds=args.poll_seconds,
+                       stall_seconds=args.stall_seconds, held_wait_seconds=args.held_wait_seconds)
 
 
 def _analyze_on_ray(args, run_ids, settings) -> dict[str, list[int]]:

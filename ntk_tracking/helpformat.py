@@ -11,6 +11,8 @@ from typing import NoReturn
 EXIT_REFUSED = 2  # bad input, refused before anything was created or logged
 EXIT_SERVER_LOST = 6  # the tracking server stopped answering part-way; what is done is kept
 EXIT_STORE_UNWRITABLE = 7  # the artifact store stopped accepting checkpoints part-way
+EXIT_INCOMPLETE = 3  # analysis: some checkpoints damaged, missing or non-finite (the rest analyzed)
+EXIT_HELD = 5  # analysis: some checkpoints still held by another live analyzer after --held-wait-seconds
 EXIT_INTERRUPTED = 130  # Ctrl-C (128 + SIGINT), as shells report it
 
 

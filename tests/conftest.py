@@ -88,6 +88,18 @@ def tracking_store(path):
             mlflow.set_tracking_uri(None)
 
 
+def child_config(spec, point, folder: pathlib.Path):
+    """A sweep child's config as the child reads it (the config.json the sweep writes for it), and
+    the `ntk-tracking train` options of the command the child prints to resume it."""
+    import shlex
+
+    from ntk_tracking.run import load_config, train_command_line, write_config
+
+    path = write_config(spec.config(point), folder / f"{spec.key(point)}.json")
+    config = load_config(path)
+    return config, shlex.split(train_command_line(spec.definition, config))[3:], path
+
+
 def metric_history(run_id, key, client=None) -> list[tuple[int, float]]:
     """[(step, value)] of a metric, by step (then time, where a step was logged twice), read through
     `client` (default: the current tracking store)."""

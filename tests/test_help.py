@@ -51,6 +51,25 @@ def as_shown(value) -> str:
     return ("yes" if value else "no") if isinstance(value, bool) else "0" if value is None else str(value)
 
 
+def test_a_training_command_looks_its_task_up_once_and_passes_the_task_on(monkeypatch):
+    """`ntk-tracking train TASK`: one get_task; the parser, the config, the data and training get that Task."""
+    calls, seen = [], {}
+    real = train_command.get_task
+    monkeypatch.setattr(train_command, "get_task", lambda name: calls.append(name) or real(name))
+    monkeypatch.setattr(train_command, "prepare", lambda task, config: seen.update(prepared=task) or "data")
+
+    def train(task, config, dataset, command, **options):
+        seen.update(task=task, config=config, dataset=dataset, command=command)
+        return "run-id"
+
+    monkeypatch.setattr(train_command, "train", train)
+    assert train_command.train_command(["mnist_dense", "--width", "8", "--train-size", "0", "--no-progress"]) == "run-id"
+    assert calls == ["mnist_dense"]
+    assert seen["task"] is seen["prepared"] is real("mnist_dense") and seen["dataset"] == "data"
+    assert seen["config"].width == 8 and seen["config"].train_size is None
+    assert seen["command"] == "ntk-tracking train mnist_dense --width 8 --train-size 0 --no-progress"
+
+
 @pytest.mark.parametrize("task", TASK_NAMES)
 def test_train_help_shows_the_defaults_it_uses(task):
     parser = train_command.train_parser(task)

@@ -4,6 +4,7 @@ it is a run parameter, a sweep field, and a resumed run is not rescaled."""
 
 from __future__ import annotations
 
+import json
 import math
 
 import jax
@@ -18,7 +19,7 @@ from ntk_tracking.models import INIT_SCALED_LEAVES, scale_initial_params
 from ntk_tracking.sweep import sweep_main
 from ntk_tracking.tasks import TASK_NAMES, get_task
 from ntk_tracking.train.tracked import check_init_scale
-from conftest import interrupt_logging_at, metric_history
+from conftest import child_config, interrupt_logging_at, metric_history
 
 pytestmark = pytest.mark.usefixtures("fast_compile")  # conftest: tiny models compile faster
 
@@ -177,13 +178,14 @@ def test_a_resumed_run_is_not_rescaled(store, monkeypatch, capsys):
 
 
 @pytest.mark.parametrize("task", TASK_NAMES)
-def test_every_task_sweeps_over_init_scale(task):
+def test_every_task_sweeps_over_init_scale(task, tmp_path):
     spec, _ = sweep.parse_sweep(["--task", task, "--grid", "init_scale=1,0.5", "--epochs", "1"])
     assert spec.grid == {"init_scale": [1.0, 0.5]}
     assert [spec.key(p) for p in spec.points()] == ["init_scale=1.0", "init_scale=0.5"]
     for point in spec.points():
-        argv = spec.child_argv(point)
-        assert argv[argv.index("--init-scale") + 1] == repr(point["init_scale"])
+        config, argv, path = child_config(spec, point, tmp_path)
+        assert repr(json.loads(path.read_text())["init_scale"]) == repr(point["init_scale"])  # a float
+        assert config == spec.config(point)
         assert config_from_args(task, train_parser(task).parse_args(argv)) == spec.config(point)
         assert spec.config(point).init_scale == point["init_scale"]
 

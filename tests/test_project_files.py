@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import importlib
 import pathlib
 import re
@@ -186,3 +187,95 @@ def test_metric_keys_are_built_only_in_keys_py():
         if hits:
             spelled[str(path.relative_to(ROOT))] = hits
     assert not spelled
+
+
+# The command modules: they parse command lines and may name the MLflow Project's scripts.
+COMMAND_MODULES = {"cli.py", "train_command.py", "analyze_command.py", "report.py", "helpformat.py"}
+_LAUNCHERS = {("subprocess", "Popen"), ("subprocess", "run"), ("subprocess", "call"), ("subprocess", "check_call"),
+              ("subprocess", "check_output"), ("os", "system"), ("os", "popen"), ("sys", "executable")}
+
+
+def _code_strings(tree) -> list[str]:
+    """Every string constant of a module's code, docstrings left out."""
+    docstrings = {id(node.body[0].value) for node in ast.walk(tree)
+                  if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))
+                  and node.body and isinstance(node.body[0], ast.Expr)
+                  and isinstance(node.body[0].value, ast.Constant)}
+    return [node.value for node in ast.walk(tree)
+            if isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docstrings]
+
+
+def _launches_processes(tree) -> bool:
+    """Whether a module starts processes: subprocess, os.system/exec*/spawn*, sys.executable."""
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name):
+            pair = (node.value.id, node.attr)
+            if pair in _LAUNCHERS or (node.value.id == "os" and node.attr.startswith(("exec", "spawn", "posix_spawn"))):
+                return True
+        if isinstance(node, ast.ImportFrom) and node.module == "subprocess":
+            return True
+    return False
+
+
+def launched_pipelines(package: pathlib.Path) -> list[str]:
+    """Modules of `package` (command modules aside) that could launch a pipelines.* script: a module
+    that starts processes and names `pipelines.` in its code, or any that holds a module name
+    `pipelines.X` as a string of its own (an argument of `python -m`)."""
+    found = []
+    for path in sorted(package.rglob("*.py")):
+        if path.parent == package and path.name in COMMAND_MODULES:
+            continue
+        tree = ast.parse(path.read_text())
+        strings = [s for s in _code_strings(tree) if "pipelines." in s]
+        if (strings and _launches_processes(tree)) or any(s.strip().startswith("pipelines.") for s in strings):
+            found.append(f"{path.relative_to(package.parent)}: {strings}")
+    return found
+
+
+def sweep_imports_of_commands(package: pathlib.Path) -> list[str]:
+    """Imports of a command module (train_command, analyze_command, cli) in package/sweep."""
+    found = []
+    for path in sorted((package / "sweep").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, (ast.Import, ast.ImportFrom)) else []
+            if isinstance(node, ast.ImportFrom):
+                names = [f"{node.module}.{n}" for n in names] + [node.module or ""]
+            found += [f"{path.relative_to(package.parent)}: {n}" for n in names
+                      if re.match(r"ntk_tracking\.(train_command|analyze_command|cli)(\.|$)", n)]
+    return found
+
+
+def test_no_library_code_launches_a_pipelines_script_and_the_sweep_imports_no_command():
+    """The sweep and the Ray executor hand a child its config and start `python -m ntk_tracking.run`;
+    only MLproject runs pipelines/ scripts, and the sweep never parses a command's options."""
+    assert launched_pipelines(ROOT / "ntk_tracking") == []
+    assert sweep_imports_of_commands(ROOT / "ntk_tracking") == []
+
+
+def test_the_checks_above_see_a_launch_and_an_import(tmp_path):
+    package = tmp_path / "ntk_tracking"
+    (package / "sweep").mkdir(parents=True)
+    (package / "sweep" / "run.py").write_text(
+        '"""Launches `python -m pipelines.train` (a docstring: not code)."""\nimport subprocess, sys\n'
+        "from ntk_tracking.train_command import train_parser\n"
+        'subprocess.Popen([sys.executable, "-m", "pipelines.train", "mnist_dense"])\n')
+    (package / "executor.py").write_text('def argv(task):\n    return ["pipelines.analyze", task]\n')
+    (package / "generator.py").write_text('def entry(name):\n    return f"command: python -m pipelines.train {name}"\n')
+    (package / "train_command.py").write_text('import subprocess\nsubprocess.run(["python", "-m", "pipelines.train"])\n')
+    assert [line.split(":")[0] for line in launched_pipelines(package)] == [
+        "ntk_tracking/executor.py", "ntk_tracking/sweep/run.py"]
+    assert sweep_imports_of_commands(package) == ["ntk_tracking/sweep/run.py: ntk_tracking.train_command.train_parser",
+                                                  "ntk_tracking/sweep/run.py: ntk_tracking.train_command"]
+
+
+def test_the_sweep_and_the_child_entry_load_no_command_module():
+    """Importing the sweep, its Ray executor and the child entry imports no command-line module."""
+    import subprocess
+    import sys
+
+    code = ("import sys, ntk_tracking.sweep, ntk_tracking.sweep.ray_executor, ntk_tracking.run; "
+            "print(sorted(m for m in sys.modules if m in ('ntk_tracking.train_command', "
+            "'ntk_tracking.analyze_command', 'ntk_tracking.cli')))")
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "[]"

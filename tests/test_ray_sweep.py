@@ -19,14 +19,16 @@ GRID = ["--widths", "4,8", "--depths", "1,2", "--activations", "relu"] + TINY
 VICTIM = "w8-d2-relu-lecun_normal-lr0.001-s0"
 
 # Imported by every Python process the test's Ray workers start: in the victim child's training
-# process, kill the Ray worker that runs it (its parent) right after epoch 1's metrics are logged,
-# once per run (a marker file). The training process dies with its worker (PR_SET_DEATHSIG).
+# process (`python -m ntk_tracking.run --config FILE`, FILE the child's config), kill the Ray worker
+# that runs it (its parent) right after epoch 1's metrics are logged, once per run (a marker file).
+# The training process dies with its worker (PR_SET_DEATHSIG).
 KILL_WORKER = textwrap.dedent("""
     import os, sys
-    if os.environ.get("NTK_TEST_KILL_DIR") and "--width" in sys.orig_argv and any(
-            a.startswith("pipelines.") for a in sys.orig_argv):
+    if os.environ.get("NTK_TEST_KILL_DIR") and "ntk_tracking.run" in sys.orig_argv and "--config" in sys.orig_argv:
+        import json
         argv = sys.orig_argv
-        if argv[argv.index("--width") + 1] == "8" and argv[argv.index("--depth") + 1] == "2":
+        config = json.load(open(argv[argv.index("--config") + 1]))
+        if config["width"] == 8 and config["depth"] == 2:
             from ntk_tracking import tracking
             marker = os.path.join(os.environ["NTK_TEST_KILL_DIR"], os.environ["MLFLOW_RUN_ID"])
             real_log = tracking.log_metrics

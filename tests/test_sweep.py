@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import pathlib
 import signal
 import sys
+import warnings
 
 import mlflow
 import pytest
@@ -15,7 +17,7 @@ from ntk_tracking.checkpointing import CheckpointStore
 from ntk_tracking.train_command import config_from_args, train_parser
 from ntk_tracking.tasks import TASK_NAMES as TASKS
 from ntk_tracking.sweep import analyze_sweep, find_children, sweep_main
-from conftest import use_tracking_store
+from conftest import child_config, use_tracking_store
 
 TINY = ["--epochs", "2", "--train-size", "64", "--test-size", "32", "--batch-size", "16", "--no-progress"]
 GRID = ["--widths", "4,8", "--depths", "1,2", "--activations", "relu"] + TINY
@@ -154,19 +156,33 @@ def test_analyze_sweep_measures_every_child_under_one_progress_bar(grid_sweep, m
     with pytest.raises(tracking.RunError, match="not a sweep"):
         analyze_sweep(next(iter(children.values())).info.run_id, settings)
 
+    # What a Ray task runs for a child's analysis (here without Ray): the sweep's settings, handed
+    # over as an object and read from a file by `python -m ntk_tracking.run --analyze`.
+    from ntk_tracking.sweep.ray_executor import run_child_process
+    from ntk_tracking.sweep.run import child_variables
+
+    child = next(iter(children.values()))
+    job = {"analyze": child.info.run_id, "settings": settings.to_dict(), "data_paths": []}
+    with warnings.catch_warnings():  # a Ray worker holds no JAX threads; this test process does, and
+        warnings.filterwarnings("ignore", "os.fork", RuntimeWarning)  # the child execs at once
+        code, tail = run_child_process(job, child_variables(None, child.info.experiment_id), child.info.run_id, None)
+    assert code == 0, tail
+    assert "3 checkpoint(s) were already analyzed with these settings" in tail
+    assert steps(child.info.run_id, "ntk/entropy/train") == [0, 1, 2]
+
 
 # A child killed with no chance to clean up (as by the OOM killer) after its epoch-0 metrics.
 KILLED_AT_EPOCH_1 = """
 import os, signal, sys
 from ntk_tracking import tracking
-from ntk_tracking.train_command import train_main
+from ntk_tracking.run import main
 real_log = tracking.log_metrics
 def dying_log(client, run_id, metrics, step):
     if step == 1:
         os.kill(os.getpid(), signal.SIGKILL)
     real_log(client, run_id, metrics, step)
 tracking.log_metrics = dying_log
-train_main(sys.argv[1], sys.argv[2:])
+main(["--config", sys.argv[1], "--no-progress"])
 """
 
 
@@ -179,10 +195,10 @@ def test_failed_and_killed_children_then_relaunch(store, monkeypatch, capsys):
             "--workers", "2"] + TINY
     real_command = sweep.run._child_command
 
-    def command(task, child_argv):
-        if child_argv[child_argv.index("--learning-rate") + 1] == "0.001":
-            return [sys.executable, "-c", KILLED_AT_EPOCH_1, task, *child_argv]
-        return real_command(task, child_argv)
+    def command(config_path):  # the child's config.json, written by the sweep
+        if json.loads(pathlib.Path(config_path).read_text())["learning_rate"] == 0.001:
+            return [sys.executable, "-c", KILLED_AT_EPOCH_1, config_path]
+        return real_command(config_path)
 
     monkeypatch.setattr(sweep.run, "_child_command", command)
     with pytest.raises(SystemExit) as exit_info:
@@ -286,15 +302,17 @@ def _scannable(task: str) -> bool:
 
 
 @pytest.mark.parametrize("task", sorted(t for t in TASKS if _scannable(t)))
-def test_children_get_every_training_option(task):
-    """Each child's command line parses back to the grid point's config, defaults included."""
+def test_children_get_every_training_option(task, tmp_path):
+    """Each child's config file holds the grid point's config, defaults included, and the command
+    it prints to resume it parses back to that config."""
     spec, _ = sweep.parse_sweep(["--task", task, "--width", "8", "--depth", "2", "--activation", "tanh",
                                  "--learning-rates", "0.01,0.003",
                                  "--seeds", "0,1", "--epochs", "3", "--cv_every", "2"])
     points = spec.points()
     assert len(points) == 4
     for point in points:
-        argv = spec.child_argv(point)
+        config, argv, _ = child_config(spec, point, tmp_path)
+        assert config == spec.config(point)
         assert config_from_args(task, train_parser(task).parse_args(argv)) == spec.config(point)
     assert spec.config(points[-1]).learning_rate == 0.003 and spec.config(points[-1]).seed == 1
     assert spec.config(points[0]).cv_every == 2

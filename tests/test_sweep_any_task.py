@@ -12,16 +12,17 @@ from ntk_tracking.train_command import config_from_args, train_parser
 from ntk_tracking.report import report_main
 from ntk_tracking.sweep import find_children, sweep_main
 from ntk_tracking.tasks import TASK_NAMES, get_task
-from conftest import use_tracking_store
+from conftest import child_config, use_tracking_store
 from test_cifar_resnet import random_split, write_binary
 
 
 @pytest.mark.parametrize("task", TASK_NAMES)
-def test_every_task_sweeps_over_seeds_and_children_parse_back(task):
+def test_every_task_sweeps_over_seeds_and_children_parse_back(task, tmp_path):
     spec, _ = sweep.parse_sweep(["--task", task, "--grid", "seed=0,1", "--epochs", "3"])
     assert spec.grid == {"seed": [0, 1]} and [spec.key(p) for p in spec.points()] == ["seed=0", "seed=1"]
     for point in spec.points():
-        argv = spec.child_argv(point)
+        config, argv, _ = child_config(spec, point, tmp_path)
+        assert config == spec.config(point)
         assert config_from_args(task, train_parser(task).parse_args(argv)) == spec.config(point)
         assert spec.config(point).epochs == 3 and spec.config(point).seed == point["seed"]
 

@@ -35,8 +35,7 @@ def sweep_main(argv=None, prog: str = "ntk-tracking sweep") -> str:
             from ntk_tracking.sweep.ray_executor import RayExecutor, check_tracking_uri_for_ray
 
             check_tracking_uri_for_ray()
-            executor = RayExecutor(args.ray_address, args.cpus_per_run, args.gpus_per_run,
-                                   None if settings is None else _analysis_argv(args, data_paths))
+            executor = RayExecutor(args.ray_address, args.cpus_per_run, args.gpus_per_run, settings, data_paths)
         tracking.prepare_tracking()
         plan = plan_sweep(spec, args.parent_run_id or None, args.experiment)
         if executor is not None:
@@ -86,12 +85,3 @@ def _interrupted(prog: str, argv: list[str], parent_run_id: str, what: str) -> N
           f"`{prog} {shlex.join(again)}` (or `mlflow run . -e sweep --env-manager local --run-id {parent_run_id}` "
           "with the same -P parameters)", file=sys.stderr)
     raise SystemExit(EXIT_INTERRUPTED) from None
-
-
-def _analysis_argv(args, data_paths) -> list[str]:
-    """`ntk-tracking analyze` options of each child's analysis task (the sweep's settings)."""
-    argv = ["--subsets", str(args.subsets), "--points", str(args.points), "--splits", args.splits,
-            "--seed", str(args.analysis_seed), "--implementation", args.implementation, "--no-progress"]
-    for path in data_paths:
-        argv += ["--allow-data-path", path]
-    return argv

@@ -21,25 +21,25 @@ class SweepPlan:
     experiment_id: str | None  # None: the experiment `experiment` is created with the parent
     experiment: str | None
     client: mlflow.MlflowClient
+    configs: dict[str, object] = dataclasses.field(default_factory=dict)  # key -> the task config its child trains
 
 
 def plan_sweep(spec: SweepSpec, parent_run_id: str | None = None, experiment: str | None = None,
                mlflow_client=None) -> SweepPlan:
     """Validate every grid point, the data and the parent run; ValueError (RunError) if anything is off."""
-    from ntk_tracking.tasks import get_task
-
+    task = spec.definition
     points = {spec.key(p): p for p in spec.points()}
-    configs = [spec.config(p) for p in points.values()]
-    first = configs[0]
+    configs = {key: spec.config(p) for key, p in points.items()}
+    first = next(iter(configs.values()))
     try:  # one load catches bad paths and sizes (a grid over data options is checked at training)
-        data = get_task(spec.task).load_data(first)
+        data = task.load_data(first)
     except ValueError as err:
         raise ValueError(f"dataset {getattr(first, 'dataset', '') or spec.task!r}: {err}") from None
     same_data = ("dataset", "train_size", "test_size", "batch_size")
-    for key, config in zip(points, configs):  # step checkpoints each run can take, on the data just loaded
+    for key, config in configs.items():  # step checkpoints each run can take, on the data just loaded
         if all(getattr(config, f, None) == getattr(first, f, None) for f in same_data):
             try:
-                get_task(spec.task).check_cadence(config, data)
+                task.check_cadence(config, data)
             except ValueError as err:
                 raise ValueError(f"grid point {key}: {err}") from None
     client = mlflow_client or tracking.client()
@@ -54,7 +54,7 @@ def plan_sweep(spec: SweepSpec, parent_run_id: str | None = None, experiment: st
         else:
             found = client.get_experiment_by_name(experiment)
             experiment_id = found.experiment_id if found else None
-        return SweepPlan(spec, points, None, experiment_id, experiment, client)
+        return SweepPlan(spec, points, None, experiment_id, experiment, client, configs)
     parent = tracking.get_run(parent_run_id, client)
     kind = parent.data.tags.get(KIND_TAG)
     if kind not in (None, "sweep") or PARENT_TAG in parent.data.tags:
@@ -68,7 +68,7 @@ def plan_sweep(spec: SweepSpec, parent_run_id: str | None = None, experiment: st
                                 "relaunch it with the original options, or start a new sweep")
     if experiment and client.get_experiment(parent.info.experiment_id).name != experiment:
         raise ValueError(f"sweep {parent_run_id} is not in experiment {experiment!r}")
-    return SweepPlan(spec, points, parent_run_id, parent.info.experiment_id, experiment, client)
+    return SweepPlan(spec, points, parent_run_id, parent.info.experiment_id, experiment, client, configs)
 
 
 def _flat(spec: dict) -> dict:

@@ -2,14 +2,17 @@
 
     ntk-tracking sweep --widths 16,64 --depths 1,2 --executor ray --ray-address auto --cpus-per-run 2
 
-A Ray task starts `python -m pipelines.train <task> …` with MLFLOW_RUN_ID set to its child, exactly as
-the local executor does, so the child logs its own metrics, checkpoints and (from the task) its
-log, and a relaunched child resumes from its resume checkpoint. The training process dies with
+A Ray task receives its child's task config (the object, sent by Ray), writes it as config.json in a
+temporary folder on its worker and starts `python -m ntk_tracking.run --config config.json` with
+MLFLOW_RUN_ID set to its child, exactly as the local executor does, so the child logs its own
+metrics, checkpoints and (from the task) its log, and a relaunched child resumes from its resume
+checkpoint. The training process dies with
 the Ray worker that started it (PR_SET_DEATHSIG), so a worker lost mid-run leaves no orphan
 training the same run; Ray then retries the task (`MAX_RETRIES`), and the retry resumes. A
 training process killed by a signal (e.g. the OOM killer) is retried the same way; one that
 exits with an error is not (it would fail again). With analysis settings, each finished child's
-`ntk-tracking analyze` runs as a further Ray task with the same resources.
+analysis (`python -m ntk_tracking.run --analyze RUN_ID --settings settings.json`, what `ntk-tracking
+analyze RUN_ID` does) runs as a further Ray task with the same resources.
 
 Every worker reaches the tracking server itself, so the tracking URI must be an http(s) server
 (`mlflow server`), never a local sqlite or file store.
@@ -17,6 +20,7 @@ Every worker reaches the tracking server itself, so the tracking URI must be an 
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -29,7 +33,7 @@ from urllib.parse import urlsplit
 import mlflow
 
 from ntk_tracking import tracking
-from ntk_tracking.sweep.run import _Runner, child_variables, process_env
+from ntk_tracking.sweep.run import _Runner, analysis_command, child_command, child_variables, process_env
 MAX_RETRIES = 3  # Ray retries of a child whose worker or training process was killed
 MAX_IN_FLIGHT = 256  # children submitted at once (Ray queues them by resources)
 CONNECT_TIMEOUT_SECONDS = 10.0
@@ -104,19 +108,30 @@ def _die_with_parent() -> None:
         pass
 
 
-def run_child_process(module_argv: list[str], variables: dict[str, str], run_id: str,
+def run_child_process(job: dict, variables: dict[str, str], run_id: str,
                       log_artifact: str | None) -> tuple[int, str]:
-    """The body of a Ray task: `python -m <module_argv>` with `variables`; returns (exit status,
-    last log lines). Uploads the log to `log_artifact` of `run_id`; raises ChildProcessKilled
-    when a signal killed the process, so that Ray retries."""
+    """The body of a Ray task: a child's process with `variables`; returns (exit status, last log
+    lines). `job`: {"config": a task config's dict} trains it; {"analyze": RUN_ID, "settings": an
+    AnalysisSettings dict, "data_paths": [...]} analyzes that run. The document is written into a
+    temporary folder here, where the process reads it. Uploads the log to `log_artifact` of
+    `run_id`; raises ChildProcessKilled when a signal killed the process, so that Ray retries."""
     from ntk_tracking.sweep.run import _LOG_TAIL_LINES, _tail
 
     env = process_env(variables)
     with tempfile.TemporaryDirectory(prefix="ntk-ray-child-") as tmp:
-        log_path = Path(tmp) / ("analyze.log" if module_argv[0] == "pipelines.analyze" else "train.log")
+        if "config" in job:
+            log_path = Path(tmp) / "train.log"
+            config_path = Path(tmp) / "config.json"
+            config_path.write_text(json.dumps(job["config"], indent=2, sort_keys=True))
+            command = child_command(str(config_path))
+        else:
+            log_path = Path(tmp) / "analyze.log"
+            settings_path = Path(tmp) / "settings.json"
+            settings_path.write_text(json.dumps(job["settings"], indent=2, sort_keys=True))
+            command = analysis_command(job["analyze"], str(settings_path), job.get("data_paths", ()))
         with open(log_path, "w") as log:
-            proc = subprocess.Popen([sys.executable, "-m", *module_argv], stdout=log, stderr=subprocess.STDOUT,
-                                    env=env, preexec_fn=_die_with_parent)
+            proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env,
+                                    preexec_fn=_die_with_parent)
             try:
                 returncode = proc.wait()
             except KeyboardInterrupt:  # ray.cancel: let the child end its run and flush checkpoints
@@ -138,19 +153,20 @@ def run_child_process(module_argv: list[str], variables: dict[str, str], run_id:
 
 
 class RayExecutor:
-    """Where and with what resources children run on Ray; `analysis_argv`: analyze finished children."""
+    """Where and with what resources children run on Ray; `analysis`: analyze finished children with
+    these AnalysisSettings, reading recorded datasets under `data_paths`."""
 
     analyzes: bool
 
     def __init__(self, address: str | None = None, cpus_per_run: float = 1.0, gpus_per_run: float = 0.0,
-                 analysis_argv: list[str] | None = None):
+                 analysis=None, data_paths: tuple[str, ...] = ()):
         if not cpus_per_run > 0:
             raise ValueError(f"--cpus-per-run must be > 0, got {cpus_per_run}")
         if not gpus_per_run >= 0:
             raise ValueError(f"--gpus-per-run must be ≥ 0, got {gpus_per_run}")
         self.address, self.cpus, self.gpus = address or None, float(cpus_per_run), float(gpus_per_run)
-        self.analysis_argv = analysis_argv
-        self.analyzes = analysis_argv is not None
+        self.analysis, self.data_paths = analysis, tuple(data_paths)
+        self.analyzes = analysis is not None
         self.analysis_errors: list[str] = []
 
     def prepare(self) -> None:
@@ -193,10 +209,10 @@ class _RayRunner(_Runner):
             retry_exceptions=[ChildProcessKilled])
         self.analysis_errors = executor.analysis_errors
 
-    def _call(self, module_argv: list[str], variables: dict, run_id: str, log_artifact: str) -> int | None:
+    def _call(self, job: dict, variables: dict, run_id: str, log_artifact: str) -> int | None:
         import ray
 
-        ref = self.remote.remote(module_argv, {**variables, **_credentials()}, run_id, log_artifact)
+        ref = self.remote.remote(job, {**variables, **_credentials()}, run_id, log_artifact)
         with self.lock:
             self.refs.add(ref)
         try:
@@ -214,16 +230,17 @@ class _RayRunner(_Runner):
 
     def train(self, key: str, run_id: str, log_path: Path) -> int | None:
         plan = self.plan
-        argv = ["pipelines.train", plan.spec.task, *plan.spec.child_argv(plan.points[key])]
-        returncode = self._call(argv, child_variables(run_id, plan.experiment_id), run_id, "logs")
+        job = {"config": plan.configs[key].to_dict()}  # the child's config, written on its worker
+        returncode = self._call(job, child_variables(run_id, plan.experiment_id), run_id, "logs")
         log_path.write_text("(the log is the run's artifact logs/train.log)\n")
         return returncode
 
     def run(self, key: str, run_id: str, train: bool = True):
         result = super().run(key, run_id, train)
         if self.executor.analyzes and result.status == "FINISHED" and not self.stopping.is_set():
-            argv = ["pipelines.analyze", run_id, *self.executor.analysis_argv]
-            code = self._call(argv, child_variables(None, self.plan.experiment_id), run_id, "logs")
+            job = {"analyze": run_id, "settings": self.executor.analysis.to_dict(),
+                   "data_paths": list(self.executor.data_paths)}
+            code = self._call(job, child_variables(None, self.plan.experiment_id), run_id, "logs")
             if code != 0:
                 message = (f"analysis of child {key} ({run_id}) failed ({code}); see its artifact "
                            "logs/analyze.log")

@@ -18,6 +18,7 @@ from mlflow.entities import Param
 from tqdm.auto import tqdm
 
 from ntk_tracking import tracking, ui_links
+from ntk_tracking.run import write_config
 from ntk_tracking.sweep.plan import SweepPlan, find_children, plan_sweep
 from ntk_tracking.keys import (FAILED_TAG, KEY_TAG, KIND_TAG, PARENT_TAG, TASK_TAG, TEST_ACCURACY, TEST_LOSS,
                                TRAIN_LOSS)
@@ -43,9 +44,22 @@ class SweepResult:
         return [c for c in self.children if c.status != "FINISHED"]
 
 
-def _child_command(task: str, argv: list[str]) -> list[str]:
-    """The training process of one child (tests replace it to simulate a killed process)."""
-    return [sys.executable, "-m", "pipelines.train", task, *argv]
+def child_command(config_path: str) -> list[str]:
+    """The training process of one child: the library entry that trains the task config in
+    `config_path` (a config.json document) as `ntk-tracking train` would, in the run MLFLOW_RUN_ID names."""
+    return [sys.executable, "-m", "ntk_tracking.run", "--config", str(config_path), "--no-progress"]
+
+
+def analysis_command(run_id: str, settings_path: str, data_paths=()) -> list[str]:
+    """The analysis process of one finished child: the AnalysisSettings in `settings_path`."""
+    allowed = [a for path in data_paths for a in ("--allow-data-path", str(path))]
+    return [sys.executable, "-m", "ntk_tracking.run", "--analyze", run_id, "--settings", str(settings_path),
+            *allowed, "--no-progress"]
+
+
+def _child_command(config_path: str) -> list[str]:
+    """The local executor's training process of one child (tests replace it to simulate a killed process)."""
+    return child_command(config_path)
 
 
 def child_variables(run_id: str | None, experiment_id: str) -> dict[str, str]:
@@ -64,7 +78,7 @@ def process_env(variables: dict[str, str]) -> dict[str, str]:
     if "MLFLOW_RUN_ID" not in variables:
         env.pop("MLFLOW_RUN_ID", None)
     root = Path(__file__).resolve().parents[2]
-    if (root / "pipelines").is_dir() and (root / "pyproject.toml").is_file():  # a source checkout
+    if (root / "ntk_tracking").is_dir() and (root / "pyproject.toml").is_file():  # a source checkout
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(root), env.get("PYTHONPATH")]))
     return env
 
@@ -110,7 +124,8 @@ class _Runner:
         return self._record(key, run_id, returncode, log_path)
 
     def train(self, key: str, run_id: str, log_path: Path) -> int | None:
-        command = _child_command(self.plan.spec.task, self.plan.spec.child_argv(self.plan.points[key]))
+        config_path = write_config(self.plan.configs[key], log_path.parent / "config.json")
+        command = _child_command(str(config_path))
         with open(log_path, "w") as log:
             proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
                                     env=_child_env(run_id, self.plan.experiment_id))

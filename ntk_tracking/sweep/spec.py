@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import itertools
 import json
 
 from ntk_tracking import tracking
 from ntk_tracking.helpformat import HelpFormatter, add_ray_options, yes_no
-from ntk_tracking.train_command import config_from_args, train_parser
-from ntk_tracking.tasks import task_names, get_task
+from ntk_tracking.tasks import Task, task_names, get_task
 
 SPEC_ARTIFACT = "sweep.json"
 # (config field, sweep option, value type): one child per combination, in this order.
@@ -21,13 +21,16 @@ _GRID_FIELDS = tuple(f for f, _, _ in GRID)
 # to the task's single value.
 GRID_DEFAULTS = {"widths": "16,64,256", "depths": "1,2,4", "activations": "relu,tanh"}
 EXECUTORS = ("local", "ray")
-_NOT_PASSED = {"help", "experiment", "no_progress", "resume_interval_seconds"}  # sweep-level options, not training values
 _LOG_TAIL_LINES = 15
 
 
-def _scans(task: str) -> bool:
+def _task(task: str | Task) -> Task:
+    return task if isinstance(task, Task) else get_task(task)
+
+
+def _scans(task: Task) -> bool:
     """Whether the task's config has every field of the architecture scan (width × depth × …)."""
-    return all(hasattr(get_task(task).default_config(), f) for f in _GRID_FIELDS)
+    return all(hasattr(task.default_config(), f) for f in _GRID_FIELDS)
 
 
 def child_key(point: dict) -> str:
@@ -40,11 +43,6 @@ def _text(value) -> str:
     return repr(value) if isinstance(value, float) else str(value)
 
 
-def _training_options(task: str) -> dict[str, argparse.Action]:
-    """The training entry point's options by destination, as children receive them."""
-    return {a.dest: a for a in train_parser(task)._actions if a.dest not in _NOT_PASSED}
-
-
 @dataclasses.dataclass
 class SweepSpec:
     """What a sweep trains: the task, the grid (field -> values) and the fixed training options."""
@@ -52,6 +50,11 @@ class SweepSpec:
     task: str
     grid: dict[str, list]
     fixed: dict[str, object]
+
+    @functools.cached_property
+    def definition(self) -> Task:
+        """The Task named `task`, looked up once."""
+        return get_task(self.task)
 
     def points(self) -> list[dict]:
         """Every grid point as {field: value}, in grid order."""
@@ -72,21 +75,10 @@ class SweepSpec:
         """The grid as one --grid value: 'latents=4,8 seed=0,1'."""
         return " ".join(f"{f}={','.join(map(_text, v))}" for f, v in self.grid.items())
 
-    def child_argv(self, point: dict) -> list[str]:
-        """The training entry point's command line for one grid point (every value explicit)."""
-        argv = []
-        for dest, action in _training_options(self.task).items():
-            value = point[dest] if dest in point else self.fixed[dest]
-            if action.nargs == 0:  # a flag
-                argv += [action.option_strings[0]] if value else []
-            else:
-                argv += [action.option_strings[0], repr(value) if isinstance(value, float) else str(value)]
-        return argv + ["--no-progress"]
-
     def config(self, point: dict):
-        """The validated task config of one grid point (ValueError naming the point)."""
+        """The validated task config of one grid point, the config its child trains (ValueError naming the point)."""
         try:
-            return config_from_args(self.task, argparse.Namespace(**self.fixed, **point))
+            return self.definition.config_from_options({**self.fixed, **point})
         except ValueError as err:
             raise ValueError(f"grid point {self.key(point)}: {err}") from None
 
@@ -131,8 +123,9 @@ class _Parser(argparse.ArgumentParser):
         super().error(message)
 
 
-def sweep_parser(task: str = "mnist_dense", prog: str = "ntk-tracking sweep") -> argparse.ArgumentParser:
-    """The sweep's options; training defaults come from `task`."""
+def sweep_parser(task: str | Task = "mnist_dense", prog: str = "ntk-tracking sweep") -> argparse.ArgumentParser:
+    """The sweep's options; training defaults come from `task` (a Task or its name)."""
+    task = _task(task)
     p = _Parser(
         prog=prog, allow_abbrev=False,
         description="Train every combination of the grid as a child run of one MLflow parent run "
@@ -156,14 +149,10 @@ def sweep_parser(task: str = "mnist_dense", prog: str = "ntk-tracking sweep") ->
         grid.add_argument(*dict.fromkeys(names), dest=option, default=None,
                           help=f"{field} values, as --grid {field}=…{scan_default}")
     fixed = p.add_argument_group("training options, the same for every child (unless in --grid)")
-    for dest, action in _training_options(task).items():
-        if dest in _GRID_FIELDS:
-            continue
-        if action.nargs == 0:
-            fixed.add_argument(*action.option_strings, dest=dest, action="store_true", help=action.help)
-        else:
-            fixed.add_argument(*action.option_strings, dest=dest, default=action.default, help=action.help or dest,
-                               type=_or_default(action.type or str, action.default))
+    for name, option in task.options().items():
+        if name not in _GRID_FIELDS:
+            fixed.add_argument(*option.flags, dest=name, default=option.default, help=option.help or name,
+                               type=_or_default(option.convert, option.default))
     run = p.add_argument_group("the sweep")
     run.add_argument("--workers", type=int, default=1,
                      help="local executor: children trained at once (one process each); on Ray the "
@@ -198,11 +187,12 @@ def _split_grid(values: list[str]) -> list[tuple[str, str]]:
     return pairs
 
 
-def _grid(task: str, args) -> dict[str, list]:
-    """The swept fields and their values: --grid, the shorthands, or the architecture scan."""
-    options = _training_options(task)
-    d = get_task(task).default_config()
-    listing = ", ".join(sorted(o for o in options if o not in _NOT_PASSED))
+def _grid(task: Task, args) -> dict[str, list]:
+    """The swept fields and their values (each parsed with its config field's type): --grid, the
+    shorthands, or the architecture scan."""
+    options = task.options()
+    d = task.default_config()
+    listing = ", ".join(sorted(options))
     given = [(field, text, f"grid {field}") for field, text in _split_grid(args.grid)]
     scan = _scans(task) and not given
     shorthand = []
@@ -214,15 +204,15 @@ def _grid(task: str, args) -> dict[str, list]:
             shorthand.append((field, text, option.replace("_", "-")))
     grid = {}
     for field, text, option in shorthand + given:
-        if field not in options or field in _NOT_PASSED:
-            raise ValueError(f"--{option}: task {task!r} has no option {field!r} to sweep; its options: {listing}")
+        if field not in options:
+            raise ValueError(f"--{option}: task {task.name!r} has no option {field!r} to sweep; its options: {listing}")
         if field in grid:
             raise ValueError(f"--{option}: {field} is given more than once")
-        grid[field] = _parse_list(text, options[field].type or str, option, getattr(d, field))
+        grid[field] = _parse_list(text, options[field].convert, option, getattr(d, field))
     if scan:
         grid = {f: grid[f] for f in _GRID_FIELDS}
     if not any(len(v) > 1 for v in grid.values()) and not scan:
-        raise ValueError(f"nothing to sweep: give --grid FIELD=V1,V2 with two or more values (task {task!r}'s "
+        raise ValueError(f"nothing to sweep: give --grid FIELD=V1,V2 with two or more values (task {task.name!r}'s "
                          f"options: {listing})")
     return grid
 
@@ -234,9 +224,10 @@ def parse_sweep(argv, prog: str = "ntk-tracking sweep") -> tuple[SweepSpec, argp
     task = pre.parse_known_args(argv)[0].task
     if task not in task_names():
         raise ValueError(f"unknown task {task!r}; choose one of {list(task_names())}")
-    args = sweep_parser(task, prog).parse_args(argv)
-    grid = _grid(task, args)
-    options = _training_options(task)
+    definition = get_task(task)  # once: the parser, the grid and the spec share it
+    args = sweep_parser(definition, prog).parse_args(argv)
+    grid = _grid(definition, args)
+    options = definition.options()
     fixed = {dest: (options[dest].default if dest in _GRID_FIELDS else getattr(args, dest))
              for dest in options if dest not in grid}
     for field in grid:  # a swept option also given as a fixed one
@@ -252,4 +243,6 @@ def parse_sweep(argv, prog: str = "ntk-tracking sweep") -> tuple[SweepSpec, argp
         raise ValueError(f"--cpus-per-run must be > 0, got {args.cpus_per_run:g}")
     if not args.gpus_per_run >= 0:
         raise ValueError(f"--gpus-per-run must be ≥ 0, got {args.gpus_per_run:g}")
-    return SweepSpec(task, grid, fixed), args
+    spec = SweepSpec(task, grid, fixed)
+    spec.definition = definition
+    return spec, args

@@ -153,6 +153,40 @@ def cli_fields(config_class) -> list[dataclasses.Field]:
 
 
 @dataclasses.dataclass(frozen=True)
+class Option:
+    """A config field as a training option (of `ntk-tracking train TASK` and of a sweep): its
+    scalar type, its default as the command line takes it (0 for an unset optional field), its help."""
+
+    name: str
+    kind: type
+    optional: bool
+    default: Any
+    help: str | None
+
+    @property
+    def flags(self) -> list[str]:
+        """--field-name and --field_name (one of them for a one-word field)."""
+        return list(dict.fromkeys([f"--{self.name.replace('_', '-')}", f"--{self.name}"]))
+
+    @property
+    def convert(self) -> Callable[[str], Any]:
+        """Text to value: the field's type; yes/no (true/false, 1/0, on/off) for a boolean."""
+        if self.kind is bool:
+            from ntk_tracking.helpformat import yes_no
+
+            return yes_no
+        return self.kind
+
+    def value(self, value):
+        """`value` as the field holds it: None for 0 of an optional field, a float field's int as a float."""
+        if self.optional and value == 0:
+            return None
+        if self.kind is float and isinstance(value, int) and not isinstance(value, bool):
+            return float(value)
+        return value
+
+
+@dataclasses.dataclass(frozen=True)
 class ProbeSet:
     """Points the NTK is measured on: a pytree whose leaves lead with the point axis, and an
     optional output mask (the output shape or a leading part of it) that zeroes padding."""
@@ -212,6 +246,26 @@ class Task:
 
     def config_from_dict(self, saved: dict) -> TaskConfig:
         return self.config_class.from_dict(saved)
+
+    def options(self) -> dict[str, Option]:
+        """The training options by field name: the config's command-line fields, defaulted from this task."""
+        d = self.default_config()
+        options = {}
+        for field in cli_fields(self.config_class):
+            kind, optional = field_type(self.config_class, field.name)
+            default = getattr(d, field.name)
+            options[field.name] = Option(field.name, kind, optional, 0 if optional and default is None else default,
+                                         field.metadata.get("help"))
+        return options
+
+    def config_from_options(self, values: dict) -> TaskConfig:
+        """The validated config of option values {field: value} (what `ntk-tracking train` and a sweep's
+        grid point give): 0 of an optional field means unset (None) even where the default is a number."""
+        options = self.options()
+        values = {k: options[k].value(v) if k in options else v for k, v in values.items()}
+        config = self.config(**values)
+        config = dataclasses.replace(config, **{k: None for k, v in values.items() if v is None})
+        return config.validate()
 
     def run_name(self, config) -> str:
         return config.task
