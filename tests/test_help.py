@@ -11,11 +11,12 @@ import sys
 
 import pytest
 
-from ntk_tracking import analyze_command, cli, train_command
+from ntk_tracking import cli
+from ntk_tracking.cli import analyze as analyze_command, train as train_command
 from ntk_tracking.analyze import AnalysisSettings
-from ntk_tracking.quickstart import QUICKSTART_EPOCHS, quickstart_parser
-from ntk_tracking.report import report_parser
-from ntk_tracking.sweep.spec import sweep_parser
+from ntk_tracking.cli.quickstart import QUICKSTART_EPOCHS, quickstart_parser
+from ntk_tracking.cli.report import report_parser
+from ntk_tracking.cli.sweep import sweep_parser
 from ntk_tracking.tasks import TASK_NAMES, get_task
 from ntk_tracking.tasks import base
 ROOT = pathlib.Path(__file__).resolve().parents[1]

@@ -14,9 +14,9 @@ import pytest
 
 from ntk_tracking import sweep, tracking
 from ntk_tracking.checkpointing import CheckpointStore
-from ntk_tracking.train_command import config_from_args, train_main, train_parser
+from ntk_tracking.cli.train import config_from_args, train_main, train_parser
 from ntk_tracking.models import INIT_SCALED_LEAVES, scale_initial_params
-from ntk_tracking.sweep import sweep_main
+from ntk_tracking.cli.sweep import sweep_main
 from ntk_tracking.tasks import TASK_NAMES, get_task
 from ntk_tracking.train.tracked import check_init_scale
 from conftest import child_config, interrupt_logging_at, metric_history

@@ -14,9 +14,10 @@ import pytest
 from ntk_tracking import analyze, sweep, tracking
 from ntk_tracking.analyze import AnalysisSettings
 from ntk_tracking.checkpointing import CheckpointStore
-from ntk_tracking.train_command import config_from_args, train_parser
+from ntk_tracking.cli.train import config_from_args, train_parser
 from ntk_tracking.tasks import TASK_NAMES as TASKS
-from ntk_tracking.sweep import analyze_sweep, find_children, sweep_main
+from ntk_tracking.sweep import analyze_sweep, find_children
+from ntk_tracking.cli.sweep import sweep_main
 from conftest import child_config, use_tracking_store
 
 TINY = ["--epochs", "2", "--train-size", "64", "--test-size", "32", "--batch-size", "16", "--no-progress"]
@@ -158,7 +159,7 @@ def test_analyze_sweep_measures_every_child_under_one_progress_bar(grid_sweep, m
 
     # What a Ray task runs for a child's analysis (here without Ray): the sweep's settings, handed
     # over as an object and read from a file by `python -m ntk_tracking.run --analyze`.
-    from ntk_tracking.sweep.ray_executor import run_child_process
+    from ntk_tracking.on_ray import run_child_process
     from ntk_tracking.sweep.run import child_variables
 
     child = next(iter(children.values()))
@@ -351,7 +352,7 @@ def test_analyzing_a_sweep_with_a_damaged_checkpoint_names_it_and_exits_incomple
     """`analyze PARENT` exits 3, not 0, while a child's checkpoint is left unlogged; the rest are logged."""
     import pathlib
 
-    from ntk_tracking.analyze_command import EXIT_INCOMPLETE, analyze_main
+    from ntk_tracking.cli.analyze import EXIT_INCOMPLETE, analyze_main
 
     parent = sweep_main(["--task", "mnist_dense", "--grid", "width=4,8", "--depth", "1", "--cv-every", "1", *TINY])
     children = find_children(mlflow.MlflowClient(), parent)

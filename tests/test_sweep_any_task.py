@@ -8,9 +8,10 @@ import mlflow
 import pytest
 
 from ntk_tracking import sweep, tracking
-from ntk_tracking.train_command import config_from_args, train_parser
-from ntk_tracking.report import report_main
-from ntk_tracking.sweep import find_children, sweep_main
+from ntk_tracking.cli.train import config_from_args, train_parser
+from ntk_tracking.cli.report import report_main
+from ntk_tracking.sweep import find_children
+from ntk_tracking.cli.sweep import sweep_main
 from ntk_tracking.tasks import TASK_NAMES, get_task
 from conftest import child_config, use_tracking_store
 from test_cifar_resnet import random_split, write_binary
