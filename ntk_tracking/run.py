@@ -22,7 +22,7 @@ import json
 import shlex
 import sys
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterator, NoReturn
 
 from ntk_tracking.exits import (EXIT_HELD, EXIT_INCOMPLETE, EXIT_INTERRUPTED, EXIT_REFUSED, EXIT_SERVER_LOST,
                                 EXIT_STORE_UNWRITABLE, fail)
@@ -247,7 +247,7 @@ Train a task config from a file (config.json), or analyze one training run with 
 a file (how a sweep starts its children)."""
 
 
-def _usage_error(message: str):
+def _usage_error(message: str) -> NoReturn:
     print(f"{USAGE}\n\npython -m ntk_tracking.run: error: {message}", file=sys.stderr)
     raise SystemExit(EXIT_REFUSED)
 
