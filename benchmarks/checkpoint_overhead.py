@@ -87,7 +87,7 @@ def orbax_floor(variables, saves: int = 10) -> tuple[float, float, int]:
 
 def task_config(name: str, args: str | None):
     """The task's default config, changed by its own command-line options in `args`."""
-    from ntk_tracking.train_command import config_from_args, train_parser
+    from ntk_tracking.cli.train import config_from_args, train_parser
 
     return config_from_args(name, train_parser(name).parse_args(shlex.split(args or "")))
 

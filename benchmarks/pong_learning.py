@@ -45,8 +45,8 @@ def main() -> None:
     import numpy as np
 
     from ntk_tracking.checkpointing import CheckpointStore
-    from ntk_tracking.analyze_command import analyze_main
-    from ntk_tracking.train_command import train_main
+    from ntk_tracking.cli.analyze import analyze_main
+    from ntk_tracking.cli.train import train_main
     from ntk_tracking.envs import pong
     from ntk_tracking.figures_rl import return_jump_step, rl_evolution_figure
     from ntk_tracking.tasks import get_task

@@ -1,6 +1,6 @@
 """Sweep reports from MLflow data alone: regimes, evolution grids, scaling maps, CSV tables.
 
-    ntk-tracking report PARENT_RUN_ID [--split train]
+    ntk-tracking report PARENT_RUN_ID [--split train]   (the command: ntk_tracking/cli/report.py)
     mlflow run . -e report --env-manager local -P run_id=PARENT_RUN_ID
 
 Reads the sweep parent (tag ntk_tracking.kind=sweep, artifact sweep.json) and its training
@@ -25,7 +25,6 @@ Children without NTK metrics: an error if none has any; otherwise skipped with a
 
 from __future__ import annotations
 
-import argparse
 import csv
 import dataclasses
 import itertools
@@ -38,10 +37,9 @@ import warnings
 import numpy as np
 from tqdm.auto import tqdm
 
-from ntk_tracking import figures, regimes, tracking, ui_links
-from ntk_tracking.helpformat import HelpFormatter
+from ntk_tracking import figures, regimes, tracking
 from ntk_tracking.keys import (EPOCH_METRIC, KIND_TAG, NTK_PREFIX, PRIMARY_NETWORK, REGIME_SPLIT_TAG, REGIME_TAG,
-                               REPORTED_RUN_TAG, STEP_UNIT_TAG, TRAIN_LOSS, metric_key, regime_key, split_key)
+                               STEP_UNIT_TAG, TRAIN_LOSS, metric_key, regime_key, split_key)
 from ntk_tracking.tasks import task_names, get_task
 
 SWEEP_ARTIFACT = "sweep.json"
@@ -461,45 +459,3 @@ def report(parent_run_id: str, split: str = "train", progress: bool = True,
         client.log_artifacts(parent_run_id, tmp, "report")
         artifacts = sorted(f"report/{name}" for name in os.listdir(tmp))
     return SweepReport(parent_run_id, split, {c.run_id: c.regime for c in analyzed}, skipped, artifacts)
-
-
-def report_parser(prog: str = "ntk-tracking report") -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog=prog,
-        description="Report a sweep from its MLflow runs: classify each child's entropy regime "
-        "(logged on the child), and log evolution grids, width × depth scaling maps and CSV tables "
-        "to the parent run under report/. Analyze the children first (ntk-tracking analyze).",
-        formatter_class=HelpFormatter,
-    )
-    p.add_argument("run_id", help="the MLflow run id of the sweep's parent run")
-    p.add_argument("--split", default="train", choices=SPLITS, help="data split whose NTK entropy sets the regime")
-    p.add_argument("--recovery-threshold", "--recovery_threshold", dest="recovery_threshold", type=float,
-                   default=regimes.RECOVERY_THRESHOLD,
-                   help="structure formation when the entropy recovers at least this fraction of its early drop")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    return p
-
-
-def report_main(argv=None, prog: str = "ntk-tracking report") -> SweepReport:
-    """`ntk-tracking report RUN_ID`: report a sweep into its parent run."""
-    from ntk_tracking.helpformat import fail as _fail
-
-    args = report_parser(prog).parse_args(argv)
-    try:
-        tracking.prepare_tracking(reading=True)
-        if os.environ.get("MLFLOW_RUN_ID") == args.run_id:
-            raise ValueError("the run to report is the run this command was launched in; pass the sweep's parent run id")
-        result = report(args.run_id, args.split, progress=not args.no_progress,
-                        recovery_threshold=args.recovery_threshold)
-        if os.environ.get("MLFLOW_RUN_ID"):  # launched by `mlflow run`: point its run at the sweep
-            tracking.client().set_tag(os.environ["MLFLOW_RUN_ID"], REPORTED_RUN_TAG, args.run_id)
-    except ValueError as err:  # RunError included
-        _fail(str(err))
-    counts = {}
-    for r in result.regimes.values():
-        counts[r.label] = counts.get(r.label, 0) + 1
-    print(f"reported {len(result.regimes)} run(s) of sweep {args.run_id} on {args.split}: "
-          + ", ".join(f"{n} {label}" for label, n in sorted(counts.items()))
-          + f"; artifacts {', '.join(result.artifacts)}")
-    ui_links.announce(args.run_id)
-    return result

@@ -7,23 +7,25 @@
 names the task) exactly as `ntk-tracking train TASK` with the same options would: under
 MLFLOW_RUN_ID the launched run is used, and a run with a resume checkpoint resumes. `--analyze`
 measures the NTK of training run RUN_ID with the AnalysisSettings in the file, as `ntk-tracking
-analyze RUN_ID` does. A sweep starts its children this way (sweep.run, sweep.ray_executor): the
-child is handed its config, never a command line to parse.
+analyze RUN_ID` does. A sweep starts its children this way (sweep.run, on_ray): the child is
+handed its config, never a command line to parse; the library writes these two forms itself, so
+`main` reads them with a plain loop and refuses anything else (exit status 2).
 
-`train` and `analyze_one` are the bodies that `ntk-tracking train` and `ntk-tracking analyze` share
-with this entry; no command-line parser is imported here.
+`train`, `analyze_one` and `analysis_exits` are the bodies that `ntk-tracking train` and
+`ntk-tracking analyze` share with this entry; no command-line parser is imported here.
 """
 
 from __future__ import annotations
 
-import argparse
+import contextlib
 import json
 import shlex
 import sys
 from pathlib import Path
+from typing import Callable, Iterator, NoReturn
 
-from ntk_tracking.helpformat import (EXIT_HELD, EXIT_INCOMPLETE, EXIT_INTERRUPTED, EXIT_SERVER_LOST,
-                                     EXIT_STORE_UNWRITABLE, fail)
+from ntk_tracking.exits import (EXIT_HELD, EXIT_INCOMPLETE, EXIT_INTERRUPTED, EXIT_REFUSED, EXIT_SERVER_LOST,
+                                EXIT_STORE_UNWRITABLE, fail)
 
 RESUME_INTERVAL_SECONDS = 60  # the tracked wrapper's default; kept here so --help needs no jax import
 
@@ -187,56 +189,127 @@ def _train_file(path: str, progress: bool, resume_interval_seconds: int) -> str:
                  resume_interval_seconds=resume_interval_seconds)
 
 
+@contextlib.contextmanager
+def analysis_exits(again: str, logged: Callable[[], str],
+                   lost_detail: Callable[[BaseException], str] | None = None) -> Iterator[None]:
+    """How an analysis command ends when it cannot go on, for `ntk-tracking analyze` and the child
+    entry alike: Ctrl-C prints `interrupted: LOGGED; AGAIN` (exit status 130); bad input (ValueError,
+    RunError included) and an unwritable artifact store end through `fail` (2); a lost tracking
+    server prints `error: lost the tracking server URI DETAIL; once the server is back, AGAIN` with
+    credentials redacted (6), DETAIL being `lost_detail(err)`, by default `: LOGGED`. `logged()`
+    says what was logged so far; `again`, how to continue. Any other error is raised as it is."""
+    from ntk_tracking import tracking
+
+    try:
+        yield
+    except KeyboardInterrupt:
+        print(f"interrupted: {logged()}; {again}", file=sys.stderr)
+        raise SystemExit(EXIT_INTERRUPTED) from None
+    except ValueError as err:  # RunError included
+        fail(str(err))
+    except Exception as err:  # noqa: BLE001 - re-raised unless the tracking server is gone
+        if not tracking.server_lost():
+            if isinstance(err, PermissionError):
+                fail(f"cannot write to the run's artifact store at {err.filename or '?'} ({err.strerror}); make "
+                     "it writable, or analyze from an account that can write there")
+            raise
+        uri = tracking.redact_uri(tracking.mlflow.get_tracking_uri())
+        detail = lost_detail(err) if lost_detail is not None else f": {logged()}"
+        print(tracking.redact(f"error: lost the tracking server {uri}{detail}; once the server is back, {again}"),
+              file=sys.stderr)
+        raise SystemExit(EXIT_SERVER_LOST) from None
+
+
 def _analyze_run(run_id: str, path: str, data_paths: tuple[str, ...], progress: bool) -> int:
     from ntk_tracking import tracking, ui_links
 
     again = f"continue with `ntk-tracking analyze {run_id}` and the same settings (checkpoints already logged are skipped)"
     analyzer = None
-    try:
+
+    def logged() -> str:
+        done = f"epochs {sorted(analyzer.report.analyzed)} logged" if analyzer is not None else "nothing was logged"
+        return f"run {run_id}: {done}"
+
+    with analysis_exits(again, logged, lost_detail=lambda err: f" ({type(err).__name__})"):
         tracking.prepare_tracking(reading=True)
         from ntk_tracking.analyze import Analyzer
 
         analyzer = Analyzer(run_id, load_settings(path), data_paths=data_paths)
         _, code = analyze_one(analyzer, progress=progress)
         ui_links.announce(run_id)
-    except KeyboardInterrupt:
-        done = f"epochs {sorted(analyzer.report.analyzed)} logged" if analyzer is not None else "nothing was logged"
-        print(f"interrupted: run {run_id}: {done}; {again}", file=sys.stderr)
-        raise SystemExit(EXIT_INTERRUPTED) from None
-    except ValueError as err:  # RunError included
-        fail(str(err))
-    except Exception as err:  # noqa: BLE001 - re-raised unless the tracking server is gone
-        if not tracking.server_lost():
-            raise
-        print(tracking.redact(f"error: lost the tracking server {tracking.redact_uri(tracking.mlflow.get_tracking_uri())}"
-                              f" ({type(err).__name__}); once the server is back, {again}"), file=sys.stderr)
-        raise SystemExit(EXIT_SERVER_LOST) from None
     return code
+
+
+USAGE = """usage: python -m ntk_tracking.run --config FILE [--resume-interval-seconds N] [--no-progress]
+       python -m ntk_tracking.run --analyze RUN_ID --settings FILE [--allow-data-path PATH]... [--no-progress]
+
+Train a task config from a file (config.json), or analyze one training run with AnalysisSettings from
+a file (how a sweep starts its children)."""
+
+
+def _usage_error(message: str) -> NoReturn:
+    print(f"{USAGE}\n\npython -m ntk_tracking.run: error: {message}", file=sys.stderr)
+    raise SystemExit(EXIT_REFUSED)
+
+
+def parse_entry(argv: list[str]) -> dict:
+    """The child entry's arguments, in either fixed form (any order): {"config": FILE,
+    "resume_interval_seconds": N, "progress": bool} or {"analyze": RUN_ID, "settings": FILE,
+    "data_paths": (PATH, ...), "progress": bool}. Anything else: usage and exit status 2."""
+    values: dict = {"data_paths": [], "progress": True}
+    words = list(argv)
+    while words:
+        word = words.pop(0)
+        match word:
+            case "-h" | "--help":
+                print(USAGE)
+                raise SystemExit(0)
+            case "--no-progress":
+                values["progress"] = False
+            case "--config" | "--analyze" | "--settings" | "--allow-data-path" | "--resume-interval-seconds":
+                if not words or words[0].startswith("--"):
+                    _usage_error(f"{word} needs a value")
+                value = words.pop(0)
+                if word == "--allow-data-path":
+                    values["data_paths"].append(value)
+                    continue
+                name = word.removeprefix("--").replace("-", "_")
+                if name in values:
+                    _usage_error(f"{word} given twice")
+                if name == "resume_interval_seconds":
+                    try:
+                        value = int(value)
+                    except ValueError:
+                        _usage_error(f"--resume-interval-seconds: not a whole number of seconds: {value!r}")
+                values[name] = value
+            case _:
+                _usage_error(f"unrecognized argument {word!r}")
+    if ("config" in values) == ("analyze" in values):
+        _usage_error("give one of --config FILE and --analyze RUN_ID")
+    if "config" in values:
+        extra = (["--settings"] if "settings" in values else []) + (["--allow-data-path"] if values["data_paths"] else [])
+        if extra:
+            _usage_error(f"{', '.join(extra)}: only with --analyze")
+        values.pop("data_paths")
+        values.setdefault("resume_interval_seconds", RESUME_INTERVAL_SECONDS)
+        return values
+    if "resume_interval_seconds" in values:
+        _usage_error("--resume-interval-seconds: only with --config")
+    if "settings" not in values:
+        fail("--analyze needs --settings FILE")
+    values["data_paths"] = tuple(values["data_paths"])
+    return values
 
 
 def main(argv=None) -> None:
     """`python -m ntk_tracking.run --config FILE` or `--analyze RUN_ID --settings FILE`."""
-    p = argparse.ArgumentParser(prog="python -m ntk_tracking.run",
-                                description="Train a task config from a file, or analyze one training run "
-                                "with settings from a file (how a sweep starts its children).")
-    what = p.add_mutually_exclusive_group(required=True)
-    what.add_argument("--config", metavar="FILE", help="a task config (config.json) to train")
-    what.add_argument("--analyze", metavar="RUN_ID", help="a training run to measure the NTK of")
-    p.add_argument("--settings", metavar="FILE", help="with --analyze: the AnalysisSettings as JSON")
-    p.add_argument("--allow-data-path", dest="allow_data_path", action="append", default=[],
-                   help="with --analyze: a file or folder the run's recorded dataset may name (repeatable)")
-    p.add_argument("--resume-interval-seconds", type=int, default=RESUME_INTERVAL_SECONDS,
-                   help="with --config: write the resume checkpoint at most this often; 0 = every epoch")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    args = p.parse_args(argv)
-    if args.config:
-        if args.resume_interval_seconds < 0:
-            fail(f"--resume-interval-seconds must be ≥ 0, got {args.resume_interval_seconds}")
-        _train_file(args.config, not args.no_progress, args.resume_interval_seconds)
+    args = parse_entry(sys.argv[1:] if argv is None else argv)
+    if "config" in args:
+        if args["resume_interval_seconds"] < 0:
+            fail(f"--resume-interval-seconds must be ≥ 0, got {args['resume_interval_seconds']}")
+        _train_file(args["config"], args["progress"], args["resume_interval_seconds"])
         return
-    if not args.settings:
-        fail("--analyze needs --settings FILE")
-    raise SystemExit(_analyze_run(args.analyze, args.settings, tuple(args.allow_data_path), not args.no_progress))
+    raise SystemExit(_analyze_run(args["analyze"], args["settings"], args["data_paths"], args["progress"]))
 
 
 if __name__ == "__main__":

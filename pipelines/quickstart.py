@@ -3,7 +3,7 @@
     mlflow run . -e quickstart --env-manager local
 """
 
-from ntk_tracking.quickstart import quickstart_main
+from ntk_tracking.cli.quickstart import quickstart_main
 
 if __name__ == "__main__":
     quickstart_main(prog="python -m pipelines.quickstart")

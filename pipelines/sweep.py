@@ -5,7 +5,7 @@
     python -m pipelines.sweep --help
 """
 
-from ntk_tracking.sweep import sweep_main
+from ntk_tracking.cli.sweep import sweep_main
 
 if __name__ == "__main__":
     sweep_main(prog="python -m pipelines.sweep")

@@ -10,7 +10,7 @@ model needs no script of its own.
 
 import sys
 
-from ntk_tracking.train_command import train_command
+from ntk_tracking.cli.train import train_command
 
 if __name__ == "__main__":
     train_command(sys.argv[1:], prog="python -m pipelines.train")

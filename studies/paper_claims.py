@@ -142,7 +142,8 @@ def main(argv=None) -> None:
     parent = args.parent
     if parent is None:
         from ntk_tracking.analyze import AnalysisSettings
-        from ntk_tracking.sweep import analyze_sweep, execute_sweep, parse_sweep, plan_sweep, print_summary
+        from ntk_tracking.sweep import analyze_sweep, execute_sweep, plan_sweep, print_summary
+        from ntk_tracking.cli.sweep import parse_sweep
 
         spec, _ = parse_sweep(["--task", "mnist_dense", *GRID, *TRAINING])
         plan = plan_sweep(spec, experiment="paper-claims")

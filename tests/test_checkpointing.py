@@ -334,8 +334,8 @@ def test_remote_store_uploads_and_restores(tracking_server, tmp_path, monkeypatc
 
 def test_train_and_analyze_against_a_tracking_server(tracking_server, tmp_path, monkeypatch):
     """The whole loop with a remote store: checkpoints uploaded, downloaded by the analyzer."""
-    from ntk_tracking.analyze_command import analyze_main
-    from ntk_tracking.train_command import train_main
+    from ntk_tracking.cli.analyze import analyze_main
+    from ntk_tracking.cli.train import train_main
 
     uri, artifacts, server, log_path = tracking_server
     wait_until_healthy(uri, server, log_path)

@@ -287,8 +287,8 @@ def test_tiny_resnet_stops_inside_an_epoch_without_changing_training():
 
 def test_resnet18_train_checkpoint_analyze_end_to_end(store, splits):
     from ntk_tracking.checkpointing import CheckpointStore
-    from ntk_tracking.analyze_command import analyze_main
-    from ntk_tracking.train_command import train_main
+    from ntk_tracking.cli.analyze import analyze_main
+    from ntk_tracking.cli.train import train_main
 
     path = write_parquet(store / "cifar_hub", splits)
     t0 = time.perf_counter()

@@ -12,8 +12,8 @@ import mlflow
 import numpy as np
 import pytest
 
-from ntk_tracking.analyze_command import analyze_main
-from ntk_tracking.train_command import train_main
+from ntk_tracking.cli.analyze import analyze_main
+from ntk_tracking.cli.train import train_main
 from conftest import use_tracking_store
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]

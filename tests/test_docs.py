@@ -44,12 +44,12 @@ def options_of(parser) -> set[str]:
 
 def parser_for(words: list[str]):
     """The argparse parser of `ntk-tracking …` / `python -m pipelines.…` (None: not one of ours)."""
-    from ntk_tracking.analyze_command import analyze_parser
-    from ntk_tracking.quickstart import quickstart_parser
-    from ntk_tracking.report import report_parser
-    from ntk_tracking.sweep.spec import sweep_parser
+    from ntk_tracking.cli.analyze import analyze_parser
+    from ntk_tracking.cli.quickstart import quickstart_parser
+    from ntk_tracking.cli.report import report_parser
+    from ntk_tracking.cli.sweep import sweep_parser
     from ntk_tracking.tasks import task_names
-    from ntk_tracking.train_command import train_parser
+    from ntk_tracking.cli.train import train_parser
 
     if words[0] == "ntk-tracking":
         command, rest = words[1], words[2:]

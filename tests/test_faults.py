@@ -13,8 +13,8 @@ import mlflow
 import pytest
 
 from ntk_tracking.checkpointing import COMMIT_MARKER, CheckpointStore
-from ntk_tracking.analyze_command import analyze_main
-from ntk_tracking.train_command import train_main
+from ntk_tracking.cli.analyze import analyze_main
+from ntk_tracking.cli.train import train_main
 from conftest import use_tracking_store
 from servers import MlflowServer, free_port
 
@@ -28,7 +28,7 @@ TRAINING_METRICS = ("train/loss", "test/loss", "test/accuracy")
 PAUSE_AFTER_EPOCH_1 = """
 import os, sys, time
 from ntk_tracking import tracking
-from ntk_tracking.train_command import train_main
+from ntk_tracking.cli.train import train_main
 real_log, ctl = tracking.log_metrics, os.environ["NTK_TEST_CTL"]
 def paced(client, run_id, metrics, step):
     real_log(client, run_id, metrics, step)
@@ -45,7 +45,7 @@ train_main(sys.argv[1], sys.argv[2:])
 KILL_IN_CV_SAVE = """
 import os, signal, sys
 from ntk_tracking import checkpointing
-from ntk_tracking.train_command import train_main
+from ntk_tracking.cli.train import train_main
 Store = checkpointing.CheckpointStore
 real_save, real_upload = Store._save, Store._upload
 def save(self, kind, epoch, args, force=True):

@@ -246,8 +246,8 @@ def test_tagger_stops_inside_an_epoch_without_changing_training(treebank):
 
 def test_train_checkpoint_analyze_through_mlflow(treebank, tmp_path, monkeypatch):
     from ntk_tracking.checkpointing import CheckpointStore
-    from ntk_tracking.analyze_command import analyze_main
-    from ntk_tracking.train_command import train_main
+    from ntk_tracking.cli.analyze import analyze_main
+    from ntk_tracking.cli.train import train_main
     from ntk_tracking import tracking
 
     use_tracking_store(monkeypatch, tmp_path)

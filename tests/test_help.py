@@ -11,11 +11,12 @@ import sys
 
 import pytest
 
-from ntk_tracking import analyze_command, cli, train_command
+from ntk_tracking import cli
+from ntk_tracking.cli import analyze as analyze_cli, train as train_cli
 from ntk_tracking.analyze import AnalysisSettings
-from ntk_tracking.quickstart import QUICKSTART_EPOCHS, quickstart_parser
-from ntk_tracking.report import report_parser
-from ntk_tracking.sweep.spec import sweep_parser
+from ntk_tracking.cli.quickstart import QUICKSTART_EPOCHS, quickstart_parser
+from ntk_tracking.cli.report import report_parser
+from ntk_tracking.cli.sweep import sweep_parser
 from ntk_tracking.tasks import TASK_NAMES, get_task
 from ntk_tracking.tasks import base
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -54,16 +55,16 @@ def as_shown(value) -> str:
 def test_a_training_command_looks_its_task_up_once_and_passes_the_task_on(monkeypatch):
     """`ntk-tracking train TASK`: one get_task; the parser, the config, the data and training get that Task."""
     calls, seen = [], {}
-    real = train_command.get_task
-    monkeypatch.setattr(train_command, "get_task", lambda name: calls.append(name) or real(name))
-    monkeypatch.setattr(train_command, "prepare", lambda task, config: seen.update(prepared=task) or "data")
+    real = train_cli.get_task
+    monkeypatch.setattr(train_cli, "get_task", lambda name: calls.append(name) or real(name))
+    monkeypatch.setattr(train_cli, "prepare", lambda task, config: seen.update(prepared=task) or "data")
 
     def train(task, config, dataset, command, **options):
         seen.update(task=task, config=config, dataset=dataset, command=command)
         return "run-id"
 
-    monkeypatch.setattr(train_command, "train", train)
-    assert train_command.train_command(["mnist_dense", "--width", "8", "--train-size", "0", "--no-progress"]) == "run-id"
+    monkeypatch.setattr(train_cli, "train", train)
+    assert train_cli.train_command(["mnist_dense", "--width", "8", "--train-size", "0", "--no-progress"]) == "run-id"
     assert calls == ["mnist_dense"]
     assert seen["task"] is seen["prepared"] is real("mnist_dense") and seen["dataset"] == "data"
     assert seen["config"].width == 8 and seen["config"].train_size is None
@@ -72,9 +73,9 @@ def test_a_training_command_looks_its_task_up_once_and_passes_the_task_on(monkey
 
 @pytest.mark.parametrize("task", TASK_NAMES)
 def test_train_help_shows_the_defaults_it_uses(task):
-    parser = train_command.train_parser(task)
+    parser = train_cli.train_parser(task)
     assert parser.format_usage().startswith(f"usage: ntk-tracking train {task} ")
-    config = train_command.config_from_args(task, parser.parse_args([]))
+    config = train_cli.config_from_args(task, parser.parse_args([]))
     assert config == get_task(task).default_config()
     shown = shown_defaults(parser)
     for field in base.cli_fields(get_task(task).config_class):
@@ -82,16 +83,16 @@ def test_train_help_shows_the_defaults_it_uses(task):
         if base.field_type(get_task(task).config_class, field.name)[0] is bool:
             assert "{yes,no}" in parser.format_usage(), field.name
     assert "experiment" not in shown and "no_progress" not in shown
-    assert shown["resume_interval_seconds"] == str(train_command.RESUME_INTERVAL_SECONDS)
+    assert shown["resume_interval_seconds"] == str(train_cli.RESUME_INTERVAL_SECONDS)
     assert "PPO" not in parser.format_help() or task == "pong_actor_critic"
     assert "No NTK is computed here" in parser.format_help()
 
 
 def test_analyze_help_shows_the_defaults_it_uses():
-    parser = analyze_command.analyze_parser()
+    parser = analyze_cli.analyze_parser()
     assert parser.format_usage().startswith("usage: ntk-tracking analyze ")
     args = parser.parse_args(["RUN"])
-    settings = analyze_command.settings_from_args(args)
+    settings = analyze_cli.settings_from_args(args)
     assert settings == AnalysisSettings(splits=("auto",))
     shown = shown_defaults(parser)
     assert (shown["subsets"], shown["points"], shown["seed"], shown["implementation"], shown["splits"]) == (
@@ -157,7 +158,7 @@ def test_analyze_entry_point_parameters_are_analyze_options_with_the_same_defaul
     import yaml
 
     entry = yaml.safe_load((ROOT / "MLproject").read_text())["entry_points"]["analyze"]
-    parser = analyze_command.analyze_parser()
+    parser = analyze_cli.analyze_parser()
     options = {a.option_strings[0]: a for a in parser._actions if a.option_strings}
     for name, spec in entry["parameters"].items():
         if name == "run_id":

@@ -12,11 +12,11 @@ import mlflow
 import numpy as np
 import pytest
 
-from ntk_tracking import sweep, tracking
+from ntk_tracking import tracking
 from ntk_tracking.checkpointing import CheckpointStore
-from ntk_tracking.train_command import config_from_args, train_main, train_parser
+from ntk_tracking.cli.train import config_from_args, train_main, train_parser
 from ntk_tracking.models import INIT_SCALED_LEAVES, scale_initial_params
-from ntk_tracking.sweep import sweep_main
+from ntk_tracking.cli.sweep import parse_sweep, sweep_main
 from ntk_tracking.tasks import TASK_NAMES, get_task
 from ntk_tracking.train.tracked import check_init_scale
 from conftest import child_config, interrupt_logging_at, metric_history
@@ -179,7 +179,7 @@ def test_a_resumed_run_is_not_rescaled(store, monkeypatch, capsys):
 
 @pytest.mark.parametrize("task", TASK_NAMES)
 def test_every_task_sweeps_over_init_scale(task, tmp_path):
-    spec, _ = sweep.parse_sweep(["--task", task, "--grid", "init_scale=1,0.5", "--epochs", "1"])
+    spec, _ = parse_sweep(["--task", task, "--grid", "init_scale=1,0.5", "--epochs", "1"])
     assert spec.grid == {"init_scale": [1.0, 0.5]}
     assert [spec.key(p) for p in spec.points()] == ["init_scale=1.0", "init_scale=0.5"]
     for point in spec.points():

@@ -1,5 +1,6 @@
 """The package's modules form no import cycle (module-level and deferred imports alike), and the
-top-level dispatcher, ntk_tracking.cli, is imported by no module below it."""
+top-level dispatcher, ntk_tracking.cli, is imported by no module below it (its `python -m` entry,
+ntk_tracking/cli/__main__.py, aside)."""
 
 from __future__ import annotations
 
@@ -71,7 +72,8 @@ def test_no_import_cycle():
 
 
 def test_the_dispatcher_is_imported_by_no_module_of_the_package():
-    importers = sorted(m for m, deps in import_graph().items() if "ntk_tracking.cli" in deps)
+    importers = sorted(m for m, deps in import_graph().items()
+                       if "ntk_tracking.cli" in deps and m != "ntk_tracking.cli.__main__")
     assert importers == []
 
 

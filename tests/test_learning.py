@@ -9,8 +9,8 @@ import mlflow
 import numpy as np
 import pytest
 
-from ntk_tracking.analyze_command import analyze_main
-from ntk_tracking.train_command import train_main
+from ntk_tracking.cli.analyze import analyze_main
+from ntk_tracking.cli.train import train_main
 from conftest import metric_history
 
 COMMON = ["--depth", "1", "--train-size", "256", "--test-size", "128", "--batch-size", "32", "--no-progress"]

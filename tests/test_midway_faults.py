@@ -16,7 +16,7 @@ import mlflow
 import pytest
 
 from conftest import use_tracking_store
-from ntk_tracking.train_command import train_main
+from ntk_tracking.cli.train import train_main
 from servers import MlflowServer
 from test_one_writer import (ANALYSIS, TINY, analyze_exit, checkpoint_dir, cli, env_for,  # noqa: F401
                              largest_array_file, steps, trained, wait_for_run)

@@ -115,8 +115,8 @@ def test_the_vae_learns_and_a_resumed_run_repeats_an_uninterrupted_one():
 
 def test_train_checkpoint_analyze_end_to_end_with_pictures(store):
     from ntk_tracking.checkpointing import CheckpointStore
-    from ntk_tracking.analyze_command import analyze_main
-    from ntk_tracking.train_command import train_main
+    from ntk_tracking.cli.analyze import analyze_main
+    from ntk_tracking.cli.train import train_main
 
     run_id = train_main("mnist_vae", ["--epochs", "2", "--train-size", "100", "--test-size", "40", "--hidden", "32",
                                       "--batch-size", "25", "--cv-every", "2", "--cv-log-points", "0",

@@ -69,8 +69,8 @@ def test_the_bundled_set_loads_offline_with_its_published_split():
 
 
 def test_molpcba_gnn_trains_and_is_analyzed_on_molecules_offline(tmp_path, monkeypatch):
-    from ntk_tracking.analyze_command import analyze_main
-    from ntk_tracking.train_command import train_main
+    from ntk_tracking.cli.analyze import analyze_main
+    from ntk_tracking.cli.train import train_main
 
     use_tracking_store(monkeypatch, tmp_path)
     run_id = train_main("molpcba_gnn", ["--dataset", "molecules-offline", "--epochs", "2", "--latent-size", "8",

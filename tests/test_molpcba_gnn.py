@@ -338,8 +338,8 @@ def test_tiny_config_learns(fixture_paths):
 
 def test_train_checkpoint_analyze_through_mlflow(fixture_paths, tmp_path, monkeypatch):
     from ntk_tracking.checkpointing import CheckpointStore
-    from ntk_tracking.analyze_command import analyze_main
-    from ntk_tracking.train_command import train_main
+    from ntk_tracking.cli.analyze import analyze_main
+    from ntk_tracking.cli.train import train_main
 
     use_tracking_store(monkeypatch, tmp_path)
     try:
@@ -383,7 +383,7 @@ def test_batch_count_matches_the_batches_for_any_order_and_budget(fixture_paths)
 def test_step_checkpoints_count_the_batches_really_trained(fixture_paths, tmp_path, monkeypatch):
     """Epochs of molecules batched by size differ in steps: the global step adds up the real ones."""
     from ntk_tracking.checkpointing import CheckpointStore
-    from ntk_tracking.train_command import train_main
+    from ntk_tracking.cli.train import train_main
 
     use_tracking_store(monkeypatch, tmp_path)
     try:

@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 
 from ntk_tracking import claims
-from ntk_tracking.analyze_command import analyze_main
-from ntk_tracking.train_command import train_main
+from ntk_tracking.cli.analyze import analyze_main
+from ntk_tracking.cli.train import train_main
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 TINY = ["--width", "8", "--depth", "1", "--epochs", "6", "--train-size", "64", "--test-size", "32",

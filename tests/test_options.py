@@ -16,9 +16,9 @@ import pytest
 
 from ntk_tracking import tracking
 from ntk_tracking.checkpointing import CheckpointStore
-from ntk_tracking.analyze_command import analyze_main
+from ntk_tracking.cli.analyze import analyze_main
 from ntk_tracking.cli import main
-from ntk_tracking.train_command import train_main
+from ntk_tracking.cli.train import train_main
 from conftest import metric_history
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]

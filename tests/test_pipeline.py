@@ -17,8 +17,8 @@ from ntk_tracking import tracking
 from ntk_tracking.analyze import AnalysisSettings, Analyzer
 from ntk_tracking.keys import metric_key
 from ntk_tracking.checkpointing import CheckpointStore
-from ntk_tracking.analyze_command import analyze_main
-from ntk_tracking.train_command import train_main
+from ntk_tracking.cli.analyze import analyze_main
+from ntk_tracking.cli.train import train_main
 from conftest import interrupt_logging_at, metric_history
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -242,7 +242,7 @@ import pathlib, sys, time
 import mlflow
 
 from ntk_tracking import checkpointing
-from ntk_tracking.train_command import train_main
+from ntk_tracking.cli.train import train_main
 
 gates = pathlib.Path(sys.argv[1])
 save_cv = checkpointing.CheckpointStore.save_cv

@@ -13,8 +13,8 @@ from jax.flatten_util import ravel_pytree
 
 from ntk_tracking import NTK, tracking
 from ntk_tracking.checkpointing import CheckpointStore
-from ntk_tracking.analyze_command import analyze_main
-from ntk_tracking.train_command import train_main
+from ntk_tracking.cli.analyze import analyze_main
+from ntk_tracking.cli.train import train_main
 from ntk_tracking.tasks import get_task
 from conftest import metric_history
 

@@ -14,7 +14,7 @@ from packaging.requirements import Requirement
 from packaging.specifiers import SpecifierSet
 from packaging.version import Version
 
-from ntk_tracking.train_command import train_parser
+from ntk_tracking.cli.train import train_parser
 from ntk_tracking.tasks import TASK_NAMES as TASKS
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -136,7 +136,7 @@ def test_the_sweep_entry_defaults_leave_the_task_defaults():
     """The sweep entry's declared training options, left at '', give every child the task's own defaults."""
     import shlex
 
-    from ntk_tracking.sweep.spec import parse_sweep
+    from ntk_tracking.cli.sweep import parse_sweep
 
     entry = MLPROJECT["entry_points"]["sweep"]
     values = {k: v["default"] for k, v in entry["parameters"].items()} | {"task": "mnist_vae", "grid": "latents=4,8"}
@@ -189,8 +189,12 @@ def test_metric_keys_are_built_only_in_keys_py():
     assert not spelled
 
 
-# The command modules: they parse command lines and may name the MLflow Project's scripts.
-COMMAND_MODULES = {"cli.py", "train_command.py", "analyze_command.py", "report.py", "helpformat.py"}
+# The commands, side by side in ntk_tracking/cli/: they parse command lines and may name the MLflow
+# Project's scripts. The dispatcher (__init__.py, and __main__.py for `python -m ntk_tracking.cli`) and
+# helpformat.py are no commands; every module outside cli/ is the library.
+COMMAND_PACKAGE = "cli"
+COMMAND_HELPERS = {"__init__.py", "__main__.py", "helpformat.py"}
+COMMAND_MODULES = {"train.py", "analyze.py", "sweep.py", "report.py", "quickstart.py"}
 _LAUNCHERS = {("subprocess", "Popen"), ("subprocess", "run"), ("subprocess", "call"), ("subprocess", "check_call"),
               ("subprocess", "check_output"), ("os", "system"), ("os", "popen"), ("sys", "executable")}
 
@@ -217,13 +221,17 @@ def _launches_processes(tree) -> bool:
     return False
 
 
+def _in_commands(path: pathlib.Path, package: pathlib.Path) -> bool:
+    return path.relative_to(package).parts[0] == COMMAND_PACKAGE
+
+
 def launched_pipelines(package: pathlib.Path) -> list[str]:
-    """Modules of `package` (command modules aside) that could launch a pipelines.* script: a module
+    """Modules of `package` (those of the command package aside) that could launch a pipelines.* script: a module
     that starts processes and names `pipelines.` in its code, or any that holds a module name
     `pipelines.X` as a string of its own (an argument of `python -m`)."""
     found = []
     for path in sorted(package.rglob("*.py")):
-        if path.parent == package and path.name in COMMAND_MODULES:
+        if _in_commands(path, package):
             continue
         tree = ast.parse(path.read_text())
         strings = [s for s in _code_strings(tree) if "pipelines." in s]
@@ -232,16 +240,81 @@ def launched_pipelines(package: pathlib.Path) -> list[str]:
     return found
 
 
+def _module_name(path: pathlib.Path, package: pathlib.Path) -> str:
+    return ".".join(path.relative_to(package.parent).with_suffix("").parts).removesuffix(".__init__")
+
+
+def imports(path: pathlib.Path, package: pathlib.Path) -> list[tuple[str, list[str]]]:
+    """(module, [names]) of every import in a module's code, deferred ones included, relative ones
+    resolved: `import a.b` gives ("a.b", []), `from a.b import c, d` gives ("a.b", ["c", "d"])."""
+    found = []
+    here = _module_name(path, package).split(".")
+    if path.name != "__init__.py":
+        here = here[:-1]  # the module's package
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found += [(a.name, []) for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = ".".join(here[:len(here) - node.level + 1]) if node.level else ""
+            module = ".".join(filter(None, [base, node.module or ""]))
+            found.append((module, [a.name for a in node.names]))
+    return found
+
+
+def _targets(module: str, names: list[str]) -> list[str]:
+    """What an import reaches: the module, and for `from M import n` each M.n (a name or a submodule)."""
+    return [module] if not names else [f"{module}.{n}" for n in names]
+
+
 def sweep_imports_of_commands(package: pathlib.Path) -> list[str]:
-    """Imports of a command module (train_command, analyze_command, cli) in package/sweep."""
+    """Imports of the command package (ntk_tracking.cli or any of its modules) in package/sweep."""
     found = []
     for path in sorted((package / "sweep").rglob("*.py")):
-        for node in ast.walk(ast.parse(path.read_text())):
-            names = [a.name for a in node.names] if isinstance(node, (ast.Import, ast.ImportFrom)) else []
-            if isinstance(node, ast.ImportFrom):
-                names = [f"{node.module}.{n}" for n in names] + [node.module or ""]
-            found += [f"{path.relative_to(package.parent)}: {n}" for n in names
-                      if re.match(r"ntk_tracking\.(train_command|analyze_command|cli)(\.|$)", n)]
+        for module, names in imports(path, package):
+            found += [f"{path.relative_to(package.parent)}: {n}" for n in _targets(module, names) + [module] * bool(names)
+                      if re.match(rf"ntk_tracking\.{COMMAND_PACKAGE}(\.|$)", n)]
+    return found
+
+
+def library_imports_of_the_commands(package: pathlib.Path) -> list[str]:
+    """Imports of ntk_tracking.cli (any of its modules) or of argparse in a library module (outside
+    package/cli): the library parses no command line and calls no command."""
+    found = []
+    for path in sorted(package.rglob("*.py")):
+        if _in_commands(path, package):
+            continue
+        for module, names in imports(path, package):
+            if module == "argparse" or re.match(rf"ntk_tracking\.{COMMAND_PACKAGE}(\.|$)", module) \
+                    or any(t == f"ntk_tracking.{COMMAND_PACKAGE}" for t in _targets(module, names)):
+                found.append(f"{path.relative_to(package.parent)}: {module}" + (f" {names}" if names else ""))
+    return found
+
+
+def commands_importing_commands(package: pathlib.Path) -> list[str]:
+    """Imports by a command module of package/cli of anything in the command package but helpformat
+    (another command, the dispatcher): the commands stand on one floor, each on the library alone."""
+    found = []
+    prefix = f"ntk_tracking.{COMMAND_PACKAGE}"
+    allowed = f"{prefix}.helpformat"
+    for path in sorted((package / COMMAND_PACKAGE).glob("*.py")):
+        if path.name in COMMAND_HELPERS:
+            continue
+        for module, names in imports(path, package):
+            for target in _targets(module, names):
+                if (target == prefix or target.startswith(prefix + ".")) and \
+                        not (target == allowed or target.startswith(allowed + ".")):
+                    found.append(f"{path.relative_to(package.parent)}: {target}")
+    return found
+
+
+def private_imports(package: pathlib.Path) -> list[str]:
+    """`from ntk_tracking.X import _name`: a private name of one module taken by another (make it public)."""
+    found = []
+    for path in sorted(package.rglob("*.py")):
+        for module, names in imports(path, package):
+            if module.startswith("ntk_tracking"):
+                found += [f"{path.relative_to(package.parent)}: {module}.{n}" for n in names
+                          if n.startswith("_") and not n.startswith("__")]
     return found
 
 
@@ -255,27 +328,93 @@ def test_no_library_code_launches_a_pipelines_script_and_the_sweep_imports_no_co
 def test_the_checks_above_see_a_launch_and_an_import(tmp_path):
     package = tmp_path / "ntk_tracking"
     (package / "sweep").mkdir(parents=True)
+    (package / COMMAND_PACKAGE).mkdir()
     (package / "sweep" / "run.py").write_text(
         '"""Launches `python -m pipelines.train` (a docstring: not code)."""\nimport subprocess, sys\n'
-        "from ntk_tracking.train_command import train_parser\n"
+        "from ntk_tracking.cli.train import train_parser\n"
         'subprocess.Popen([sys.executable, "-m", "pipelines.train", "mnist_dense"])\n')
     (package / "executor.py").write_text('def argv(task):\n    return ["pipelines.analyze", task]\n')
     (package / "generator.py").write_text('def entry(name):\n    return f"command: python -m pipelines.train {name}"\n')
-    (package / "train_command.py").write_text('import subprocess\nsubprocess.run(["python", "-m", "pipelines.train"])\n')
+    (package / COMMAND_PACKAGE / "train.py").write_text('import subprocess\nsubprocess.run(["python", "-m", "pipelines.train"])\n')
     assert [line.split(":")[0] for line in launched_pipelines(package)] == [
         "ntk_tracking/executor.py", "ntk_tracking/sweep/run.py"]
-    assert sweep_imports_of_commands(package) == ["ntk_tracking/sweep/run.py: ntk_tracking.train_command.train_parser",
-                                                  "ntk_tracking/sweep/run.py: ntk_tracking.train_command"]
+    assert sweep_imports_of_commands(package) == ["ntk_tracking/sweep/run.py: ntk_tracking.cli.train.train_parser",
+                                                  "ntk_tracking/sweep/run.py: ntk_tracking.cli.train"]
+
+
+def test_the_commands_stand_on_one_floor():
+    """No command module of ntk_tracking/cli/ imports another one (or the dispatcher): each calls the
+    library, with helpformat for how it talks; only the dispatcher, __init__.py, names the commands."""
+    commands = {p.name for p in (ROOT / "ntk_tracking" / COMMAND_PACKAGE).glob("*.py")} - COMMAND_HELPERS
+    assert commands == COMMAND_MODULES
+    assert commands_importing_commands(ROOT / "ntk_tracking") == []
+
+
+def test_the_floor_check_sees_a_command_importing_a_command(tmp_path):
+    package = tmp_path / "ntk_tracking"
+    (package / COMMAND_PACKAGE).mkdir(parents=True)
+    (package / COMMAND_PACKAGE / "__init__.py").write_text("def main():\n    from ntk_tracking.cli.train import train_command\n")
+    (package / COMMAND_PACKAGE / "helpformat.py").write_text("import argparse\n")
+    (package / COMMAND_PACKAGE / "report.py").write_text(
+        "from ntk_tracking.cli.helpformat import HelpFormatter, fail\nfrom ntk_tracking.report import report\n")
+    (package / COMMAND_PACKAGE / "quickstart.py").write_text(
+        "import ntk_tracking.cli.analyze\n\n\ndef main():\n    from ntk_tracking.cli.train import train_main\n"
+        "    from . import report\n    from ntk_tracking.cli import helpformat, main\n")
+    assert commands_importing_commands(package) == [
+        "ntk_tracking/cli/quickstart.py: ntk_tracking.cli.analyze",
+        "ntk_tracking/cli/quickstart.py: ntk_tracking.cli.train.train_main",
+        "ntk_tracking/cli/quickstart.py: ntk_tracking.cli.report",
+        "ntk_tracking/cli/quickstart.py: ntk_tracking.cli.main"]
+
+
+def test_the_library_imports_no_command_and_no_argparse():
+    """Outside ntk_tracking/cli/ nothing imports argparse or the command package: the library (the
+    child entry `python -m ntk_tracking.run` included) is called with values, never a command line."""
+    assert (ROOT / "ntk_tracking" / "run.py").exists()
+    assert library_imports_of_the_commands(ROOT / "ntk_tracking") == []
+
+
+def test_the_library_check_sees_argparse_and_a_command_import(tmp_path):
+    package = tmp_path / "ntk_tracking"
+    (package / COMMAND_PACKAGE).mkdir(parents=True)
+    (package / "sweep").mkdir()
+    (package / COMMAND_PACKAGE / "train.py").write_text("import argparse\nfrom ntk_tracking.run import train\n")
+    (package / "run.py").write_text("import argparse\n\n\ndef fail():\n    from ntk_tracking.cli.helpformat import fail\n")
+    (package / "sweep" / "spec.py").write_text("from ntk_tracking import cli\nimport ntk_tracking.cli.sweep\n")
+    (package / "sweep" / "plan.py").write_text("from ntk_tracking import tracking\nfrom .spec import SweepSpec\n")
+    assert library_imports_of_the_commands(package) == [
+        "ntk_tracking/run.py: argparse",
+        "ntk_tracking/run.py: ntk_tracking.cli.helpformat ['fail']",
+        "ntk_tracking/sweep/spec.py: ntk_tracking ['cli']",
+        "ntk_tracking/sweep/spec.py: ntk_tracking.cli.sweep"]
+
+
+def test_no_module_imports_a_private_name_of_another():
+    """`from ntk_tracking.X import _name` nowhere in the package or the pipelines scripts: what two
+    modules share (the Ray module's credentials, the sweep's Runner, …) is public."""
+    assert private_imports(ROOT / "ntk_tracking") == []
+    assert private_imports(ROOT / "pipelines") == []
+
+
+def test_the_private_import_check_sees_one(tmp_path):
+    package = tmp_path / "ntk_tracking"
+    (package / "sweep").mkdir(parents=True)
+    (package / "on_ray.py").write_text(
+        "from __future__ import annotations\nfrom ntk_tracking.sweep.run import Runner, _tail\n\n\n"
+        "def f():\n    from ntk_tracking.analyze import __doc__, _private\n")
+    (package / "sweep" / "analysis.py").write_text("from .run import _Runner\nfrom ntk_tracking.on_ray import credentials\n")
+    assert private_imports(package) == ["ntk_tracking/on_ray.py: ntk_tracking.sweep.run._tail",
+                                        "ntk_tracking/on_ray.py: ntk_tracking.analyze._private",
+                                        "ntk_tracking/sweep/analysis.py: ntk_tracking.sweep.run._Runner"]
 
 
 def test_the_sweep_and_the_child_entry_load_no_command_module():
-    """Importing the sweep, its Ray executor and the child entry imports no command-line module."""
+    """Importing the sweep, the Ray module and the child entry imports no command-line module."""
     import subprocess
     import sys
 
-    code = ("import sys, ntk_tracking.sweep, ntk_tracking.sweep.ray_executor, ntk_tracking.run; "
-            "print(sorted(m for m in sys.modules if m in ('ntk_tracking.train_command', "
-            "'ntk_tracking.analyze_command', 'ntk_tracking.cli')))")
+    code = ("import sys, ntk_tracking.sweep, ntk_tracking.on_ray, ntk_tracking.run; "
+            "print(sorted(m for m in sys.modules if m == 'ntk_tracking.cli' or m.startswith('ntk_tracking.cli.')))")
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip() == "[]"

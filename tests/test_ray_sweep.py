@@ -9,7 +9,8 @@ import textwrap
 import mlflow
 import pytest
 
-from ntk_tracking.sweep import find_children, sweep_main
+from ntk_tracking.sweep import find_children
+from ntk_tracking.cli.sweep import sweep_main
 from conftest import metric_history
 
 ray = pytest.importorskip("ray")
@@ -97,7 +98,7 @@ def test_unreachable_ray_address_fails_fast(shared_tracking_server, tmp_path, mo
 
 
 def test_grid_on_ray_survives_a_killed_worker(cluster, shared_tracking_server, tmp_path, monkeypatch, capsys):
-    from ntk_tracking.train_command import train_main
+    from ntk_tracking.cli.train import train_main
 
     _use_server(monkeypatch, shared_tracking_server, tmp_path)
     parent = sweep_main(GRID + ["--executor", "ray", "--cpus-per-run", "1", "--experiment", "ray-grid",
@@ -163,8 +164,8 @@ def test_analysis_on_ray_equals_the_local_analyzer_once_each(cluster, shared_tra
     """A sweep's children analyzed by Ray workers, one worker killed as it was about to log: the
     metrics equal the local analyzer's on the same configuration, every checkpoint logged once, and
     a rerun adds nothing."""
-    from ntk_tracking.analyze_command import analyze_main
-    from ntk_tracking.train_command import train_main
+    from ntk_tracking.cli.analyze import analyze_main
+    from ntk_tracking.cli.train import train_main
 
     _use_server(monkeypatch, shared_tracking_server, tmp_path)
     grid = ["--widths", "4,8", "--depths", "1", "--activations", "relu"] + TINY
@@ -206,7 +207,7 @@ def test_analysis_on_ray_equals_the_local_analyzer_once_each(cluster, shared_tra
     (["--executor", "ray", "--follow"], "--follow follows one training run"),
 ])
 def test_bad_ray_analysis_options_are_refused(extra, message, tmp_path, monkeypatch, capsys):
-    from ntk_tracking.analyze_command import analyze_main
+    from ntk_tracking.cli.analyze import analyze_main
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:9")  # never contacted
@@ -216,7 +217,7 @@ def test_bad_ray_analysis_options_are_refused(extra, message, tmp_path, monkeypa
 
 
 def test_ray_analysis_needs_a_tracking_server(tmp_path, monkeypatch, capsys):
-    from ntk_tracking.analyze_command import analyze_main
+    from ntk_tracking.cli.analyze import analyze_main
     from conftest import use_tracking_store
 
     use_tracking_store(monkeypatch, tmp_path)

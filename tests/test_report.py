@@ -14,10 +14,11 @@ import pytest
 from mlflow.entities import Metric
 
 from ntk_tracking import regimes, tracking
-from ntk_tracking.analyze_command import analyze_main
-from ntk_tracking.train_command import train_main
+from ntk_tracking.cli.analyze import analyze_main
+from ntk_tracking.cli.train import train_main
 from ntk_tracking.keys import REGIME_TAG
-from ntk_tracking.report import report, report_main
+from ntk_tracking.cli.report import report_main
+from ntk_tracking.report import report
 from conftest import metric_history, use_tracking_store
 
 TINY = ["--epochs", "2", "--train-size", "64", "--test-size", "32", "--batch-size", "16",

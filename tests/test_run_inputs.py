@@ -13,8 +13,8 @@ import pytest
 
 from conftest import use_tracking_store
 from ntk_tracking import run_inputs
-from ntk_tracking.analyze_command import analyze_main
-from ntk_tracking.train_command import train_main
+from ntk_tracking.cli.analyze import analyze_main
+from ntk_tracking.cli.train import train_main
 
 pytestmark = pytest.mark.usefixtures("fast_compile")
 

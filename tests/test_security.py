@@ -12,8 +12,8 @@ import mlflow
 import pytest
 
 from ntk_tracking import tracking
-from ntk_tracking.analyze_command import analyze_main
-from ntk_tracking.train_command import train_main
+from ntk_tracking.cli.analyze import analyze_main
+from ntk_tracking.cli.train import train_main
 from ntk_tracking.confine import check_data_paths, looks_like_path
 from ntk_tracking.tasks import get_task
 

@@ -14,7 +14,7 @@ import time
 import mlflow
 import pytest
 
-from ntk_tracking.train_command import train_main
+from ntk_tracking.cli.train import train_main
 
 from test_one_writer import ANALYSIS, EPOCHS, TINY, cli, env_for, steps
 

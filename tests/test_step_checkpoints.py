@@ -15,8 +15,8 @@ import mlflow
 import pytest
 
 from ntk_tracking.checkpointing import CheckpointStore
-from ntk_tracking.analyze_command import analyze_main
-from ntk_tracking.train_command import train_main
+from ntk_tracking.cli.analyze import analyze_main
+from ntk_tracking.cli.train import train_main
 from ntk_tracking.keys import EPOCH_METRIC, STEP_UNIT_TAG, STEPS_PER_EPOCH_TAG
 from ntk_tracking.tasks import get_task
 from ntk_tracking.tasks.base import TaskConfig, parse_steps
@@ -129,7 +129,7 @@ def test_pong_step_checkpoints_are_updates():
 PAUSE_AFTER_STEP_4 = """
 import os, sys, time
 from ntk_tracking import tracking
-from ntk_tracking.train_command import train_main
+from ntk_tracking.cli.train import train_main
 real_log, ctl = tracking.log_metrics, os.environ["NTK_TEST_CTL"]
 def paced(client, run_id, metrics, step):
     real_log(client, run_id, metrics, step)

@@ -14,9 +14,10 @@ import pytest
 from ntk_tracking import analyze, sweep, tracking
 from ntk_tracking.analyze import AnalysisSettings
 from ntk_tracking.checkpointing import CheckpointStore
-from ntk_tracking.train_command import config_from_args, train_parser
+from ntk_tracking.cli.train import config_from_args, train_parser
 from ntk_tracking.tasks import TASK_NAMES as TASKS
-from ntk_tracking.sweep import analyze_sweep, find_children, sweep_main
+from ntk_tracking.sweep import analyze_sweep, find_children
+from ntk_tracking.cli.sweep import parse_sweep, sweep_main
 from conftest import child_config, use_tracking_store
 
 TINY = ["--epochs", "2", "--train-size", "64", "--test-size", "32", "--batch-size", "16", "--no-progress"]
@@ -158,7 +159,7 @@ def test_analyze_sweep_measures_every_child_under_one_progress_bar(grid_sweep, m
 
     # What a Ray task runs for a child's analysis (here without Ray): the sweep's settings, handed
     # over as an object and read from a file by `python -m ntk_tracking.run --analyze`.
-    from ntk_tracking.sweep.ray_executor import run_child_process
+    from ntk_tracking.on_ray import run_child_process
     from ntk_tracking.sweep.run import child_variables
 
     child = next(iter(children.values()))
@@ -305,7 +306,7 @@ def _scannable(task: str) -> bool:
 def test_children_get_every_training_option(task, tmp_path):
     """Each child's config file holds the grid point's config, defaults included, and the command
     it prints to resume it parses back to that config."""
-    spec, _ = sweep.parse_sweep(["--task", task, "--width", "8", "--depth", "2", "--activation", "tanh",
+    spec, _ = parse_sweep(["--task", task, "--width", "8", "--depth", "2", "--activation", "tanh",
                                  "--learning-rates", "0.01,0.003",
                                  "--seeds", "0,1", "--epochs", "3", "--cv_every", "2"])
     points = spec.points()
@@ -317,33 +318,33 @@ def test_children_get_every_training_option(task, tmp_path):
     assert spec.config(points[-1]).learning_rate == 0.003 and spec.config(points[-1]).seed == 1
     assert spec.config(points[0]).cv_every == 2
     # Empty values (what MLproject passes for unset parameters) mean the task's defaults.
-    spec, _ = sweep.parse_sweep(["--task", task, "--widths", "", "--depths", "", "--activations", "", "--epochs", ""])
+    spec, _ = parse_sweep(["--task", task, "--widths", "", "--depths", "", "--activations", "", "--epochs", ""])
     default = config_from_args(task, train_parser(task).parse_args([]))
     assert spec.config(spec.points()[0]) == default
     assert json.loads(json.dumps(spec.to_dict())) == spec.to_dict()
     # Without grid options: the width × depth × activation scan.
-    spec, _ = sweep.parse_sweep(["--task", task])
+    spec, _ = parse_sweep(["--task", task])
     assert (spec.grid["width"], spec.grid["depth"], spec.grid["activation"]) == ([16, 64, 256], [1, 2, 4], ["relu", "tanh"])
     assert len(spec.points()) == 18
 
 
 def test_a_task_without_the_scanned_fields_needs_a_grid_and_lists_its_options():
     with pytest.raises(ValueError, match="nothing to sweep: give --grid FIELD=V1,V2.*latents"):
-        sweep.parse_sweep(["--task", "mnist_vae"])
+        parse_sweep(["--task", "mnist_vae"])
     with pytest.raises(ValueError, match="--widths: task 'molpcba_gnn' has no option 'width' to sweep; its options: "):
-        sweep.parse_sweep(["--task", "molpcba_gnn", "--widths", "4,8"])
+        parse_sweep(["--task", "molpcba_gnn", "--widths", "4,8"])
 
 
 @pytest.mark.parametrize("given, analyze", [([], False), (["--analyze"], True), (["--analyze", "yes"], True),
                                             (["--analyze", "no"], False), (["--analyze", ""], False)])
 def test_analyze_takes_yes_or_no_and_empty_means_no(given, analyze):
     """--analyze as MLproject passes it: yes/no, or empty (the parameter left unset) for no."""
-    assert sweep.parse_sweep(["--task", "mnist_dense", *given])[1].analyze is analyze
+    assert parse_sweep(["--task", "mnist_dense", *given])[1].analyze is analyze
 
 
 def test_analyze_refuses_other_words(capsys):
     with pytest.raises(SystemExit) as exit_:
-        sweep.parse_sweep(["--task", "mnist_dense", "--analyze", "maybe"])
+        parse_sweep(["--task", "mnist_dense", "--analyze", "maybe"])
     assert exit_.value.code == 2 and "expected yes or no, got 'maybe'" in capsys.readouterr().err
 
 
@@ -351,7 +352,7 @@ def test_analyzing_a_sweep_with_a_damaged_checkpoint_names_it_and_exits_incomple
     """`analyze PARENT` exits 3, not 0, while a child's checkpoint is left unlogged; the rest are logged."""
     import pathlib
 
-    from ntk_tracking.analyze_command import EXIT_INCOMPLETE, analyze_main
+    from ntk_tracking.cli.analyze import EXIT_INCOMPLETE, analyze_main
 
     parent = sweep_main(["--task", "mnist_dense", "--grid", "width=4,8", "--depth", "1", "--cv-every", "1", *TINY])
     children = find_children(mlflow.MlflowClient(), parent)

@@ -7,10 +7,11 @@ import csv
 import mlflow
 import pytest
 
-from ntk_tracking import sweep, tracking
-from ntk_tracking.train_command import config_from_args, train_parser
-from ntk_tracking.report import report_main
-from ntk_tracking.sweep import find_children, sweep_main
+from ntk_tracking import tracking
+from ntk_tracking.cli.train import config_from_args, train_parser
+from ntk_tracking.cli.report import report_main
+from ntk_tracking.sweep import find_children
+from ntk_tracking.cli.sweep import parse_sweep, sweep_main
 from ntk_tracking.tasks import TASK_NAMES, get_task
 from conftest import child_config, use_tracking_store
 from test_cifar_resnet import random_split, write_binary
@@ -18,7 +19,7 @@ from test_cifar_resnet import random_split, write_binary
 
 @pytest.mark.parametrize("task", TASK_NAMES)
 def test_every_task_sweeps_over_seeds_and_children_parse_back(task, tmp_path):
-    spec, _ = sweep.parse_sweep(["--task", task, "--grid", "seed=0,1", "--epochs", "3"])
+    spec, _ = parse_sweep(["--task", task, "--grid", "seed=0,1", "--epochs", "3"])
     assert spec.grid == {"seed": [0, 1]} and [spec.key(p) for p in spec.points()] == ["seed=0", "seed=1"]
     for point in spec.points():
         config, argv, _ = child_config(spec, point, tmp_path)
@@ -28,7 +29,7 @@ def test_every_task_sweeps_over_seeds_and_children_parse_back(task, tmp_path):
 
 
 def test_grid_values_take_the_option_s_type_and_keys_name_what_varies():
-    spec, _ = sweep.parse_sweep(["--task", "cifar_resnet", "--grid", "width=0.25,0.5 learning_rate=0.1,0.05",
+    spec, _ = parse_sweep(["--task", "cifar_resnet", "--grid", "width=0.25,0.5 learning_rate=0.1,0.05",
                                  "--grid", "augment=no", "--epochs", "1"])
     assert spec.grid == {"width": [0.25, 0.5], "learning_rate": [0.1, 0.05], "augment": [False]}
     assert spec.varying() == ["width", "learning_rate"]
@@ -67,9 +68,9 @@ def test_a_bad_value_of_a_valid_type_is_refused_before_any_run(tmp_path, monkeyp
 
 
 def test_the_architecture_scan_is_unchanged():
-    spec, _ = sweep.parse_sweep(["--task", "mnist_dense"])
+    spec, _ = parse_sweep(["--task", "mnist_dense"])
     assert len(spec.points()) == 18 and spec.key(spec.points()[0]) == "w16-d1-relu-lecun_normal-lr0.001-s0"
-    spec, _ = sweep.parse_sweep(["--task", "mnist_dense", "--grid", "seed=0,1"])  # --grid: only what it names
+    spec, _ = parse_sweep(["--task", "mnist_dense", "--grid", "seed=0,1"])  # --grid: only what it names
     assert spec.grid == {"seed": [0, 1]} and spec.fixed["width"] == get_task("mnist_dense").default_config().width
 
 

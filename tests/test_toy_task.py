@@ -31,11 +31,12 @@ def toy(tmp_path, monkeypatch):
 
 @pytest.mark.slow
 def test_the_toy_task_trains_analyzes_sweeps_and_reports(toy, capsys):
-    from ntk_tracking.analyze_command import analyze_main
+    from ntk_tracking.cli.analyze import analyze_main
     from ntk_tracking.cli import main
-    from ntk_tracking.train_command import train_main
-    from ntk_tracking.report import report_main
-    from ntk_tracking.sweep import find_children, sweep_main
+    from ntk_tracking.cli.train import train_main
+    from ntk_tracking.cli.report import report_main
+    from ntk_tracking.sweep import find_children
+    from ntk_tracking.cli.sweep import sweep_main
 
     assert "toy_sine" in tasks.task_names()
     with pytest.raises(SystemExit):

@@ -82,7 +82,7 @@ def _from_hub(**sizes) -> Dataset:
     import datasets
 
     try:
-        with hub._offline_env_applied():
+        with hub.offline_env_applied():
             hf = datasets.load_dataset(CIFAR_REPO)
     except ConnectionError as err:  # includes huggingface_hub's OfflineModeIsEnabled
         reason = "offline mode is set" if hub._offline_requested() else "connection failed"

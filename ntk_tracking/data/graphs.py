@@ -39,13 +39,13 @@ class Graphs:
     def subset(self, index) -> "Graphs":
         """The graphs at `index`, in that order."""
         index = np.asarray(index, np.int64)
-        node_idx, node_off = _ranges(self.node_offsets[index], self.n_node[index])
-        edge_idx, edge_off = _ranges(self.edge_offsets[index], self.n_edge[index])
+        node_idx, node_off = concatenated_ranges(self.node_offsets[index], self.n_node[index])
+        edge_idx, edge_off = concatenated_ranges(self.edge_offsets[index], self.n_edge[index])
         return Graphs(self.nodes[node_idx], self.edges[edge_idx], self.senders[edge_idx],
                       self.receivers[edge_idx], node_off, edge_off, self.labels[index])
 
 
-def _ranges(starts: np.ndarray, counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def concatenated_ranges(starts: np.ndarray, counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Concatenated ranges start_i:start_i+count_i, and the offsets of the result."""
     offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
     within = np.arange(offsets[-1], dtype=np.int64) - np.repeat(offsets[:-1], counts)

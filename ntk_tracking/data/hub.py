@@ -26,10 +26,10 @@ def load_hub(repo_id: str, *, train_size: int | None, test_size: int | None, see
     import datasets
 
     try:
-        with _offline_env_applied():
+        with offline_env_applied():
             hf = datasets.load_dataset(repo_id)
     except ConnectionError as err:  # includes huggingface_hub's OfflineModeIsEnabled
-        raise HubUnreachableError(_unreachable_message(repo_id, err)) from err
+        raise HubUnreachableError(unreachable_message(repo_id, err)) from err
     return _to_dataset(
         repo_id, hf, source=f"Hugging Face hub: {repo_id}",
         train_size=train_size, test_size=test_size, seed=seed,
@@ -183,7 +183,7 @@ def _offline_requested() -> bool:
 
 
 @contextlib.contextmanager
-def _offline_env_applied():
+def offline_env_applied():
     """Honour offline variables set after import: datasets and huggingface_hub read them only then.
 
     Otherwise a notebook or test that sets HF_HUB_OFFLINE late still retries the network for ~25 s.
@@ -209,7 +209,7 @@ def _offline_env_applied():
             setattr(module, attr, value)
 
 
-def _unreachable_message(repo_id: str, err: Exception) -> str:
+def unreachable_message(repo_id: str, err: Exception) -> str:
     """Say the hub is out of reach and what works offline."""
     reason = "offline mode is set" if _offline_requested() else "connection failed"
     return (

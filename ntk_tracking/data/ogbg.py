@@ -14,8 +14,8 @@ import os
 import numpy as np
 
 from ntk_tracking.data import molecules_offline
-from ntk_tracking.data.graphs import Graphs, MolecularData, _ranges, make_graphs  # noqa: F401 (re-exported)
-from ntk_tracking.data.hub import HubUnreachableError, _offline_env_applied, _unreachable_message
+from ntk_tracking.data.graphs import Graphs, MolecularData, concatenated_ranges, make_graphs  # noqa: F401 (re-exported)
+from ntk_tracking.data.hub import HubUnreachableError, offline_env_applied, unreachable_message
 
 MOLPCBA_REPO = "OGB/ogbg-molpcba"
 MOLPCBA_NAMES = ("ogbg-molpcba", "ogbg_molpcba", "molpcba", MOLPCBA_REPO)
@@ -100,10 +100,10 @@ def _hub_splits(repo_id: str) -> dict[str, Graphs]:
     import datasets
 
     try:
-        with _offline_env_applied():
+        with offline_env_applied():
             hf = datasets.load_dataset(repo_id)
     except ConnectionError as err:
-        message = _unreachable_message(repo_id, err).split(" Offline, use")[0]
+        message = unreachable_message(repo_id, err).split(" Offline, use")[0]
         raise HubUnreachableError(
             f"{message} Offline, pass a local copy: OGB's ogbg_molpcba folder (raw/ and split/scaffold/) "
             f"or a folder written by datasets.load_dataset({repo_id!r}).save_to_disk(...)") from err
@@ -178,8 +178,8 @@ def _hub_graphs(name: str, ds) -> Graphs:
     n_edge = lengths[0::2].astype(np.int64)
     values = pc.list_flatten(pairs).to_numpy(zero_copy_only=False).astype(np.int64)
     starts = np.concatenate([[0], np.cumsum(lengths)])[:-1]
-    send_idx, _ = _ranges(starts[0::2], n_edge)
-    recv_idx, _ = _ranges(starts[1::2], n_edge)
+    send_idx, _ = concatenated_ranges(starts[0::2], n_edge)
+    recv_idx, _ = concatenated_ranges(starts[1::2], n_edge)
     edges = flat(column("edge_attr")).reshape(int(n_edge.sum()), -1) if n_edge.sum() else np.zeros((0, 1))
     labels = flat(column("y")).astype(np.float32).reshape(n, -1)
     return make_graphs(nodes, edges, values[send_idx], values[recv_idx], n_node, n_edge, labels)

@@ -13,16 +13,15 @@ Children are created up front with a stable key tag; relaunching the sweep with 
 skips FINISHED children and reruns (resumes) the others. The subprocess runs on this machine
 (`--executor local`, the default) or inside a Ray task on a cluster (`--executor ray`).
 
-Modules: spec (grid, the sweep's command line, each point's config), plan (checks before any run
-exists), run (parent run, children, local executor), ray_executor, analysis, cli.
+Modules: spec (the grid, each point's config), plan (checks before any run exists), run (parent
+run, children, local executor), analysis; the Ray executor is ntk_tracking.on_ray, the command
+line ntk_tracking/cli/sweep.py.
 """
 
 from ntk_tracking.sweep.analysis import analyze_sweep
-from ntk_tracking.sweep.cli import sweep_main
 from ntk_tracking.sweep.plan import SweepPlan, find_children, is_sweep_run, plan_sweep
 from ntk_tracking.sweep.run import ChildResult, SweepResult, execute_sweep, print_summary, run_sweep
-from ntk_tracking.sweep.spec import GRID, GRID_DEFAULTS, SPEC_ARTIFACT, SweepSpec, child_key, parse_sweep, sweep_parser
+from ntk_tracking.sweep.spec import GRID, GRID_DEFAULTS, SPEC_ARTIFACT, SweepSpec, child_key
 
 __all__ = ["GRID", "GRID_DEFAULTS", "SPEC_ARTIFACT", "ChildResult", "SweepPlan", "SweepResult", "SweepSpec", "analyze_sweep", "child_key", "execute_sweep",
-           "find_children", "is_sweep_run", "parse_sweep", "plan_sweep", "print_summary", "run_sweep",
-           "sweep_main", "sweep_parser"]
+           "find_children", "is_sweep_run", "plan_sweep", "print_summary", "run_sweep"]

@@ -18,7 +18,7 @@ def analyze_sweep(parent_run_id: str, settings=None, progress: bool = True, mlfl
     """Analyze every FINISHED child's pending checkpoints under one progress bar; child id -> epochs.
     A checkpoint left unlogged (damaged, non-finite) is warned about and added to `problems`."""
     from ntk_tracking.analyze import AnalysisSettings, Analyzer
-    from ntk_tracking.analyze_ray import analyze_until_logged
+    from ntk_tracking.on_ray import analyze_until_logged
 
     client = mlflow_client or tracking.client()
     if not is_sweep_run(parent_run_id, client):

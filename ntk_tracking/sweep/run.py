@@ -22,7 +22,9 @@ from ntk_tracking.run import write_config
 from ntk_tracking.sweep.plan import SweepPlan, find_children, plan_sweep
 from ntk_tracking.keys import (FAILED_TAG, KEY_TAG, KIND_TAG, PARENT_TAG, TASK_TAG, TEST_ACCURACY, TEST_LOSS,
                                TRAIN_LOSS)
-from ntk_tracking.sweep.spec import GRID, SPEC_ARTIFACT, SweepSpec, _LOG_TAIL_LINES
+from ntk_tracking.sweep.spec import GRID, SPEC_ARTIFACT, SweepSpec
+
+LOG_TAIL_LINES = 15  # a failed child's log lines shown
 
 
 @dataclasses.dataclass
@@ -87,14 +89,14 @@ def _child_env(run_id: str, experiment_id: str) -> dict[str, str]:
     return process_env(child_variables(run_id, experiment_id))
 
 
-def _tail(path: Path, lines: int = _LOG_TAIL_LINES) -> str:
+def log_tail(path: Path, lines: int = LOG_TAIL_LINES) -> str:
     try:
         return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
     except OSError:
         return ""
 
 
-class _Runner:
+class Runner:
     """Runs children as subprocesses on this machine, records their outcome, stops them on interrupt.
 
     Executors subclass it: `train` runs one child's training process and returns its exit
@@ -153,14 +155,14 @@ class _Runner:
                 self.write(f"child {key} ({run_id}) FINISHED, then its process {how}")
             return ChildResult(key, run_id, status)
         if error is None or status not in ("FAILED", "KILLED"):
-            last = _tail(log_path, 1)
+            last = log_tail(log_path, 1)
             error = f"training process {how} before ending its run" + (f": {last}" if last else "")
             self.client.set_tag(run_id, "error", error[:5000])
             self.client.set_terminated(run_id, "KILLED" if self.stopping.is_set() else "FAILED")
             status = self.client.get_run(run_id).info.status
         if not self.stopping.is_set():  # stopped by Ctrl-C: the sweep says so in one line
             self.write(f"child {key} ({run_id}) {status}: {error}\n--- last lines of its log ---\n"
-                       f"{_tail(log_path)}\n---")
+                       f"{log_tail(log_path)}\n---")
         return ChildResult(key, run_id, status, error)
 
     def stop(self, grace_seconds: float = 30.0) -> None:
@@ -233,7 +235,7 @@ class SweepInterrupted(KeyboardInterrupt):
 def execute_sweep(plan: SweepPlan, workers: int = 1, progress: bool = True, executor=None) -> SweepResult:
     """Train every unfinished child (in `workers` processes at once) and end the parent run.
 
-    `executor`: None trains on this machine; a RayExecutor (ntk_tracking.sweep.ray_executor)
+    `executor`: None trains on this machine; a RayExecutor (ntk_tracking.on_ray)
     runs each child (and, if it was given analysis settings, every finished child's analysis)
     as a Ray task, as many at once as the cluster's resources allow."""
     client = plan.client
@@ -259,7 +261,7 @@ def execute_sweep(plan: SweepPlan, workers: int = 1, progress: bool = True, exec
                    unit="run", disable=not progress)
         with tempfile.TemporaryDirectory(prefix="ntk-sweep-") as logs:
             write = lambda text: tqdm.write(text, file=sys.stderr)  # noqa: E731
-            runner = _Runner(plan, Path(logs), write) if executor is None else \
+            runner = Runner(plan, Path(logs), write) if executor is None else \
                 executor.runner(plan, Path(logs), write)
             threads = workers if executor is None else executor.concurrency(len(jobs))
             pool = concurrent.futures.ThreadPoolExecutor(max_workers=max(threads, 1), thread_name_prefix="sweep")

@@ -147,6 +147,15 @@ def field_type(config_class, name: str) -> tuple[type, bool]:
     return hint, False
 
 
+def yes_no(text: str) -> bool:
+    """A boolean option's value: yes/no, true/false, 1/0, on/off (ValueError otherwise)."""
+    if str(text).lower() in ("1", "true", "yes", "y", "on"):
+        return True
+    if str(text).lower() in ("0", "false", "no", "n", "off"):
+        return False
+    raise ValueError(f"expected yes or no, got {text!r}")
+
+
 def cli_fields(config_class) -> list[dataclasses.Field]:
     """The config fields that are command-line options and MLproject parameters."""
     return [f for f in dataclasses.fields(config_class) if f.metadata.get("cli", True)]
@@ -172,8 +181,6 @@ class Option:
     def convert(self) -> Callable[[str], Any]:
         """Text to value: the field's type; yes/no (true/false, 1/0, on/off) for a boolean."""
         if self.kind is bool:
-            from ntk_tracking.helpformat import yes_no
-
             return yes_no
         return self.kind
 

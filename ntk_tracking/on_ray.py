@@ -1,18 +1,33 @@
-"""Children as Ray tasks: each runs the same training process as the local executor, on a cluster.
+"""Ray: the sweep's children and the analysis of many runs as Ray tasks on a cluster.
 
     ntk-tracking sweep --widths 16,64 --depths 1,2 --executor ray --ray-address auto --cpus-per-run 2
+    ntk-tracking analyze RUN [RUN ...] --executor ray --ray-address auto --cpus-per-task 2
 
-A Ray task receives its child's task config (the object, sent by Ray), writes it as config.json in a
-temporary folder on its worker and starts `python -m ntk_tracking.run --config config.json` with
-MLFLOW_RUN_ID set to its child, exactly as the local executor does, so the child logs its own
-metrics, checkpoints and (from the task) its log, and a relaunched child resumes from its resume
-checkpoint. The training process dies with
-the Ray worker that started it (PR_SET_DEATHSIG), so a worker lost mid-run leaves no orphan
-training the same run; Ray then retries the task (`MAX_RETRIES`), and the retry resumes. A
-training process killed by a signal (e.g. the OOM killer) is retried the same way; one that
-exits with an error is not (it would fail again). With analysis settings, each finished child's
-analysis (`python -m ntk_tracking.run --analyze RUN_ID --settings settings.json`, what `ntk-tracking
-analyze RUN_ID` does) runs as a further Ray task with the same resources.
+Shared: joining the cluster (`connect`), the tracking server every worker must reach
+(`check_tracking_uri_for_ray`), the driver's tracking credentials handed to workers (`credentials`).
+
+Training children (RayExecutor). A Ray task receives its child's task config (the object, sent by
+Ray), writes it as config.json in a temporary folder on its worker and starts `python -m
+ntk_tracking.run --config config.json` with MLFLOW_RUN_ID set to its child, exactly as the local
+executor does, so the child logs its own metrics, checkpoints and (from the task) its log, and a
+relaunched child resumes from its resume checkpoint. The training process dies with the Ray worker
+that started it (PR_SET_DEATHSIG), so a worker lost mid-run leaves no orphan training the same run;
+Ray then retries the task (`MAX_RETRIES`), and the retry resumes. A training process killed by a
+signal (e.g. the OOM killer) is retried the same way; one that exits with an error is not (it would
+fail again). With analysis settings, each finished child's analysis (`python -m ntk_tracking.run
+--analyze RUN_ID --settings settings.json`, what `ntk-tracking analyze RUN_ID` does) runs as a
+further Ray task with the same resources.
+
+Analysis (analyze_on_ray). The driver checks every run here first (settings, data paths, the
+tracking server), exactly as the local analyzer does, and then hands out (run, checkpoint) jobs to
+a pool of Ray actors (AnalysisWorker), each asking for --cpus-per-task / --gpus-per-task. An actor
+keeps one Analyzer per run, so a run's kernels compile once per actor; a free actor takes its next
+job from the run it last measured. Every job goes through `Analyzer.analyze_epoch`
+(`analyze_until_logged`, which a sweep's local analysis uses too): the checkpoint is claimed in the
+tracking store, measured, and its metrics logged in one batch at step = epoch, so a rerun adds
+nothing. An actor killed mid-checkpoint is restarted and its job retried (MAX_RETRIES): the dead
+worker's claim is taken over (at once on the same machine, after the claim's expiry elsewhere) and
+the checkpoint is logged once.
 
 Every worker reaches the tracking server itself, so the tracking URI must be an http(s) server
 (`mlflow server`), never a local sqlite or file store.
@@ -20,6 +35,7 @@ Every worker reaches the tracking server itself, so the tracking URI must be an 
 
 from __future__ import annotations
 
+import collections
 import json
 import os
 import signal
@@ -27,16 +43,23 @@ import socket
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 from urllib.parse import urlsplit
 
 import mlflow
+from tqdm.auto import tqdm
 
 from ntk_tracking import tracking
-from ntk_tracking.sweep.run import _Runner, analysis_command, child_command, child_variables, process_env
-MAX_RETRIES = 3  # Ray retries of a child whose worker or training process was killed
+from ntk_tracking.sweep.run import (LOG_TAIL_LINES, Runner, analysis_command, child_command, child_variables,
+                                   log_tail, process_env)
+
+MAX_RETRIES = 3  # Ray retries of a child whose worker or training process was killed; restarts of a
+# killed analysis actor, and retries of the job it was running
 MAX_IN_FLIGHT = 256  # children submitted at once (Ray queues them by resources)
 CONNECT_TIMEOUT_SECONDS = 10.0
+WAIT_SECONDS = 5.0  # a checkpoint claimed by another analyzer: look again this often until it is logged
+
 _CREDENTIALS = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN",
                 "MLFLOW_TRACKING_INSECURE_TLS", "MLFLOW_TRACKING_SERVER_CERT_PATH")
 _SERVER_HOWTO = (
@@ -46,8 +69,9 @@ _SERVER_HOWTO = (
     "then set MLFLOW_TRACKING_URI=http://<this host>:5000")
 
 
-class ChildProcessKilled(RuntimeError):
-    """A child's training process was killed by a signal: Ray retries the task."""
+def credentials() -> dict[str, str]:
+    """The driver's tracking credentials for workers that lack their own."""
+    return {k: os.environ[k] for k in _CREDENTIALS if k in os.environ}
 
 
 def check_tracking_uri_for_ray(uri: str | None = None) -> None:
@@ -98,6 +122,12 @@ def connect(address: str | None) -> None:
                          "with `ray start --head`, or leave --ray-address empty to start Ray here") from None
 
 
+# -- training children ---------------------------------------------------------------------
+
+class ChildProcessKilled(RuntimeError):
+    """A child's training process was killed by a signal: Ray retries the task."""
+
+
 def _die_with_parent() -> None:
     """In the child process: be killed when the Ray worker that started it dies (Linux)."""
     try:
@@ -115,8 +145,6 @@ def run_child_process(job: dict, variables: dict[str, str], run_id: str,
     AnalysisSettings dict, "data_paths": [...]} analyzes that run. The document is written into a
     temporary folder here, where the process reads it. Uploads the log to `log_artifact` of
     `run_id`; raises ChildProcessKilled when a signal killed the process, so that Ray retries."""
-    from ntk_tracking.sweep.run import _LOG_TAIL_LINES, _tail
-
     env = process_env(variables)
     with tempfile.TemporaryDirectory(prefix="ntk-ray-child-") as tmp:
         if "config" in job:
@@ -146,7 +174,7 @@ def run_child_process(job: dict, variables: dict[str, str], run_id: str,
                 mlflow.MlflowClient(variables["MLFLOW_TRACKING_URI"]).log_artifact(run_id, str(log_path), log_artifact)
             except Exception as err:  # noqa: BLE001 - the outcome matters more than the log
                 print(f"could not upload the log of run {run_id}: {tracking.redact(str(err))}", file=sys.stderr)
-        tail = _tail(log_path, _LOG_TAIL_LINES)
+        tail = log_tail(log_path, LOG_TAIL_LINES)
     if returncode < 0 and -returncode in (signal.SIGKILL, signal.SIGTERM, signal.SIGBUS, signal.SIGSEGV):
         raise ChildProcessKilled(f"{returncode}\n{tail}")
     return returncode, tail
@@ -189,11 +217,11 @@ class RayExecutor:
     def concurrency(self, jobs: int) -> int:
         return min(jobs, MAX_IN_FLIGHT)
 
-    def runner(self, plan, log_root: Path, write) -> _Runner:
+    def runner(self, plan, log_root: Path, write) -> Runner:
         return _RayRunner(plan, log_root, write, self)
 
 
-class _RayRunner(_Runner):
+class _RayRunner(Runner):
     """Each child's training (and analysis) as Ray tasks; the driver records outcomes only."""
 
     uploads_logs = False
@@ -212,7 +240,7 @@ class _RayRunner(_Runner):
     def _call(self, job: dict, variables: dict, run_id: str, log_artifact: str) -> int | None:
         import ray
 
-        ref = self.remote.remote(job, {**variables, **_credentials()}, run_id, log_artifact)
+        ref = self.remote.remote(job, {**variables, **credentials()}, run_id, log_artifact)
         with self.lock:
             self.refs.add(ref)
         try:
@@ -258,6 +286,146 @@ class _RayRunner(_Runner):
             ray.cancel(ref)
 
 
-def _credentials() -> dict[str, str]:
-    """The driver's tracking credentials for workers that lack their own."""
-    return {k: os.environ[k] for k in _CREDENTIALS if k in os.environ}
+# -- analysis --------------------------------------------------------------------------------
+
+class AnalysisWorker:
+    """A Ray actor: analyzes checkpoints of any run, keeping each run's Analyzer (data, compiled kernels)."""
+
+    def __init__(self, variables: dict[str, str]):
+        os.environ.update(variables)
+        self.analyzers = {}
+
+    def analyze(self, run_id: str, epoch: int, settings, data_paths: tuple[str, ...], data: str | None):
+        """(outcome, message): analyzed, already (another analyzer logged it), damaged or nonfinite."""
+        from ntk_tracking.analyze import Analyzer
+
+        if run_id not in self.analyzers:
+            self.analyzers[run_id] = Analyzer(run_id, settings, data_paths=data_paths, data=data)
+        return analyze_until_logged(self.analyzers[run_id], epoch)
+
+
+def analyze_until_logged(analyzer, epoch: int, wait_seconds: float = WAIT_SECONDS) -> tuple[str, str]:
+    """Analyze `epoch`, or wait until whoever holds its claim has logged it (a dead holder's claim
+    is taken over when it is seen dead, or once it expires)."""
+    from ntk_tracking.checkpointing import CheckpointError
+    from ntk_tracking.ntk.measure import NonFiniteKernel
+
+    while True:
+        try:
+            if analyzer.analyze_epoch(epoch) is not None:
+                return "analyzed", ""
+        except CheckpointError as err:
+            return "damaged", str(err)
+        except NonFiniteKernel as err:
+            return "nonfinite", f"epoch {epoch}: {err}; not logged (a rerun tries it again)"
+        if epoch in tracking.logged_steps(analyzer.client, analyzer.run_id, analyzer.marker_key()):
+            return "already", ""
+        time.sleep(wait_seconds)
+
+
+def expand_runs(client, run_ids) -> list[str]:
+    """Training runs to analyze: each id as given, a sweep's parent as its FINISHED children."""
+    from ntk_tracking.sweep.plan import find_children, is_sweep_run
+
+    runs = []
+    for run_id in run_ids:
+        if is_sweep_run(run_id, client):
+            children = find_children(client, run_id)
+            unfinished = sorted(k for k, r in children.items() if r.info.status != "FINISHED")
+            if unfinished:
+                print(f"sweep {run_id}: not analyzing unfinished children {', '.join(unfinished)}")
+            runs += [r.info.run_id for _, r in sorted(children.items()) if r.info.status == "FINISHED"]
+        else:
+            runs.append(run_id)
+    return list(dict.fromkeys(runs))
+
+
+def analyze_on_ray(run_ids, settings, address: str | None = None, cpus_per_task: float = 1.0,
+                   gpus_per_task: float = 0.0, data_paths: tuple[str, ...] = (), data: str | None = None,
+                   progress: bool = True) -> dict[str, dict[str, list]]:
+    """Every pending checkpoint of `run_ids` (sweep parents: their finished children) as Ray jobs.
+
+    Returns run id -> {"analyzed": epochs, "already": epochs, "damaged" / "nonfinite" / "failed": [messages]}.
+    Every check (tracking server, cluster resources, each run's settings and data paths) comes
+    before any job starts; ValueError names the problem."""
+    from ntk_tracking.analyze import Analyzer
+    from ntk_tracking.confine import path_fields
+
+    if not cpus_per_task > 0:
+        raise ValueError(f"--cpus-per-task must be > 0, got {cpus_per_task}")
+    if not gpus_per_task >= 0:
+        raise ValueError(f"--gpus-per-task must be ≥ 0, got {gpus_per_task}")
+    tracking.configure_http()
+    check_tracking_uri_for_ray()
+    tracking.check_reachable()
+    client = tracking.client()
+    runs = expand_runs(client, run_ids)
+    if data and len(runs) > 1:
+        raise ValueError("--data names one run's dataset; analyze that run alone with it")
+    analyzers = {r: Analyzer(r, settings, client, data_paths=data_paths, data=data) for r in runs}
+    # The workers read the data paths the driver accepted (their working directory is not ours).
+    approved = {r: tuple(data_paths) + tuple(os.path.abspath(os.path.expanduser(p))
+                                              for p in path_fields(a.config).values()) for r, a in analyzers.items()}
+    jobs = {r: collections.deque(a.pending_epochs()) for r, a in analyzers.items()}
+    outcomes = {r: {"analyzed": [], "already": sorted(set(a.store.cv_epochs()) - set(jobs[r])), "damaged": [],
+                    "nonfinite": [], "failed": []} for r, a in analyzers.items()}
+    total = sum(map(len, jobs.values()))
+    if total:
+        connect(address)
+        import ray
+
+        cluster = ray.cluster_resources()
+        for name, need in (("CPU", cpus_per_task), ("GPU", gpus_per_task)):
+            if need > cluster.get(name, 0.0):
+                raise ValueError(f"each analysis task asks for {need:g} {name}(s) (--{name.lower()}s-per-task) but "
+                                 f"the Ray cluster has {cluster.get(name, 0.0):g} in all; ask for fewer or add nodes")
+        n_workers = max(1, min(total, int(cluster.get("CPU", 1.0) // cpus_per_task)))
+        variables = {"MLFLOW_TRACKING_URI": mlflow.get_tracking_uri(), **credentials()}
+        actor = ray.remote(AnalysisWorker).options(num_cpus=cpus_per_task, num_gpus=gpus_per_task,
+                                                   max_restarts=MAX_RETRIES, max_task_retries=MAX_RETRIES)
+        workers = [actor.remote(variables) for _ in range(n_workers)]
+        _dispatch(workers, jobs, outcomes, settings, approved, data, progress)
+    for run_id, outcome in outcomes.items():
+        if outcome["analyzed"]:
+            analyzers[run_id].log_figure()
+    return outcomes
+
+
+def _dispatch(workers, jobs, outcomes, settings, approved, data, progress) -> None:
+    """Hand jobs to free workers (a worker's last run first), collect outcomes as they finish."""
+    import ray
+
+    last_run = {i: None for i in range(len(workers))}
+    free, in_flight = list(range(len(workers))), {}
+    bar = tqdm(total=sum(map(len, jobs.values())), desc="NTK on Ray", unit="ckpt", disable=not progress)
+    try:
+        while in_flight or any(jobs.values()):
+            while free and any(jobs.values()):
+                w = free.pop()
+                run_id = last_run[w] if jobs.get(last_run[w]) else max(jobs, key=lambda r: len(jobs[r]))
+                epoch = jobs[run_id].popleft()
+                ref = workers[w].analyze.remote(run_id, epoch, settings, approved[run_id], data)
+                in_flight[ref] = (w, run_id, epoch)
+                last_run[w] = run_id
+            done, _ = ray.wait(list(in_flight), num_returns=1)
+            for ref in done:
+                w, run_id, epoch = in_flight.pop(ref)
+                try:
+                    outcome, message = ray.get(ref)
+                except ray.exceptions.RayError as err:  # the actor died more often than it is restarted
+                    outcome, message = "failed", f"epoch {epoch}: the Ray worker failed: {err}"
+                if outcome in ("analyzed", "already"):
+                    outcomes[run_id][outcome].append(epoch)
+                else:
+                    outcomes[run_id][outcome].append(message)
+                    tqdm.write(f"{run_id}: {outcome}: {message}", file=sys.stderr)
+                free.append(w)
+                bar.set_postfix_str(f"run {run_id[:8]} epoch {epoch}: {outcome}")
+                bar.update(1)
+    finally:
+        bar.close()
+        for ref in in_flight:
+            ray.cancel(ref)
+    for outcome in outcomes.values():
+        outcome["analyzed"].sort()
+        outcome["already"].sort()

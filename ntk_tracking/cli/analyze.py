@@ -10,11 +10,8 @@ import shlex
 import sys
 
 from ntk_tracking import extras
-from ntk_tracking.helpformat import (EXIT_HELD, EXIT_INCOMPLETE, EXIT_INTERRUPTED, EXIT_SERVER_LOST,  # noqa: F401
-                                     HelpFormatter, add_ray_options, fail as _fail)
+from ntk_tracking.cli.helpformat import EXIT_HELD, EXIT_INCOMPLETE, EXIT_TRAINER_STOPPED, HelpFormatter, add_ray_options
 from ntk_tracking.keys import ANALYZED_BY_TAG, ANALYZED_RUN_TAG, DESCRIPTION_TAG
-
-EXIT_TRAINER_STOPPED = 4  # --follow: the trainer stopped writing
 
 
 def analyze_parser(prog: str = "ntk-tracking analyze") -> argparse.ArgumentParser:
@@ -94,59 +91,46 @@ def analyze_main(argv=None, prog: str = "ntk-tracking analyze",
     run_ids = list(dict.fromkeys(r for arg in args.run_id for r in re.split(r"[,\s]+", arg) if r))
     from ntk_tracking import tracking
     from ntk_tracking.analyze import TrainerStopped
+    from ntk_tracking.run import analysis_exits
 
     analyzers, results = {}, {}
     again = f"continue with `{prog} {shlex.join(argv)}` (checkpoints already logged are skipped)"
-    try:
-        if not run_ids:
-            raise ValueError("no run id given")
-        if args.executor == "ray":
-            extras.require("ray", "ray", what="--executor ray")
-        if args.executor != "ray" and args.ray_address:
-            raise ValueError("--ray-address needs --executor ray")
-        if not args.cpus_per_task > 0:
-            raise ValueError(f"--cpus-per-task must be > 0, got {args.cpus_per_task:g}")
-        if not args.gpus_per_task >= 0:
-            raise ValueError(f"--gpus-per-task must be ≥ 0, got {args.gpus_per_task:g}")
-        if args.follow and (len(run_ids) > 1 or args.executor == "ray"):
-            raise ValueError("--follow follows one training run, in this process; leave out --executor ray")
-        if not args.held_wait_seconds >= 0:
-            raise ValueError(f"--held-wait-seconds must be ≥ 0, got {args.held_wait_seconds:g}")
-        if args.data and len(run_ids) > 1:
-            raise ValueError("--data names one run's dataset; analyze that run alone with it")
-        tracking.prepare_tracking(reading=True)
-        settings = settings_from_args(args)
-        if os.environ.get("MLFLOW_RUN_ID") in run_ids:
-            raise ValueError("the run to analyze is the run this command was launched in; pass a training run id")
-        if os.environ.get("MLFLOW_RUN_ID"):  # launched by `mlflow run`: point its run at the analyzed ones
+    with analysis_exits(again, lambda: _progress(analyzers)):
+        try:
+            if not run_ids:
+                raise ValueError("no run id given")
+            if args.executor == "ray":
+                extras.require("ray", "ray", what="--executor ray")
+            if args.executor != "ray" and args.ray_address:
+                raise ValueError("--ray-address needs --executor ray")
+            if not args.cpus_per_task > 0:
+                raise ValueError(f"--cpus-per-task must be > 0, got {args.cpus_per_task:g}")
+            if not args.gpus_per_task >= 0:
+                raise ValueError(f"--gpus-per-task must be ≥ 0, got {args.gpus_per_task:g}")
+            if args.follow and (len(run_ids) > 1 or args.executor == "ray"):
+                raise ValueError("--follow follows one training run, in this process; leave out --executor ray")
+            if not args.held_wait_seconds >= 0:
+                raise ValueError(f"--held-wait-seconds must be ≥ 0, got {args.held_wait_seconds:g}")
+            if args.data and len(run_ids) > 1:
+                raise ValueError("--data names one run's dataset; analyze that run alone with it")
+            tracking.prepare_tracking(reading=True)
+            settings = settings_from_args(args)
+            if os.environ.get("MLFLOW_RUN_ID") in run_ids:
+                raise ValueError("the run to analyze is the run this command was launched in; pass a training run id")
+            if os.environ.get("MLFLOW_RUN_ID"):  # launched by `mlflow run`: point its run at the analyzed ones
+                for run_id in run_ids:
+                    _link_launched_run(tracking.client(), run_id)
+            if args.executor == "ray":
+                by_run = _analyze_on_ray(args, run_ids, settings)
+                _closing(run_ids, closing)
+                return by_run
+            analyzers = _checked_analyzers(args, run_ids, settings)  # every run checked before any is analyzed
             for run_id in run_ids:
-                _link_launched_run(tracking.client(), run_id)
-        if args.executor == "ray":
-            by_run = _analyze_on_ray(args, run_ids, settings)
+                results[run_id] = _analyze_one(args, run_id, settings, analyzers.get(run_id))
             _closing(run_ids, closing)
-            return by_run
-        analyzers = _checked_analyzers(args, run_ids, settings)  # every run checked before any is analyzed
-        for run_id in run_ids:
-            results[run_id] = _analyze_one(args, run_id, settings, analyzers.get(run_id))
-        _closing(run_ids, closing)
-    except KeyboardInterrupt:
-        print(f"interrupted: {_progress(analyzers)}; {again}", file=sys.stderr)
-        raise SystemExit(EXIT_INTERRUPTED) from None
-    except TrainerStopped as err:
-        print(f"error: {err}", file=sys.stderr)
-        raise SystemExit(EXIT_TRAINER_STOPPED) from None
-    except ValueError as err:  # RunError included
-        _fail(str(err))
-    except Exception as err:  # noqa: BLE001 - re-raised unless the tracking server is gone
-        if not tracking.server_lost():
-            if isinstance(err, PermissionError):
-                _fail(f"cannot write to the run's artifact store at {err.filename or '?'} ({err.strerror}); make "
-                      "it writable, or analyze from an account that can write there")
-            raise
-        uri = tracking.redact_uri(tracking.mlflow.get_tracking_uri())
-        print(tracking.redact(f"error: lost the tracking server {uri}: {_progress(analyzers)}; once the server is "
-                              f"back, {again}"), file=sys.stderr)
-        raise SystemExit(EXIT_SERVER_LOST) from None
+        except TrainerStopped as err:
+            print(f"error: {err}", file=sys.stderr)
+            raise SystemExit(EXIT_TRAINER_STOPPED) from None
     codes = {code for _, code in results.values()} - {0}
     if codes:
         raise SystemExit(EXIT_INCOMPLETE if EXIT_INCOMPLETE in codes else EXIT_HELD)
@@ -211,7 +195,7 @@ def _analyze_one(args, run_id: str, settings, analyzer=None):
 
 
 def _analyze_on_ray(args, run_ids, settings) -> dict[str, list[int]]:
-    from ntk_tracking.analyze_ray import analyze_on_ray
+    from ntk_tracking.on_ray import analyze_on_ray
 
     outcomes = analyze_on_ray(run_ids, settings, args.ray_address or None, args.cpus_per_task, args.gpus_per_task,
                               data_paths=tuple(args.allow_data_path), data=args.data or None,

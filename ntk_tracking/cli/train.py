@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ntk_tracking.helpformat import HelpFormatter, fail as _fail
+from ntk_tracking.cli.helpformat import HelpFormatter, argument_type, fail as _fail
 from ntk_tracking.run import RESUME_INTERVAL_SECONDS, interrupted_before_start, prepare, train
 from ntk_tracking.tasks import Task, get_task, task_names
 
@@ -28,11 +28,11 @@ def train_parser(task: str | Task, prog: str | None = None) -> argparse.Argument
     )
     for option in t.options().values():
         if option.kind is bool:
-            p.add_argument(*option.flags, dest=option.name, type=option.convert, default=option.default,
-                           metavar="{yes,no}", help=option.help)
+            p.add_argument(*option.flags, dest=option.name, type=argument_type(option.convert),
+                           default=option.default, metavar="{yes,no}", help=option.help)
         else:
-            p.add_argument(*option.flags, dest=option.name, type=option.convert, default=option.default,
-                           help=option.help)
+            p.add_argument(*option.flags, dest=option.name, type=argument_type(option.convert),
+                           default=option.default, help=option.help)
     p.add_argument("--experiment", default=None, help="MLflow experiment name; default: the active one "
                    "($MLFLOW_EXPERIMENT_NAME, or MLflow's Default)")
     p.add_argument("--resume-interval-seconds", "--resume_interval_seconds", dest="resume_interval_seconds",

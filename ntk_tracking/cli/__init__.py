@@ -1,12 +1,12 @@
-"""`ntk-tracking COMMAND …`: dispatches to the commands; it holds none of them."""
+"""`ntk-tracking COMMAND …`: dispatches to the commands; it holds none of them.
+
+The commands sit side by side in this package, each importing only the library and helpformat:
+train, analyze, sweep, report, quickstart. Each is imported when it is called.
+"""
 
 from __future__ import annotations
 
 import sys
-
-from ntk_tracking.analyze_command import analyze_main
-from ntk_tracking.tasks import task_names
-from ntk_tracking.train_command import train_command
 
 COMMANDS = {
     "quickstart": "train a small dense network on bundled MNIST digits and analyze it (offline, ~1 min)",
@@ -19,6 +19,8 @@ COMMANDS = {
 
 def usage() -> str:
     """The top-level help: every command with what it does, and the tasks."""
+    from ntk_tracking.tasks import task_names
+
     width = max(map(len, COMMANDS))
     lines = ["usage: ntk-tracking COMMAND [options]", "",
              "Track how a neural network's neural tangent kernel evolves during training.", "", "commands:"]
@@ -40,23 +42,22 @@ def main(argv=None) -> None:
         raise SystemExit(2)
     command, rest = argv[0], argv[1:]
     if command == "analyze":
+        from ntk_tracking.cli.analyze import analyze_main
+
         analyze_main(rest)
     elif command == "train":
+        from ntk_tracking.cli.train import train_command
+
         train_command(rest)
     elif command == "sweep":
-        from ntk_tracking.sweep import sweep_main
+        from ntk_tracking.cli.sweep import sweep_main
 
         sweep_main(rest)
     elif command == "report":
-        from ntk_tracking.report import report_main
+        from ntk_tracking.cli.report import report_main
 
         report_main(rest)
     else:
-        from ntk_tracking.quickstart import quickstart_main
+        from ntk_tracking.cli.quickstart import quickstart_main
 
         quickstart_main(rest)
-
-
-if __name__ == "__main__":
-    main()
-
