@@ -224,3 +224,29 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.slow)
     rank = {name: i for i, name in enumerate(SLOW_FIRST)}
     items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
+
+
+@pytest.fixture
+def treebank(tmp_path):
+    """A UD folder with train, dev and test files (tests/real_format.py)."""
+    from real_format import write_treebank
+
+    return write_treebank(tmp_path / "UD_Tiny")
+
+
+def fit_in_stretches(task, config, data, stops):
+    """Trains with a StepCadence stopping at `stops` and without; asserts both end at the same
+    variables and returns the stepped run's (step, epoch, epoch_end) points."""
+    import jax
+    import numpy as np
+
+    from ntk_tracking.train.loop import StepCadence
+
+    points = []
+    cadence = StepCadence(tuple(stops), 0, lambda step, epoch, state, metrics, end: points.append((step, epoch, end)))
+    model = task.build_model(config, data)
+    stepped = task.fit(config, data, model, task.init_state(config, data, model), 0, cadence, progress=False)
+    plain = task.fit(config, data, model, task.init_state(config, data, model), 0, lambda *args: None, progress=False)
+    for a, b in zip(*(jax.tree_util.tree_leaves(task.cv_variables(s)) for s in (stepped, plain)), strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+    return points

@@ -18,7 +18,7 @@ from ntk_tracking.report import report_parser
 from ntk_tracking.sweep.spec import sweep_parser
 from ntk_tracking.tasks import TASK_NAMES, get_task
 from ntk_tracking.tasks import base
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(autouse=True)

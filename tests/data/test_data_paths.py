@@ -16,7 +16,7 @@ from ntk_tracking.analyze_command import analyze_main
 from ntk_tracking.train_command import train_main
 from conftest import use_tracking_store
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+ROOT = pathlib.Path(__file__).resolve().parents[2]
 TINY = ["--width", "4", "--depth", "1", "--epochs", "1", "--batch-size", "16", "--no-progress"]
 TINY_ANALYSIS = ["--subsets", "1", "--points", "4", "--no-progress"]
 

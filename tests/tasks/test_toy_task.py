@@ -14,7 +14,7 @@ from ntk_tracking import tasks
 from conftest import use_tracking_store
 
 TESTS = pathlib.Path(__file__).resolve().parent
-ROOT = TESTS.parent
+ROOT = TESTS.parents[1]
 
 
 @pytest.fixture
