@@ -60,6 +60,13 @@ def test_the_toy_task_trains_analyzes_sweeps_and_reports(toy, capsys):
     assert "report/against_hidden.png" in result.artifacts
 
 
+def test_the_toy_task_declares_a_learning_check_and_learns(toy, request):
+    """What tests/tasks/test_learning.py asks of every task in the registry, asked of this one."""
+    from test_learning import assert_learns, check_run
+
+    assert_learns("toy_sine", check_run("toy_sine", request))
+
+
 def test_a_task_module_that_cannot_be_imported_is_named(monkeypatch):
     monkeypatch.setenv(tasks.MODULES_ENV, "no_such_task_module")
     monkeypatch.setattr(tasks, "_found", None)
