@@ -215,7 +215,7 @@ SLOW_FIRST = ("test_ray_sweep.py", "test_faults.py", "test_midway_faults.py", "t
 SLOW_FILES = ("test_ray_sweep.py", "test_faults.py", "test_midway_faults.py", "test_stalls.py",
               "test_pipeline.py", "test_one_writer.py", "test_sweep.py", "test_pong_actor_critic.py",
               "test_options.py", "test_data_paths.py", "test_report.py", "test_molecules_offline.py",
-              "test_security.py")
+              "test_security.py", "test_learning.py")
 
 
 def pytest_collection_modifyitems(config, items):
@@ -224,3 +224,38 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.slow)
     rank = {name: i for i, name in enumerate(SLOW_FIRST)}
     items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
+
+
+@pytest.fixture
+def cifar_binary(tmp_path):
+    """CIFAR-10's binary release (cifar-10-batches-bin) of 120 training and 60 test images of 4
+    classes whose class sets their brightness: learnable in a few steps (tests/real_format.py)."""
+    from real_format import random_split, write_binary
+
+    return write_binary(tmp_path, {"train": random_split(120, 1, classes=4), "test": random_split(60, 2, classes=4)})
+
+
+@pytest.fixture
+def treebank(tmp_path):
+    """A UD folder with train, dev and test files (tests/real_format.py)."""
+    from real_format import write_treebank
+
+    return write_treebank(tmp_path / "UD_Tiny")
+
+
+def fit_in_stretches(task, config, data, stops):
+    """Trains with a StepCadence stopping at `stops` and without; asserts both end at the same
+    variables and returns the stepped run's (step, epoch, epoch_end) points."""
+    import jax
+    import numpy as np
+
+    from ntk_tracking.train.loop import StepCadence
+
+    points = []
+    cadence = StepCadence(tuple(stops), 0, lambda step, epoch, state, metrics, end: points.append((step, epoch, end)))
+    model = task.build_model(config, data)
+    stepped = task.fit(config, data, model, task.init_state(config, data, model), 0, cadence, progress=False)
+    plain = task.fit(config, data, model, task.init_state(config, data, model), 0, lambda *args: None, progress=False)
+    for a, b in zip(*(jax.tree_util.tree_leaves(task.cv_variables(s)) for s in (stepped, plain)), strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+    return points

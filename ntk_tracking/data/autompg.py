@@ -17,6 +17,8 @@ COLUMNS = [
 ]
 FEATURES = COLUMNS[:7]  # origin stays the numeric code 1/2/3 (USA/Europe/Japan), standardized
 TARGET = "mpg"
+# The datasets this module reads for load_dataset (data/registry.py collects every module's).
+DATASETS = {"autompg": "Auto MPG (UCI) in mlxtend: 392 cars, 7 numeric features, target MPG; offline"}
 
 
 def load_autompg(*, train_size: int | None, test_size: int | None, seed: int) -> Dataset:

@@ -18,6 +18,11 @@ from ntk_tracking.data.splits import check_size, split_indices, subsample
 
 CIFAR_REPO = "uoft-cs/cifar10"
 CIFAR_NAMES = (CIFAR_REPO, "cifar10")
+# The datasets this module reads (data/registry.py collects every module's) and the task that reads them.
+DATASETS = {CIFAR_REPO: "CIFAR-10 (50,000 train / 10,000 test 32×32 colour images, 10 classes) from the Hugging "
+                        "Face hub; needs internet; task cifar_resnet (data/cifar10.py)",
+            **{name: f"alias of {CIFAR_REPO}" for name in CIFAR_NAMES if name != CIFAR_REPO}}
+READ_BY = "cifar_resnet"
 CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 BINARY_FOLDER = "cifar-10-batches-bin"
 BINARY_TRAIN = tuple(f"data_batch_{i}.bin" for i in range(1, 6))

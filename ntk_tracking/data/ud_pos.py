@@ -17,6 +17,10 @@ import unicodedata
 import numpy as np
 
 PERSEUS = "UD_Ancient_Greek-Perseus"  # the paper's treebank: its repository's folder, cloned from GitHub
+# The datasets this module reads (data/registry.py collects every module's) and the task that reads them.
+DATASETS = {PERSEUS: "UD Ancient Greek Perseus treebank (Universal Dependencies, CoNLL-U): a local clone of "
+                     f"github.com/UniversalDependencies/{PERSEUS}, passed as a folder; task greek_pos (data/ud_pos.py)"}
+READ_BY = "greek_pos"
 TAGSETS = {"upos": 3, "xpos": 4}  # tagset -> CoNLL-U column (0-based)
 SPLITS = ("train", "dev", "test")
 SUFFIX_LENGTHS = (1, 2, 3, 4)

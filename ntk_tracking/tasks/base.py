@@ -226,6 +226,24 @@ class ProbeContext:
     metric_history: Callable[[str], list[tuple[int, float]]]  # key -> [(step, value)]
 
 
+@dataclasses.dataclass(frozen=True)
+class LearningCheck:
+    """How the tests prove that a task learns (tests/tasks/test_learning.py runs this for every task
+    in the registry): `options`, a tiny configuration, is trained through the tracked loop, then
+    each metric in `falls` must end below that fraction of where it started, each in `rises` must end
+    above where it started by that margin, and each in `above` must end above that value. Where it
+    started and ended: the mean of the first and of the last `window` values the run logged.
+    `dataset_fixture`: where no data for it ships offline, the test fixture that writes the task's
+    dataset in its real format; its path becomes the `dataset` option."""
+
+    options: dict
+    falls: dict = dataclasses.field(default_factory=dict)
+    rises: dict = dataclasses.field(default_factory=dict)
+    above: dict = dataclasses.field(default_factory=dict)
+    window: int = 1
+    dataset_fixture: str | None = None
+
+
 class Task:
     """One paper model. Subclasses set the class attributes and implement the methods."""
 
@@ -238,6 +256,8 @@ class Task:
     loss_label: str = ""  # the loss axis's label in figures; empty: the metric names
     # The network's module under ntk_tracking/models/ (or any module with `make(config, data_info)`).
     architecture: types.ModuleType | None = None
+    # A tiny configuration that must visibly learn; every task declares one (tests/tasks/test_learning.py).
+    learning_check: LearningCheck | None = None
 
     # -- configuration ----------------------------------------------------------------------
 

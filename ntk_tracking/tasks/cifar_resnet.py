@@ -16,7 +16,8 @@ import math
 import jax
 
 from ntk_tracking.models import resnet
-from ntk_tracking.tasks.base import Probe, ProbeSet, Task, TaskConfig, option
+from ntk_tracking.keys import TEST_ACCURACY, TRAIN_LOSS
+from ntk_tracking.tasks.base import LearningCheck, Probe, ProbeSet, Task, TaskConfig, option
 
 IMAGE_SHAPES = ((32, 32, 3), (28, 28, 1))  # CIFAR-10, and MNIST for the offline smoke test
 
@@ -75,6 +76,10 @@ class CifarResNetTask(Task):
     defaults = dict(epochs=50, cv_every=5, cv_log_points=8)
     summary = "a ResNet18 on CIFAR-10 (paper Fig. 3a)"
     architecture = resnet
+    # Images of 4 classes whose class sets their brightness, in the binary release's format: chance is 1/4.
+    learning_check = LearningCheck(dict(model="resnet_tiny", width=0.125, augment=False, epochs=2, batch_size=20,
+                                        learning_rate=0.05, warmup_epochs=0.5, cv_every=2),
+                                   falls={TRAIN_LOSS: 0.5}, above={TEST_ACCURACY: 0.5}, dataset_fixture="cifar_binary")
 
     def run_name(self, config) -> str:
         return f"{config.task}-{config.model}-k{config.width:g}"

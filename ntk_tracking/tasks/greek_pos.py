@@ -14,7 +14,8 @@ import dataclasses
 import math
 
 from ntk_tracking.models import transformer
-from ntk_tracking.tasks.base import Probe, ProbeSet, Task, TaskConfig, option
+from ntk_tracking.keys import TEST_ACCURACY, TRAIN_LOSS, split_key
+from ntk_tracking.tasks.base import LearningCheck, Probe, ProbeSet, Task, TaskConfig, option
 
 TAGSETS = ("upos", "xpos")  # = ntk_tracking.data.ud_pos.TAGSETS, without importing data for --help
 
@@ -81,6 +82,13 @@ class GreekPosTask(Task):
     defaults = dict(dataset="UD_Ancient_Greek-Perseus", epochs=20)
     summary = "a transformer part-of-speech tagger on UD Ancient Greek Perseus (paper §4)"
     architecture = transformer
+    # A CoNLL-U treebank of a few short sentences (no treebank ships offline).
+    learning_check = LearningCheck(
+        dict(model_dim=8, num_heads=2, num_layers=1, mlp_dim=8, max_length=8, probe_max_tokens=8, batch_size=4,
+             min_count=1, dropout_rate=0.1, attention_dropout_rate=0.0, word_dropout=0.2, epochs=6,
+             learning_rate=0.03, warmup_epochs=0.5, cv_every=6),
+        falls={TRAIN_LOSS: 1 / 3}, rises={split_key("train", "accuracy"): 0.4},
+        above={split_key("train", "accuracy"): 0.9, TEST_ACCURACY: 0.9}, dataset_fixture="treebank")
 
     def run_name(self, config) -> str:
         return f"{config.task}-{config.tagset}-d{config.model_dim}-l{config.num_layers}"

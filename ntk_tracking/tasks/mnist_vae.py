@@ -15,7 +15,8 @@ import math
 import numpy as np
 
 from ntk_tracking.models import vae
-from ntk_tracking.tasks.base import Probe, ProbeSet, Task, TaskConfig, option
+from ntk_tracking.keys import TEST_LOSS
+from ntk_tracking.tasks.base import LearningCheck, Probe, ProbeSet, Task, TaskConfig, option
 
 IMAGE_SHAPE = (28, 28, 1)
 FIGURE_DIGITS = 8  # test digits and reconstructions per artifact figure
@@ -64,6 +65,8 @@ class MnistVaeTask(Task):
     summary = "a variational autoencoder on MNIST (paper Fig. 3e)"
     loss_label = "negative ELBO (nats)"  # train/loss and test/loss are the negative ELBO per image
     architecture = vae  # one VAE module; its methods are the probe's two networks
+    learning_check = LearningCheck(dict(train_size=200, test_size=100, epochs=3, batch_size=20, hidden=64, cv_every=3),
+                                   falls={TEST_LOSS: 0.6})
 
     def run_name(self, config) -> str:
         return f"{config.task}-h{config.hidden}-z{config.latents}"

@@ -12,7 +12,8 @@ import math
 import numpy as np
 
 from ntk_tracking.models import graph_net
-from ntk_tracking.tasks.base import Probe, ProbeSet, Task, TaskConfig, option
+from ntk_tracking.keys import TRAIN_LOSS, split_key
+from ntk_tracking.tasks.base import LearningCheck, Probe, ProbeSet, Task, TaskConfig, option
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,6 +86,11 @@ class MolPCBATask(Task):
     defaults = dict(dataset="ogbg-molpcba", epochs=75, cv_every=1)
     summary = "a graph convolutional network on ogbg-molpcba (paper §4.3, Fig. 3d)"
     architecture = graph_net
+    # On the offline molecules (the [molecules] extra).
+    learning_check = LearningCheck(dict(dataset="molecules-offline", latent_size=16, message_passing_steps=2,
+                                        mlp_layers=1, batch_size=16, train_eval_size=0, probe_pool=8, epochs=6,
+                                        learning_rate=2e-2, cv_every=6),
+                                   falls={TRAIN_LOSS: 0.9}, rises={split_key("train", "mean_ap"): 0.05})
 
     def run_name(self, config) -> str:
         return f"{config.task}-l{config.latent_size}-s{config.message_passing_steps}"

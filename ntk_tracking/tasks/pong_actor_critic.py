@@ -14,9 +14,9 @@ import math
 
 import numpy as np
 
-from ntk_tracking.keys import EVAL_EPISODE_RETURN, TRAIN_EPISODE_RETURN, TRAIN_EPISODES, metric_key
+from ntk_tracking.keys import EVAL_EPISODE_RETURN, TRAIN_EPISODE_RETURN, TRAIN_EPISODES, metric_key, split_key
 from ntk_tracking.models import actor_critic
-from ntk_tracking.tasks.base import Probe, ProbeSet, Task, TaskConfig, option
+from ntk_tracking.tasks.base import LearningCheck, Probe, ProbeSet, Task, TaskConfig, option
 
 PROBE_ARTIFACT = "analysis/probe_states.npz"
 
@@ -105,6 +105,13 @@ class PongActorCriticTask(Task):
     step_name = "PPO update"
     loss_metrics = (TRAIN_EPISODE_RETURN,)
     architecture = actor_critic  # make returns the pair ActorCritic(actor, critic)
+    # Within seconds the critic learns the scale of the returns: its value loss halves (means of 3
+    # updates: one batch of 64 transitions is noisy). The CNN encoder is named so the check keeps it.
+    learning_check = LearningCheck(dict(epochs=12, num_envs=4, num_steps=16, num_minibatches=2, update_epochs=4,
+                                        channels=2, hidden=8, max_steps=40, eval_envs=2, probe_states=12,
+                                        learning_rate=1e-2, anneal_lr=False, encoder="cnn", cv_every=12,
+                                        cv_log_points=0),
+                                   falls={split_key("train", "value_loss"): 0.5}, window=3)
 
     def run_name(self, config) -> str:
         return f"{config.task}-{config.env}-s{config.seed}"

@@ -8,7 +8,8 @@ from __future__ import annotations
 import dataclasses
 
 from ntk_tracking.models import ACTIVATIONS, INITIALIZERS, MODELS, mlp_cnn, ntk_apply_fn
-from ntk_tracking.tasks.base import Probe, ProbeSet, Task, TaskConfig, option
+from ntk_tracking.keys import TEST_ACCURACY, TEST_LOSS, TRAIN_LOSS, split_key
+from ntk_tracking.tasks.base import LearningCheck, Probe, ProbeSet, Task, TaskConfig, option
 
 OPTIMIZERS = ("adam", "sgd", "momentum", "adamw")
 
@@ -54,8 +55,8 @@ class SupervisedTask(Task):
     config_class = SupervisedConfig
     architecture = mlp_cnn  # config.model picks MLP or CNN
 
-    def __init__(self, name: str, summary: str, **defaults):
-        self.name, self.summary, self.defaults = name, summary, defaults
+    def __init__(self, name: str, summary: str, learning_check: LearningCheck | None = None, **defaults):
+        self.name, self.summary, self.defaults, self.learning_check = name, summary, defaults, learning_check
 
     def run_name(self, config) -> str:
         return f"{config.task}-w{config.width}-d{config.depth}-{config.activation}"
@@ -94,17 +95,28 @@ class SupervisedTask(Task):
                      sets={"train": ProbeSet(data.x_train), "test": ProbeSet(data.x_test)})
 
 
+_TINY = dict(depth=1, train_size=256, test_size=128, batch_size=32)
+# Chance is 1/10: trained, the tiny classifiers must beat it by 0.3.
+_CLASSIFIES = dict(falls={TRAIN_LOSS: 0.5, TEST_LOSS: 0.7}, above={TEST_ACCURACY: 0.4, split_key("train", "accuracy"): 0.4})
+
 TASKS = {
     "mnist_dense": SupervisedTask(
         "mnist_dense", "a dense network on MNIST (paper §3.1, Fig. 4)",
+        learning_check=LearningCheck(dict(_TINY, width=32, epochs=3, learning_rate=0.003, cv_every=3), **_CLASSIFIES),
         model="mlp", dataset="mnist5k", objective="classification",
         width=128, depth=2, epochs=20, batch_size=64, learning_rate=1e-3),
     "mnist_cnn": SupervisedTask(
         "mnist_cnn", "a convolutional network on MNIST (paper §3.1, Fig. 1)",
+        learning_check=LearningCheck(dict(_TINY, width=8, depth=2, epochs=3, learning_rate=0.003, cv_every=3),
+                                     **_CLASSIFIES),
         model="cnn", dataset="mnist5k", objective="classification",
         width=16, depth=2, epochs=10, batch_size=64, learning_rate=1e-3),
     "fuel_efficiency": SupervisedTask(
         "fuel_efficiency", "a dense regression network on Auto MPG (paper §3.1, Fig. 5)",
+        # The target is in MPG (mean ≈ 23), so a larger step size gets there in 20 epochs.
+        learning_check=LearningCheck(dict(width=32, depth=1, epochs=20, learning_rate=0.05, batch_size=32,
+                                          train_size=200, test_size=64, cv_every=20),
+                                     falls={TRAIN_LOSS: 0.5, TEST_LOSS: 0.7}),
         model="mlp", dataset="autompg", objective="regression",
         width=64, depth=2, epochs=100, batch_size=32, learning_rate=1e-3, cv_every=5),
 }

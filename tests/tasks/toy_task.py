@@ -17,7 +17,7 @@ import optax
 from flax.training import train_state
 
 from ntk_tracking.models import scale_initial_params
-from ntk_tracking.tasks.base import Probe, ProbeSet, Task, TaskConfig, option
+from ntk_tracking.tasks.base import LearningCheck, Probe, ProbeSet, Task, TaskConfig, option
 from ntk_tracking.train.loop import run_epochs, shuffled_batches, train_and_test
 
 
@@ -48,6 +48,7 @@ class ToyTask(Task):
     config_class = ToyConfig
     summary = "a one-hidden-layer tanh network fitted to sin(x) (a test's toy model)"
     defaults = dict(epochs=3, train_size=64, test_size=32)
+    learning_check = LearningCheck(dict(epochs=20, cv_every=20), falls={"train/loss": 0.5, "test/loss": 0.5})
 
     def load_data(self, config):
         n_train, n_test = config.train_size or 64, config.test_size or 32

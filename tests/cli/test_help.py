@@ -19,7 +19,7 @@ from ntk_tracking.cli.report import report_parser
 from ntk_tracking.cli.sweep import sweep_parser
 from ntk_tracking.tasks import TASK_NAMES, get_task
 from ntk_tracking.tasks import base
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(autouse=True)

@@ -14,7 +14,7 @@ from ntk_tracking.cli.sweep import sweep_main
 from conftest import metric_history
 
 ray = pytest.importorskip("ray")
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+ROOT = pathlib.Path(__file__).resolve().parents[2]
 TINY = ["--epochs", "2", "--train-size", "64", "--test-size", "32", "--batch-size", "16", "--no-progress"]
 GRID = ["--widths", "4,8", "--depths", "1,2", "--activations", "relu"] + TINY
 VICTIM = "w8-d2-relu-lecun_normal-lr0.001-s0"

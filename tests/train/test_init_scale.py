@@ -100,7 +100,7 @@ TINY_CONFIGS = {
 
 @pytest.fixture
 def greek_treebank(tmp_path):
-    from test_greek_pos import corpus
+    from real_format import corpus
 
     folder = tmp_path / "UD_Tiny"
     folder.mkdir()

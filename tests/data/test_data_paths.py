@@ -16,7 +16,7 @@ from ntk_tracking.cli.analyze import analyze_main
 from ntk_tracking.cli.train import train_main
 from conftest import use_tracking_store
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+ROOT = pathlib.Path(__file__).resolve().parents[2]
 TINY = ["--width", "4", "--depth", "1", "--epochs", "1", "--batch-size", "16", "--no-progress"]
 TINY_ANALYSIS = ["--subsets", "1", "--points", "4", "--no-progress"]
 

@@ -21,7 +21,7 @@ from ntk_tracking.cli import main
 from ntk_tracking.cli.train import train_main
 from conftest import metric_history
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 BASE = ["--width", "8", "--depth", "1", "--epochs", "1", "--train-size", "64", "--test-size", "32",
         "--batch-size", "16", "--learning-rate", "0.01", "--no-progress"]

@@ -14,7 +14,7 @@ from ntk_tracking import tasks
 from conftest import use_tracking_store
 
 TESTS = pathlib.Path(__file__).resolve().parent
-ROOT = TESTS.parent
+ROOT = TESTS.parents[1]
 
 
 @pytest.fixture
@@ -59,6 +59,13 @@ def test_the_toy_task_trains_analyzes_sweeps_and_reports(toy, capsys):
         assert [m.step for m in client.get_metric_history(run.info.run_id, "ntk/entropy/test")] == [0, 1, 2]
     result = report_main([parent, "--no-progress"])
     assert "report/against_hidden.png" in result.artifacts
+
+
+def test_the_toy_task_declares_a_learning_check_and_learns(toy, request):
+    """What tests/tasks/test_learning.py asks of every task in the registry, asked of this one."""
+    from test_learning import assert_learns, check_run
+
+    assert_learns("toy_sine", check_run("toy_sine", request))
 
 
 def test_a_task_module_that_cannot_be_imported_is_named(monkeypatch):

@@ -537,7 +537,7 @@ def test_subset_kernels_bad_subsets():
 TWO_DEVICES = """
 import jax, jax.numpy as jnp, numpy as np, sys
 jax.config.update("jax_enable_x64", True)
-sys.path.insert(0, "tests")
+sys.path[:0] = ["tests/ntk", "tests"]
 from test_ntk_kernel import BUILDERS, SUBSETS
 from ntk_tracking import NTK
 from ntk_tracking.ntk.measure import take
@@ -564,7 +564,7 @@ def test_subset_kernels_on_two_devices_equal_one_device():
     import subprocess
     import sys
 
-    root = pathlib.Path(__file__).resolve().parents[1]
+    root = pathlib.Path(__file__).resolve().parents[2]
     flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=2".strip()
     env = dict(os.environ, XLA_FLAGS=flags, JAX_PLATFORMS="cpu",
                PYTHONPATH=os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")])))

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import unicodedata
 
 import jax
 import jax.numpy as jnp
@@ -17,63 +16,14 @@ from ntk_tracking.data.ud_pos import (FEATURES, HELD_OUT_FRACTION, TAGSETS, find
 from ntk_tracking.tasks import get_task
 from ntk_tracking.tasks.greek_pos import TAGSETS as CONFIG_TAGSETS
 from conftest import use_tracking_store
+from real_format import NFD_ANTHROPOS, corpus, sentence_text, token_line
 
 TASK = get_task("greek_pos")
-NFD_ANTHROPOS = unicodedata.normalize("NFD", "ἄνθρωπος")
-WORDS = {  # form -> (UPOS, XPOS)
-    "ὁ": ("DET", "l-s---mn-"), "ἄνθρωπος": ("NOUN", "n-s---mn-"), "λόγος": ("NOUN", "n-s---mn-"),
-    "λέγει": ("VERB", "v3spia---"), "γράφει": ("VERB", "v3spia---"), "καλῶς": ("ADV", "d--------"),
-    "καὶ": ("CCONJ", "c--------"), "οὐ": ("ADV", "d--------"), ".": ("PUNCT", "u--------"),
-}
 TINY = dict(model_dim=8, num_heads=2, num_layers=1, mlp_dim=8, max_length=8, probe_max_tokens=8,
             batch_size=4, min_count=1, dropout_rate=0.0, attention_dropout_rate=0.0, word_dropout=0.0)
 
 
 pytestmark = pytest.mark.usefixtures("fast_compile")  # conftest: tiny models compile faster
-
-
-def token_line(i, form, upos="_", xpos="_"):
-    return f"{i}\t{form}\t_\t{upos}\t{xpos}\t_\t0\troot\t_\t_"
-
-
-def sentence_text(forms, sent_id) -> str:
-    lines = [f"# sent_id = {sent_id}"] + [token_line(i, f, *WORDS[unicodedata.normalize("NFC", f)])
-                                          for i, f in enumerate(forms, 1)]
-    return "\n".join(lines) + "\n\n"
-
-
-def special_sentence() -> str:
-    """A multiword range (3-4), an empty node (5.1) and a decomposed form."""
-    return "\n".join([
-        "# sent_id = special", "# text = ὁ ἄνθρωπος ...",
-        token_line(1, "ὁ", *WORDS["ὁ"]), token_line(2, NFD_ANTHROPOS, *WORDS["ἄνθρωπος"]),
-        "3-4\tκοὐ\t_\t_\t_\t_\t_\t_\t_\t_",
-        token_line(3, "καὶ", *WORDS["καὶ"]), token_line(4, "οὐ", *WORDS["οὐ"]),
-        token_line(5, "λέγει", *WORDS["λέγει"]),
-        "5.1\tλέγει\tλέγω\tVERB\t_\t_\t_\t_\t2:conj\t_",
-        token_line(6, ".", *WORDS["."]),
-    ]) + "\n\n"
-
-
-def corpus(n: int, seed: int) -> str:
-    rng = np.random.default_rng(seed)
-    text = ""
-    for k in range(n):
-        noun, verb = rng.choice(["ἄνθρωπος", "λόγος"]), rng.choice(["λέγει", "γράφει"])
-        forms = ["ὁ", noun, verb] + (["καλῶς"] if rng.random() < 0.5 else []) + ["."]
-        text += sentence_text(forms, f"s{seed}-{k}")
-    return text
-
-
-@pytest.fixture
-def treebank(tmp_path):
-    """A UD folder with train, dev and test files."""
-    folder = tmp_path / "UD_Tiny"
-    folder.mkdir()
-    (folder / "xx_tiny-ud-train.conllu").write_text(special_sentence() + corpus(15, 0), encoding="utf-8")
-    (folder / "xx_tiny-ud-dev.conllu").write_text(corpus(5, 1), encoding="utf-8")
-    (folder / "xx_tiny-ud-test.conllu").write_text(corpus(6, 2), encoding="utf-8")
-    return folder
 
 
 def test_reader_skips_ranges_and_empty_nodes_and_normalizes_forms(treebank):
@@ -233,7 +183,7 @@ def test_tiny_config_learns_and_resumes_identically(treebank):
 
 
 def test_tagger_stops_inside_an_epoch_without_changing_training(treebank):
-    from test_step_checkpoints import fit_in_stretches
+    from conftest import fit_in_stretches
 
     config, data, _, _ = tiny_setup(treebank, epochs=2, word_dropout=0.2, dropout_rate=0.1, cv_steps="1,2,5")
     n = TASK.steps_per_epoch(config, data)  # 16 sentences in batches of 4

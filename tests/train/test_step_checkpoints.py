@@ -22,7 +22,7 @@ from ntk_tracking.tasks import get_task
 from ntk_tracking.tasks.base import TaskConfig, parse_steps
 from conftest import metric_history
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+ROOT = pathlib.Path(__file__).resolve().parents[2]
 # 64 points in batches of 8: 8 optimizer steps per epoch.
 DENSE = ["--width", "8", "--depth", "1", "--epochs", "2", "--train-size", "64", "--test-size", "32",
          "--batch-size", "8", "--cv-every", "1", "--no-progress"]
@@ -217,23 +217,6 @@ def test_report_draws_runs_counted_in_steps_on_the_epoch_axis(store):
         regime = [k for k in client.get_run(children[width]).data.metrics if k.startswith("regime/entropy_rise/")]
         assert regime and [m.step for m in client.get_metric_history(children[width], regime[0])] == [last]
 
-
-def fit_in_stretches(task, config, data, stops):
-    """Trains with a StepCadence stopping at `stops` and without; asserts both end at the same
-    variables and returns the stepped run's (step, epoch, epoch_end) points."""
-    import jax
-    import numpy as np
-
-    from ntk_tracking.train.loop import StepCadence
-
-    points = []
-    cadence = StepCadence(tuple(stops), 0, lambda step, epoch, state, metrics, end: points.append((step, epoch, end)))
-    model = task.build_model(config, data)
-    stepped = task.fit(config, data, model, task.init_state(config, data, model), 0, cadence, progress=False)
-    plain = task.fit(config, data, model, task.init_state(config, data, model), 0, lambda *args: None, progress=False)
-    for a, b in zip(*(jax.tree_util.tree_leaves(task.cv_variables(s)) for s in (stepped, plain)), strict=True):
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
-    return points
 
 
 

@@ -14,7 +14,7 @@ from ntk_tracking.sweep import find_children
 from ntk_tracking.cli.sweep import parse_sweep, sweep_main
 from ntk_tracking.tasks import TASK_NAMES, get_task
 from conftest import child_config, use_tracking_store
-from test_cifar_resnet import random_split, write_binary
+from real_format import random_split, write_binary
 
 
 @pytest.mark.parametrize("task", TASK_NAMES)

@@ -21,6 +21,7 @@ from ntk_tracking.models.resnet import ResNet18, _ResNetTiny, stage_channels
 from ntk_tracking.tasks import get_task
 from ntk_tracking.tasks.cifar_resnet import inference_apply_fn
 from ntk_tracking.train import image_classifier
+from real_format import hf_dict, random_split, write_binary, write_parquet
 
 N_TRAIN, N_TEST = 40, 20
 
@@ -28,54 +29,10 @@ N_TRAIN, N_TEST = 40, 20
 pytestmark = pytest.mark.usefixtures("fast_compile")  # conftest: tiny models compile faster
 
 
-def random_split(n, seed, side=32, channels=3, classes=10):
-    """Labels that a network can learn: the class sets the mean brightness of the image."""
-    rng = np.random.default_rng(seed)
-    labels = np.arange(n) % classes
-    base = (labels * (250 // classes))[:, None, None, None]
-    images = np.clip(base + rng.integers(0, 30, (n, side, side, channels)), 0, 255).astype(np.uint8)
-    return images, labels
-
-
 @pytest.fixture(scope="module")
 def splits():
     return {"train": random_split(N_TRAIN, 1), "test": random_split(N_TEST, 2)}
 
-
-def hf_dict(splits, column="img"):
-    import datasets
-    from PIL import Image
-
-    features = datasets.Features({column: datasets.Image(),
-                                  "label": datasets.ClassLabel(names=list(cifar10.CLASSES))})
-    return datasets.DatasetDict({
-        name: datasets.Dataset.from_dict(
-            {column: [Image.fromarray(im.squeeze()) for im in images], "label": labels.tolist()}, features=features)
-        for name, (images, labels) in splits.items()})
-
-
-def write_parquet(folder, splits):
-    """The hub repository's layout: plain_text/{train,test}-00000-of-00001.parquet, PNG bytes."""
-    (folder / "plain_text").mkdir(parents=True)
-    for name, ds in hf_dict(splits).items():
-        ds.to_parquet(str(folder / "plain_text" / f"{name}-00000-of-00001.parquet"))
-    return folder
-
-
-def write_binary(folder, splits):
-    """cifar-10-batches-bin: 1 label byte + 3072 channel-major pixel bytes per record."""
-    folder = folder / "cifar-10-batches-bin"
-    folder.mkdir(parents=True)
-
-    def records(images, labels):
-        return np.concatenate([labels[:, None].astype(np.uint8),
-                               images.transpose(0, 3, 1, 2).reshape(len(labels), -1)], axis=1).tobytes()
-
-    images, labels = splits["train"]
-    for i, part in enumerate(np.array_split(np.arange(len(labels)), 5)):
-        (folder / f"data_batch_{i + 1}.bin").write_bytes(records(images[part], labels[part]))
-    (folder / "test_batch.bin").write_bytes(records(*splits["test"]))
-    return folder.parent
 
 
 @pytest.fixture(scope="module")
@@ -273,7 +230,7 @@ def test_tiny_resnet_learns_and_a_resumed_run_repeats_an_uninterrupted_one():
 
 
 def test_tiny_resnet_stops_inside_an_epoch_without_changing_training():
-    from test_step_checkpoints import fit_in_stretches
+    from conftest import fit_in_stretches
 
     task = get_task("cifar_resnet")
     config = task.config(dataset="fixture", model="resnet_tiny", width=0.125, epochs=1, batch_size=20,
