@@ -16,6 +16,7 @@ from packaging.version import Version
 
 from ntk_tracking.cli.train import train_parser
 from ntk_tracking.tasks import TASK_NAMES as TASKS
+from ntk_tracking.tasks import get_task
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 MLPROJECT = yaml.safe_load((ROOT / "MLproject").read_text())
@@ -418,3 +419,35 @@ def test_the_sweep_and_the_child_entry_load_no_command_module():
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip() == "[]"
+
+
+# Where the package may name a task besides its own module: the commands' default task.
+DEFAULT_TASK_USERS = {"mnist_dense": {"cli/quickstart.py", "cli/sweep.py", "sweep/__init__.py", "tasks/__main__.py"}}
+
+
+def modules_naming_task(package: pathlib.Path, name: str) -> set[str]:
+    """The package's modules whose text names task `name` (as a whole word)."""
+    word = re.compile(rf"\b{re.escape(name)}\b")
+    return {str(p.relative_to(package)) for p in package.rglob("*.py") if word.search(p.read_text())}
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_a_task_is_named_only_by_its_own_modules(task):
+    """A paper model is wiring: outside its task module, only a data module that says its task reads
+    it (READ_BY) names it, and the commands name their default task; nothing lists the tasks."""
+    package = ROOT / "ntk_tracking"
+    own = {str(pathlib.Path(importlib.import_module(type(get_task(task)).__module__).__file__).relative_to(package))}
+    readers = set()
+    for path in (package / "data").glob("*.py"):
+        module = importlib.import_module(f"ntk_tracking.data.{path.stem}")
+        if getattr(module, "READ_BY", None) == task:
+            readers.add(f"data/{path.name}")
+    assert modules_naming_task(package, task) - own - readers - DEFAULT_TASK_USERS.get(task, set()) == set()
+
+
+def test_the_naming_check_sees_a_listed_task(tmp_path):
+    package = tmp_path / "ntk_tracking"
+    (package / "sweep").mkdir(parents=True)
+    (package / "sweep" / "plan.py").write_text('KNOWN = ["mnist_vae", "mnist_vaex"]\n')
+    (package / "tasks.py").write_text('"""mnist_vae_like is another name."""\n')
+    assert modules_naming_task(package, "mnist_vae") == {"sweep/plan.py"}

@@ -50,7 +50,7 @@ class TaskConfig:
     init_scale: float = option(1.0, "multiplies every weight matrix/kernel (dense, convolution, attention) and "
                                "embedding table of the freshly initialized network, i.e. the `params` leaves named "
                                "kernel or embedding, before the optimizer state is made; biases, normalization "
-                               "parameters, BatchNorm statistics and any other parameter (greek_pos's position "
+                               "parameters, BatchNorm statistics and any other parameter (the tagger's position "
                                "table) are unchanged. Fresh runs only: a resumed run keeps its trained parameters. "
                                "1 = the initializers' own scale")
 
