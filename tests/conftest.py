@@ -215,7 +215,8 @@ SLOW_FIRST = ("test_ray_sweep.py", "test_faults.py", "test_midway_faults.py", "t
 SLOW_FILES = ("test_ray_sweep.py", "test_faults.py", "test_midway_faults.py", "test_stalls.py",
               "test_pipeline.py", "test_one_writer.py", "test_sweep.py", "test_pong_actor_critic.py",
               "test_options.py", "test_data_paths.py", "test_report.py", "test_molecules_offline.py",
-              "test_security.py", "test_learning.py")
+              "test_security.py", "test_learning.py", "test_step_checkpoints.py", "test_extras.py",
+              "test_init_scale.py")
 
 
 def pytest_collection_modifyitems(config, items):

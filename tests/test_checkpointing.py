@@ -332,6 +332,7 @@ def test_remote_store_uploads_and_restores(tracking_server, tmp_path, monkeypatc
         mlflow.set_tracking_uri(None)
 
 
+@pytest.mark.slow  # a whole run through MLflow in processes of its own: the fast tier leaves it out
 def test_train_and_analyze_against_a_tracking_server(tracking_server, tmp_path, monkeypatch):
     """The whole loop with a remote store: checkpoints uploaded, downloaded by the analyzer."""
     from ntk_tracking.cli.analyze import analyze_main

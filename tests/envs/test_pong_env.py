@@ -34,6 +34,7 @@ def table(env, params, num_envs: int, max_steps: int, modes=(RANDOM, 0, 1, 2, TR
     return {n: {k: np.asarray(v[i]) for k, v in out.items()} for i, n in enumerate(names)}
 
 
+@pytest.mark.slow  # 1,024 simulated episodes of up to 1,200 steps: the fast tier leaves it out
 def test_gymnax_pong_misc_is_degenerate_as_shipped():
     """256 vmapped episodes, up to 1,200 steps. If a gymnax release changes this, the table in docs/models.md
     table and the reason for Pong-fixed must be revisited."""

@@ -556,6 +556,7 @@ print("ok")
 """
 
 
+@pytest.mark.slow  # a fresh interpreter with two forced host devices: the fast tier leaves it out
 def test_subset_kernels_on_two_devices_equal_one_device():
     """With two (forced host) devices the subsets are split across them; the kernels equal the
     one-device, one-subset-at-a-time kernels."""

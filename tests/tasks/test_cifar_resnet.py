@@ -242,6 +242,7 @@ def test_tiny_resnet_stops_inside_an_epoch_without_changing_training():
                                                             (3, 1.0, True)]
 
 
+@pytest.mark.slow  # a whole run through MLflow in processes of its own: the fast tier leaves it out
 def test_resnet18_train_checkpoint_analyze_end_to_end(store, splits):
     from ntk_tracking.checkpointing import CheckpointStore
     from ntk_tracking.cli.analyze import analyze_main

@@ -194,6 +194,7 @@ def test_tagger_stops_inside_an_epoch_without_changing_training(treebank):
     assert [epoch for _, epoch, _ in points] == [0.0, 0.25, 0.5, 1.0, 1.25, 2.0]
 
 
+@pytest.mark.slow  # a whole run through MLflow in processes of its own: the fast tier leaves it out
 def test_train_checkpoint_analyze_through_mlflow(treebank, tmp_path, monkeypatch):
     from ntk_tracking.checkpointing import CheckpointStore
     from ntk_tracking.cli.analyze import analyze_main

@@ -113,6 +113,7 @@ def test_the_vae_learns_and_a_resumed_run_repeats_an_uninterrupted_one():
         np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.slow  # a whole run through MLflow in processes of its own: the fast tier leaves it out
 def test_train_checkpoint_analyze_end_to_end_with_pictures(store):
     from ntk_tracking.checkpointing import CheckpointStore
     from ntk_tracking.cli.analyze import analyze_main

@@ -336,6 +336,7 @@ def test_tiny_config_learns(fixture_paths):
     assert all(np.isfinite(m["test/mean_ap"]) for m in history)
 
 
+@pytest.mark.slow  # a whole run through MLflow in processes of its own: the fast tier leaves it out
 def test_train_checkpoint_analyze_through_mlflow(fixture_paths, tmp_path, monkeypatch):
     from ntk_tracking.checkpointing import CheckpointStore
     from ntk_tracking.cli.analyze import analyze_main
