@@ -451,3 +451,13 @@ def test_the_naming_check_sees_a_listed_task(tmp_path):
     (package / "sweep" / "plan.py").write_text('KNOWN = ["mnist_vae", "mnist_vaex"]\n')
     (package / "tasks.py").write_text('"""mnist_vae_like is another name."""\n')
     assert modules_naming_task(package, "mnist_vae") == {"sweep/plan.py"}
+
+
+def test_no_private_orbax_import_and_one_store_fixture():
+    """The package uses Orbax's public API only, and the tests define the tracking-store fixture once."""
+    private = [str(p.relative_to(ROOT)) for p in (ROOT / "ntk_tracking").rglob("*.py")
+               if re.search(r"orbax\.checkpoint\._src|orbax\.checkpoint import _", p.read_text())]
+    assert private == []
+    stores = [str(p.relative_to(ROOT)) for p in (ROOT / "tests").rglob("*.py")
+              if re.search(r"^def store\(", p.read_text(), re.M)]
+    assert stores == ["tests/conftest.py"]
