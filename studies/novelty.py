@@ -9,8 +9,8 @@
 tracking store outside the project (`--store`, default `./novelty_store`), analyzes it with
 `ntk-tracking analyze RUN --subsets K --points m`, and writes the run's series, read back from
 MLflow, to `studies/results/novelty/<model>_seed<k>.json`. `--cv-steps`/`--cv-log-steps` add
-CV checkpoints at optimizer steps to every model's training, `--subsets`/`--points` replace each
-model's K and m, `--train-args` appends training options, and `--label` names such a variant: its
+CV checkpoints at optimizer steps to every model's training, `--subsets`/`--points`/`--splits` replace each
+model's K, m and probe sets, `--train-args` appends training options, and `--label` names such a variant: its
 experiments and result files get the label as a suffix (`<model>_seed<k>_<label>.json`), so it
 never mixes with the default study. A (model, seed) whose JSON exists is
 skipped; a finished but unanalyzed run is analyzed (the analyzer skips what is done), so a killed
@@ -152,6 +152,7 @@ def main(argv=None) -> None:
     r.add_argument("--cv-log-steps", type=int, default=None, help="N log-spaced step checkpoints in the first epoch")
     r.add_argument("--subsets", type=int, default=None, help="K subsets per probe set (default: each model's own)")
     r.add_argument("--points", type=int, default=None, help="m points per subset (default: each model's own)")
+    r.add_argument("--splits", default=None, help="probe sets to analyze, e.g. train (default: each model's own)")
     r.add_argument("--train-args", default="", help="more training options for every model, e.g. '--epochs 2'")
     r.add_argument("--label", default="", help="suffix of this variant's experiments and result files")
     r.add_argument("--results", default=str(RESULTS), help="folder of the result files")
@@ -167,8 +168,8 @@ def main(argv=None) -> None:
         for flag, value in (("--cv-steps", args.cv_steps), ("--cv-log-steps", args.cv_log_steps)):
             if value is not None:
                 train_extra[flag] = str(value)
-        analyze_extra = {flag: str(v) for flag, v in (("--subsets", args.subsets), ("--points", args.points))
-                         if v is not None}
+        analyze_extra = {flag: str(v) for flag, v in (("--subsets", args.subsets), ("--points", args.points),
+                                                      ("--splits", args.splits)) if v is not None}
         for seed in args.seeds:
             for model in args.models:
                 run_one(model, seed, store, pathlib.Path(args.treebank).resolve(), train_extra, analyze_extra,
