@@ -25,6 +25,25 @@ def _channels_last(lhs_ndim: int) -> lax.ConvDimensionNumbers:
     return lax.ConvDimensionNumbers(lhs_spec=last, rhs_spec=(n + 1, n) + tuple(range(n)), out_spec=last)
 
 
+def slice_patches(lhs, size, strides, padding):
+    """The convolution's input rows as strided slices, channels last: (batch, *out, K·C) with
+    feature index offset·C + channel (the kernel's (spatial..., in) flattening), or None where
+    the padding is negative or leaves no window (lax's convolution handles those)."""
+    n = lhs.ndim - 2
+    size, strides = tuple(size), tuple(strides)
+    pads = (lax.padtype_to_pads(lhs.shape[1:-1], size, strides, padding) if isinstance(padding, str)
+            else [tuple(p) for p in padding])
+    if not all(lo >= 0 and hi >= 0 and lhs.shape[1 + d] + lo + hi >= size[d] for d, (lo, hi) in enumerate(pads)):
+        return None
+    x = jnp.pad(lhs, [(0, 0)] + list(pads) + [(0, 0)])
+    out = [(x.shape[1 + d] - size[d]) // strides[d] + 1 for d in range(n)]
+    parts = []
+    for offset in itertools.product(*(range(k) for k in size)):
+        index = tuple(slice(o, o + (m - 1) * s + 1, s) for o, m, s in zip(offset, out, strides))
+        parts.append(x[(slice(None),) + index])
+    return jnp.concatenate(parts, axis=-1)
+
+
 def sliced_conv(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
                 dimension_numbers=None, feature_group_count=1, batch_group_count=1, precision=None,
                 preferred_element_type=None):
@@ -38,22 +57,10 @@ def sliced_conv(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilati
         and all(d == 1 for d in (lhs_dilation or ())) and all(d == 1 for d in (rhs_dilation or ()))
         and feature_group_count == 1 and batch_group_count == 1 and preferred_element_type is None
     )
-    if plain:
-        size, strides = rhs.shape[:n], tuple(window_strides)
-        pads = (lax.padtype_to_pads(lhs.shape[1:-1], size, strides, padding) if isinstance(padding, str)
-                else [tuple(p) for p in padding])
-        plain = all(lo >= 0 and hi >= 0 and lhs.shape[1 + d] + lo + hi >= size[d]
-                    for d, (lo, hi) in enumerate(pads))
-    if not plain:
+    patches = slice_patches(lhs, rhs.shape[:n], window_strides, padding) if plain else None
+    if patches is None:
         return lax.conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation,
                                         dimension_numbers, feature_group_count, batch_group_count,
                                         precision, preferred_element_type)
-    x = jnp.pad(lhs, [(0, 0)] + list(pads) + [(0, 0)])
-    out = [(x.shape[1 + d] - size[d]) // strides[d] + 1 for d in range(n)]
-    parts = []
-    for offset in itertools.product(*(range(k) for k in size)):
-        index = tuple(slice(o, o + (m - 1) * s + 1, s) for o, m, s in zip(offset, out, strides))
-        parts.append(x[(slice(None),) + index])
-    patches = jnp.concatenate(parts, axis=-1)
     kernel = rhs.reshape((-1, rhs.shape[-1]))
     return lax.dot_general(patches, kernel, (((patches.ndim - 1,), (0,)), ((), ())), precision=precision)

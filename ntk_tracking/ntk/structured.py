@@ -36,7 +36,7 @@ from flax.linen.linear import _conv_dimension_numbers
 from flax.linen.linear import canonicalize_padding as _canonicalize_padding
 from jax._src.interpreters import partial_eval as pe
 
-from ntk_tracking.models.conv import sliced_conv
+from ntk_tracking.models.conv import slice_patches, sliced_conv
 
 _HIGHEST = jax.lax.Precision.HIGHEST
 
@@ -161,6 +161,12 @@ def _patches(a, kind, static):
     """The rule's input rows: (positions, features), with y = rows · kernel (flattened)."""
     if kind == "conv":
         size, strides, padding, lhs_dilation, rhs_dilation = static
+        # Strided slices where there is no dilation: the same rows, in another feature order (which
+        # a Gram of rows does not see), without XLA:CPU's slow grouped convolution.
+        plain = all(d == 1 for d in lhs_dilation + rhs_dilation) and a.ndim == len(size) + 2
+        rows = slice_patches(a, size, strides, padding) if plain else None
+        if rows is not None:
+            return rows.reshape(-1, rows.shape[-1])
         a = jax.lax.conv_general_dilated_patches(
             a, size, strides, padding, lhs_dilation=lhs_dilation, rhs_dilation=rhs_dilation,
             dimension_numbers=_conv_dimension_numbers(a.shape), precision=_HIGHEST)

@@ -90,3 +90,33 @@ def test_nn_conv_with_it_is_nn_conv_and_structured_exactly(x64):
     jac = jax.jit(jax.jacobian(lambda p: fn(p, x)))(params)
     flat = jnp.concatenate([j.reshape(5, -1) for j in jax.tree_util.tree_leaves(jac)], axis=1)
     np.testing.assert_allclose(ntk(params, x), flat @ flat.T, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("spatial, size, strides, padding", CASES)
+def test_slice_patches_are_lax_patches_reordered(spatial, size, strides, padding):
+    """The engine's conv rows: the same numbers as `lax.conv_general_dilated_patches`, with the
+    features ordered offset-major instead of channel-major (a Gram of rows is the same)."""
+    from ntk_tracking.models.conv import slice_patches
+
+    channels = 3
+    lhs = jnp.asarray(np.random.default_rng(1).normal(size=(2,) + spatial + (channels,)), jnp.float32)
+    dn = lax.conv_dimension_numbers(lhs.shape, (1,) * (len(spatial) + 2), _channels_last(len(spatial)))
+    expected = lax.conv_general_dilated_patches(lhs, size, strides, padding, dimension_numbers=dn)
+    got = slice_patches(lhs, size, strides, padding)
+    n_offsets = int(np.prod(size))
+    order = [c * n_offsets + k for k in range(n_offsets) for c in range(channels)]
+    assert got.shape == expected.shape
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(expected)[..., order])
+
+
+def test_engine_rows_fall_back_to_lax_patches_with_dilation():
+    """Dilated convolutions keep lax's patches (slices would need holes); no window -> None."""
+    from ntk_tracking.models.conv import slice_patches
+    from ntk_tracking.ntk.structured import _patches
+
+    a = jnp.asarray(np.random.default_rng(2).normal(size=(1, 6, 6, 2)), jnp.float32)
+    static = ((2, 2), (1, 1), "SAME", (1, 1), (2, 2))
+    dn = lax.conv_dimension_numbers(a.shape, (1, 1, 1, 1), _channels_last(2))
+    expected = lax.conv_general_dilated_patches(a, (2, 2), (1, 1), "SAME", rhs_dilation=(2, 2), dimension_numbers=dn)
+    np.testing.assert_array_equal(np.asarray(_patches(a, "conv", static)), np.asarray(expected).reshape(-1, 8))
+    assert slice_patches(a, (7, 7), (1, 1), "VALID") is None
