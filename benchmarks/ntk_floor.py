@@ -33,9 +33,10 @@ inputs of the real shapes); m = --points (default 20). Per network, all in this 
 - block, implementation, keep: `NTK._plan` at the engine's default memory budget (keep: every
   block's factors are held at once, so k blocks cost k factor calls).
 - compiles: XLA backend compilations (jax.monitoring) during the first, second and third call.
-- measured bound s = passes s + C/R, where passes s is XLA's own time for the backward passes alone:
-  each output's cotangent e_o at all m points at once, carried back to the inputs (vmapped over the
-  outputs; no weight gradients), scaled from O_total to the O kept (`propagation`). Where XLA runs a
+- measured bound s = passes s + C/R, where passes s is XLA's own time for the backward passes alone
+  (every output's cotangent carried back to the inputs, no weight gradients), the faster of two
+  batchings (vmapped over the outputs at all m points at once, or the one-point Jacobian vmapped
+  over the points), scaled from O_total to the O kept (`propagation`). Where XLA runs a
   network's small convolutions or attention far below R, this bound holds instead of the FLOP floor:
   the engine needs every layer's cotangent of every kept output.
 
@@ -171,55 +172,74 @@ def _contraction(ntk, impl, params, x, mask, block):
     return flops(fac), flops(con), fac.memory_analysis()
 
 
+def _median_seconds(compiled, args, repeats) -> float:
+    import jax
+
+    jax.block_until_ready(compiled(*args))
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        jax.block_until_ready(compiled(*args))
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
 def propagation(apply_fn, params, x, out_shape, o_kept, repeats) -> dict:
-    """XLA's seconds for the backward passes alone: every output o's cotangent e_o, at all m points
-    at once, carried back to the inputs (vmapped over the outputs), with no weight gradients formed.
-    The engine needs every layer's cotangent of every kept output, so it does at least this; the
-    time is scaled from the O_total outputs run to the O kept. The inputs' float leaves are
-    differentiated; where every input is an integer (the tagger's tokens), the parameters named
-    `embedding` instead, whose cotangent is a scatter-add."""
+    """XLA's seconds for the backward passes alone: every output's cotangent carried back to the
+    inputs, with no weight gradients formed. The engine needs every layer's cotangent of every
+    kept output, so it does at least this. Two batchings, the faster counts: (a) each output's
+    cotangent e_o at all m points at once, vmapped over the outputs (`jax.vjp`); (b) per point,
+    `jax.jacrev` of the one-point network, vmapped over the points (the engine's own batching;
+    float inputs only). The time is scaled from the O_total outputs run to the O kept. The
+    inputs' float leaves are differentiated; where every input is an integer (the tagger's
+    tokens), the parameters named `embedding` instead (a), whose cotangent is a scatter-add."""
     import jax
     import jax.numpy as jnp
-    import numpy as np
 
     xj = jax.tree_util.tree_map(jnp.asarray, x)
-    floats = [jnp.issubdtype(a.dtype, jnp.floating) for a in jax.tree_util.tree_leaves(xj)]
-    if any(floats):
+    leaves, tree = jax.tree_util.tree_flatten(xj)
+    floats = [i for i, a in enumerate(leaves) if jnp.issubdtype(a.dtype, jnp.floating)]
+    if floats:
         def forward(v):
-            return apply_fn(params, v)
-        wrt = xj
+            full = list(leaves)
+            for i, leaf in zip(floats, v):
+                full[i] = leaf
+            return apply_fn(params, jax.tree_util.tree_unflatten(tree, full))
+        wrt = [leaves[i] for i in floats]
     else:
-        flat, tree = jax.tree_util.tree_flatten_with_path(params)
+        flat, ptree = jax.tree_util.tree_flatten_with_path(params)
         chosen = [i for i, (path, _) in enumerate(flat) if "embedding" in jax.tree_util.keystr(path)]
         if not chosen:
             return {}
 
         def forward(v):
-            leaves = [leaf for _, leaf in flat]
+            full = [leaf for _, leaf in flat]
             for i, leaf in zip(chosen, v):
-                leaves[i] = leaf
-            return apply_fn(jax.tree_util.tree_unflatten(tree, leaves), xj)
+                full[i] = leaf
+            return apply_fn(jax.tree_util.tree_unflatten(ptree, full), xj)
         wrt = [flat[i][1] for i in chosen]
     o_total = math.prod(out_shape)
-    m = jax.tree_util.tree_leaves(xj)[0].shape[0]
+    m = leaves[0].shape[0]
 
     @jax.jit
-    def passes(v):
+    def by_outputs(v):
         out, pullback = jax.vjp(forward, v)
         basis = jnp.eye(o_total, dtype=out.dtype).reshape((o_total, 1) + tuple(out_shape))
-        cotangents = jnp.broadcast_to(basis, (o_total, m) + tuple(out_shape))
-        return jax.vmap(pullback)(cotangents)
+        return jax.vmap(pullback)(jnp.broadcast_to(basis, (o_total, m) + tuple(out_shape)))
 
-    compiled = passes.lower(wrt).compile()
-    jax.block_until_ready(compiled(wrt))
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        jax.block_until_ready(compiled(wrt))
-        times.append(time.perf_counter() - t0)
-    took = statistics.median(times)
-    return {"propagation_wrt": "inputs" if any(floats) else "embedding", "propagation_total_s": took,
-            "propagation_s": took * o_kept / o_total, "propagation_flops": flops(compiled)}
+    seconds = {"outputs": _median_seconds(by_outputs.lower(wrt).compile(), (wrt,), repeats)}
+    if floats:
+        def one_point(v, point):
+            full = list(point)
+            for i, leaf in zip(floats, v):
+                full[i] = leaf
+            return apply_fn(params, jax.tree_util.tree_unflatten(tree, [a[None] for a in full]))[0]
+
+        by_points = jax.jit(jax.vmap(jax.jacrev(one_point)))
+        seconds["points"] = _median_seconds(by_points.lower(wrt, leaves).compile(), (wrt, leaves), repeats)
+    batching = min(seconds, key=seconds.get)
+    return {"propagation_wrt": "inputs" if floats else "embedding", "propagation_batching": batching,
+            "propagation_total_s": seconds, "propagation_s": seconds[batching] * o_kept / o_total}
 
 
 def measure(name: str, m: int, repeats: int) -> dict:
@@ -573,7 +593,8 @@ def main(argv=None):
                   f"{r.get('engine_flops', float('nan')) / 1e9:>9.2f} {r.get('engine_flops_s', float('nan')):>7.3f} "
                   f"{','.join(map(str, r['compiles_per_call'][:3])):>9}", flush=True)
             if "measured_bound_s" in r:
-                print(f"{'':11} backward passes alone (to the {r['propagation_wrt']}): {r['propagation_s']:.4f} s; "
+                print(f"{'':11} backward passes alone (to the {r['propagation_wrt']}, by "
+                      f"{r['propagation_batching']}): {r['propagation_s']:.4f} s; "
                       f"measured bound = passes + C/R = {r['measured_bound_s']:.4f} s; engine / bound "
                       f"{r['measured_bound_ratio']:.2f}", flush=True)
         if ctx is not None and args.protocol:

@@ -403,6 +403,18 @@ def point_factors(apply_fn, params, xi, mi, calls, block: int = 1, inert: tuple 
     return rest_flat, factors
 
 
+def _sum_positions(p, na: int, t: int, nb: int, s: int):
+    """(na·t, nb·s) -> (na, nb): the sum over each pair of points' positions, as two products with
+    0/1 indicator matrices. Fused after the Gram products, XLA:CPU's reduce over the inner axes
+    of (na, t, nb, s) took longer than the products themselves (the GCN's 5-point tile: 23 ms
+    against 14 ms for its two Grams; the indicator products: 1 ms)."""
+    if t == s == 1:
+        return p
+    rows = jnp.repeat(jnp.eye(na, dtype=p.dtype), t, axis=0)  # (na·t, na)
+    cols = jnp.repeat(jnp.eye(nb, dtype=p.dtype), s, axis=0)  # (nb·s, nb)
+    return jnp.matmul(jnp.matmul(rows.T, p, precision=_HIGHEST), cols, precision=_HIGHEST)
+
+
 def contract(fa, fb, full: bool):
     """Θ[a, b] from two blocks' factors (leading axis = points).
 
@@ -433,6 +445,6 @@ def contract(fa, fb, full: bool):
             t, s = aa.shape[1], ab.shape[1]
             acts = jnp.matmul(aa.reshape(na * t, -1), ab.reshape(nb * s, -1).T, precision=_HIGHEST)
             cot = jnp.matmul(da.reshape(na * t, -1), db.reshape(nb * s, -1).T, precision=_HIGHEST)
-            k += (acts * cot).reshape(na, t, nb, s).sum(axis=(1, 3))
+            k += _sum_positions(acts * cot, na, t, nb, s)
             k += jnp.matmul(ba.reshape(na, -1), bb.reshape(nb, -1).T, precision=_HIGHEST)
     return k
