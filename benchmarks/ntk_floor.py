@@ -191,12 +191,16 @@ def propagation(apply_fn, params, x, out_shape, o_kept, repeats) -> dict:
     cotangent e_o at all m points at once, vmapped over the outputs (`jax.vjp`); (b) per point,
     `jax.jacrev` of the one-point network, vmapped over the points (the engine's own batching;
     float inputs only). The time is scaled from the O_total outputs run to the O kept. The
-    inputs' float leaves are differentiated; where every input is an integer (the tagger's
-    tokens), the parameters named `embedding` instead (a), whose cotangent is a scatter-add."""
+    inputs' float leaves are differentiated (uint8 images as float32: the same network); where
+    every input is an integer token (the tagger), the parameters named `embed…` instead (a),
+    whose cotangent is a scatter-add."""
     import jax
     import jax.numpy as jnp
 
     xj = jax.tree_util.tree_map(jnp.asarray, x)
+    names = [jax.tree_util.keystr(path) for path, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
+    if not any("embed" in n for n in names):  # integer images (ResNet18's uint8): the same network on floats
+        xj = jax.tree_util.tree_map(lambda a: a.astype(jnp.float32) if a.dtype == jnp.uint8 else a, xj)
     leaves, tree = jax.tree_util.tree_flatten(xj)
     floats = [i for i, a in enumerate(leaves) if jnp.issubdtype(a.dtype, jnp.floating)]
     if floats:
@@ -208,7 +212,7 @@ def propagation(apply_fn, params, x, out_shape, o_kept, repeats) -> dict:
         wrt = [leaves[i] for i in floats]
     else:
         flat, ptree = jax.tree_util.tree_flatten_with_path(params)
-        chosen = [i for i, (path, _) in enumerate(flat) if "embedding" in jax.tree_util.keystr(path)]
+        chosen = [i for i, (path, _) in enumerate(flat) if "embed" in jax.tree_util.keystr(path)]
         if not chosen:
             return {}
 
