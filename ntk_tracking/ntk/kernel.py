@@ -430,6 +430,12 @@ class NTK:
             k = -(-m // block)
 
     def _estimated_plan(self, params, m, out_shape, act=0, x=None):
+        key = "estimate", m, tuple(out_shape), act, _shapes_key((params, x))
+        if key not in self._plans:  # it depends on shapes only, and costs a Pong kernel's time
+            self._plans[key] = self._estimate(params, m, out_shape, act, x)
+        return self._plans[key]
+
+    def _estimate(self, params, m, out_shape, act=0, x=None):
         impl = self.implementation
         per_point = self._jacobian_point_bytes(params, out_shape, act)
         if impl in ("auto", "structured") and x is not None:
@@ -560,7 +566,7 @@ def _shapes_key(trees, points: bool = True) -> tuple:
     params, x = trees
     return jax.tree_util.tree_structure(trees), tuple(
         (np.shape(a)[1:] if i and not points else np.shape(a),
-         str(a.dtype if hasattr(a, "dtype") else np.result_type(a)))
+         a.dtype if hasattr(a, "dtype") else np.result_type(a))
         for i, tree in enumerate((params, x)) for a in jax.tree_util.tree_leaves(tree))
 
 
