@@ -30,12 +30,16 @@ def keys(model: str) -> dict:
             "trace": "ntk/trace/train", "trace_std": "ntk/trace_std/train", "loss": "train/loss"}
 
 
+def _label(path: pathlib.Path) -> str:
+    """A result file's variant: "" for `<model>_seed<k>.json`, L for `<model>_seed<k>_L.json`."""
+    return path.stem.rsplit("_seed", 1)[1].partition("_")[2]
+
+
 def load(results: pathlib.Path, label: str = "") -> dict[str, list[dict]]:
-    """The runs of one variant of the study: `<model>_seed<k>.json` ("") or `<model>_seed<k>_<label>.json`."""
+    """The runs of one variant of the study (see _label)."""
     runs: dict[str, list[dict]] = {}
     for path in sorted(results.glob("*_seed*.json")):
-        seed_part = path.stem.rsplit("_seed", 1)[1]
-        if seed_part.partition("_")[2] != label:
+        if _label(path) != label:
             continue
         run = json.loads(path.read_text())
         run["K"] = int(run["analyze_command"].split("--subsets")[1].split()[0])
@@ -259,8 +263,7 @@ def figure(runs: dict, path: pathlib.Path) -> None:
 
 def labels(results: pathlib.Path) -> list[str]:
     """The study's variants present in `results`: "" (the first study) and each `--label`."""
-    found = {path.stem.rsplit("_seed", 1)[1].partition("_")[2] for path in results.glob("*_seed*.json")}
-    return sorted(found)
+    return sorted({_label(path) for path in results.glob("*_seed*.json")})
 
 
 def report(results: pathlib.Path, figure_path: pathlib.Path, prefer: str = "steps") -> None:
@@ -279,5 +282,5 @@ def report(results: pathlib.Path, figure_path: pathlib.Path, prefer: str = "step
                 shown[model] = model_runs
     figure(shown, figure_path)
     print("figure: " + figure_path.name + ", " + ", ".join(
-        f"{m}: {shown[m][0]['analyze_command'].split('--subsets')[1].split()[0]} subsets, {unit(shown[m][0])}s"
+        f"{m}: {shown[m][0]['K']} subsets, {unit(shown[m][0])}s"
         for m, _ in PANELS if m in shown))
