@@ -23,10 +23,13 @@ inputs of the real shapes); m = --points (default 20). Per network, all in this 
   (`NTK._contract_factors`, i.e. `structured.contract`, or `_contract` for the Jacobian method)
   lowered at the shapes of the factors of one block (`jax.eval_shape` of `NTK._factors` at the
   block size `NTK._plan` chose), times the k(k+1)/2 tiles the engine computes for k = ⌈m/block⌉
-  blocks. C covers the per-point-Jacobian matrix products, the pairwise (positions × positions)
-  Gram matrices of inputs and cotangents, and their products; the per-point gradients some layers
-  form (Σ_t a_t ⊗ δ_ot) are part of the factors, not of C. It is a bound on this engine's
-  algorithm, not on every algorithm.
+  blocks, plus G, the contraction over positions that forms the per-point gradient Σ_t a_t ⊗ δ_ot
+  (a convolution's patches × cotangents) where the engine forms one instead of Gram matrices
+  (`gradient_flops`: 2·m·O·t·d_in·d_out per such layer, from the shapes). C covers the
+  per-point-Jacobian matrix products, the pairwise (positions × positions) Gram matrices of inputs
+  and cotangents, and their products, and the gradients' formation. Per layer the engine takes the
+  fewer multiply-adds of the two ways (pairwise Grams, or the gradient and its Gram), so C is that
+  minimum. It is a bound on this engine's algorithm, not on every algorithm.
 - engine FLOPs = XLA's count for the engine's whole call: the factor calls (k where every block's
   factors are held, else 1 + k(k−1)/2: the column blocks recomputed for every row) × the factor
   function's FLOPs + C; engine FLOPs / R is the time at the matmul rate.
@@ -172,6 +175,38 @@ def _contraction(ntk, impl, params, x, mask, block):
     return flops(fac), flops(con), fac.memory_analysis()
 
 
+def gradient_flops(ntk, params, x, block, o_kept, m) -> float:
+    """FLOPs of the contraction over positions that forms a per-point gradient Σ_t a_t ⊗ δ_ot
+    (patches × cotangents, the einsum of `structured.point_factors`), for every structured call
+    the engine forms a gradient for rather than Gram matrices (`structured._pairwise_cheaper` at
+    this block): 2 · m · O · t · d_in · d_out, with t the call's positions per point (calls sharing
+    a kernel summed), O the kept outputs. Counted from the shapes, like XLA counts a dot."""
+    from ntk_tracking.ntk import structured
+
+    calls = ntk._structure(params, x)[0]
+    leaves = jax_leaves(params)
+    groups: dict = {}
+    for _, k, b, shape, kind, static in calls:
+        d_out = structured._out_features(kind, static, shape)
+        n_feat = static[1] if kind == "dense_general" else 1
+        t = math.prod(shape[:len(shape) - n_feat])  # the leading 1 is the point axis
+        d_in = leaves[k].size // d_out
+        g = groups.setdefault((k, b), [0, d_in, d_out])
+        g[0] += t
+    n_out = math.prod(ntk._prepare(params, x, None)[1])
+    total = 0.0
+    for t, d_in, d_out in groups.values():
+        if not structured._pairwise_cheaper(t, d_in, d_out, n_out, block):
+            total += 2.0 * m * o_kept * t * d_in * d_out
+    return total
+
+
+def jax_leaves(tree):
+    import jax
+
+    return jax.tree_util.tree_leaves(tree)
+
+
 def _median_seconds(compiled, args, repeats) -> float:
     import jax
 
@@ -293,11 +328,13 @@ def measure(name: str, m: int, repeats: int) -> dict:
         "load_before": load0, "load_after": os.getloadavg()[0], "input": _describe(x, mask_in),
     }
     if con_flops is not None:
-        contraction = tiles * con_flops
-        engine_flops = factor_calls * fac_flops + contraction
+        positions = gradient_flops(ntk, params, xj, block, o_kept, m) if impl == "structured" else 0.0
+        contraction = tiles * con_flops + positions
+        engine_flops = factor_calls * fac_flops + tiles * con_flops
         refined = (m * o_kept * f_one + contraction) / (rate * 1e9)
         row.update({
             "factor_flops_per_call": fac_flops, "contraction_flops_per_tile": con_flops,
+            "gradient_flops": positions,
             "contraction_flops": contraction, "refined_floor_s": refined, "refined_ratio": engine / refined,
             "engine_flops": engine_flops, "engine_flops_s": engine_flops / (rate * 1e9),
             "engine_vs_its_flops": engine / (engine_flops / (rate * 1e9)),
@@ -635,7 +672,7 @@ def main(argv=None):
                                                           indent=1, default=str) + "\n")
     print(f"\nload average at the end {meta['load_end'][0]:.2f}; O = outputs per point kept by the mask, "
           "O tot = outputs backpropagated; fwd = F, one point; R = f32 2048² matmul rate; floor = m·O·F/R; "
-          "refined = (m·O·F + C)/R, C = XLA's FLOPs of the engine's contractions; eng GFLOP = XLA's FLOPs "
+          "refined = (m·O·F + C)/R, C = XLA's FLOPs of the engine's contractions + the positions contraction that forms per-point gradients; eng GFLOP = XLA's FLOPs "
           "of the engine's whole call (factor calls + contractions), at R s = that / R; compiles = XLA "
           "compilations in calls 1, 2, 3; measured bound = XLA's time for the m·O backward passes alone "
           "(to the inputs, no weight gradients) + C/R.")

@@ -127,6 +127,9 @@ class NTK:
         self._assemble = jax.jit(_assemble, static_argnames=("n_keep",))
         self._factors = jax.jit(self._structured_block, static_argnames=("block", "full", "calls", "inert"))
         self._contract_factors = jax.jit(structured.contract, static_argnames=("full",))
+        self._jac_tile = jax.jit(self._jacobian_tile, static_argnames=("full",))
+        self._structured_tile = jax.jit(self._structured_one_block,
+                                        static_argnames=("full", "calls", "inert"))
         self._discovered: dict = {}
         self._traced: dict = {}  # output shape and activation bytes, per input shapes
         self._plans: dict = {}
@@ -137,14 +140,19 @@ class NTK:
 
     def __call__(self, params, x, output_mask=None, full: bool = False) -> jax.Array:
         """The m×m kernel (outputs summed), or with ``full`` the (m·O)×(m·O) kernel."""
-        m, out_shape, mask, act = self._prepare(params, x, output_mask)
+        key = _shapes_key((params, x))  # once per call: the plans and compiled code are kept by it
+        m, out_shape, mask, act = self._prepare(params, x, output_mask, key)
         x = jax.tree_util.tree_map(jnp.asarray, x)
-        impl, block, chunk = self._plan(params, m, out_shape, act, x, mask, full)
+        impl, block, chunk = self._plan(params, m, out_shape, act, x, mask, full, key)
         k = -(-m // block)
+        if k == 1 and chunk == KEEP and impl in ("jacobian", "structured"):
+            # One block: its factors and their contraction in one compiled call (one dispatch,
+            # and XLA lays the factors out for the contraction).
+            return self._one_tile(impl, params, x, mask, full, key)
         # The kernel is symmetric: compute the tiles (a, b ≥ a) only.
         upper = [[None] * k for _ in range(k)]
         if impl in ("jacobian", "structured"):
-            jac, contract = self._factor_fns(impl, params, x, mask, block, full)
+            jac, contract = self._factor_fns(impl, params, x, mask, block, full, key)
             if chunk == KEEP:  # every block's factors fit at once: each is computed once
                 factors = [jac(b * block) for b in range(k)]
                 for a in range(k):
@@ -227,15 +235,29 @@ class NTK:
             self._grouped_fns[key] = jax.jit(local)
         return self._grouped_fns[key]
 
-    def _factor_fns(self, impl, params, x, mask, block, full):
+    def _factor_fns(self, impl, params, x, mask, block, full, key=None):
         """(one block's factors from its first point, contraction of two blocks' factors)."""
         if impl == "jacobian":
             return (functools.partial(self._jac, params, x, mask, block=block, full=full),
                     self._contract)
-        calls, inert = self._discover(params, x), self._inert(params, x)
+        calls, inert = self._structure(params, x, key)
         return (functools.partial(self._factors, params, x, mask, block=block, full=full,
                                   calls=calls, inert=inert),
                 functools.partial(self._contract_factors, full=full))
+
+    def _one_tile(self, impl, params, x, mask, full, key):
+        """The kernel of one block holding every point: factors and contraction in one call."""
+        if impl == "jacobian":
+            return self._jac_tile(params, x, mask, full=full)
+        calls, inert = self._structure(params, x, key)
+        return self._structured_tile(params, x, mask, full=full, calls=calls, inert=inert)
+
+    def _structure(self, params, x, key=None):
+        """(structured calls, inert leaves) for inputs of these shapes, looked up once per call."""
+        key = "structure", key or _shapes_key((params, x))
+        if key not in self._discovered:
+            self._discovered[key] = self._discover(params, x), self._inert(params, x)
+        return self._discovered[key]
 
     def _subset_groups(self, params, points, mask, *, impl, per_group, m, full, calls, inert):
         """Kernels of consecutive m-point subsets, `per_group` subsets per step of a lax.map."""
@@ -296,10 +318,10 @@ class NTK:
 
     # -- planning ---------------------------------------------------------------------------
 
-    def _prepare(self, params, x, output_mask):
+    def _prepare(self, params, x, output_mask, key=None):
         """(m, output shape per point, full-shape output mask, activation bytes per point)."""
         m = num_points(x)
-        key = _shapes_key((params, x))
+        key = key or _shapes_key((params, x))
         if key not in self._traced:  # tracing costs about a millisecond: the Pong kernels' own time
             try:
                 traced = self._apply_jit.trace(params, x)
@@ -372,19 +394,21 @@ class NTK:
                 layers += n_out * kernel
         return (_JACOBIAN_COPIES * n_out * rest + layers) * itemsize + n_out * act
 
-    def _plan(self, params, m, out_shape, act=0, x=None, mask=None, full=False):
+    def _plan(self, params, m, out_shape, act=0, x=None, mask=None, full=False, key=None):
         """(implementation, block, chunk): ``chunk`` is the ntvp chunk, or for the factor methods
-        KEEP when every block's factors are held at once (else two blocks at a time)."""
-        impl, block, chunk = self._estimated_plan(params, m, out_shape, act, x)
+        KEEP when every block's factors are held at once (else two blocks at a time). ``key``:
+        the shapes key of (params, x), where the caller has it."""
+        key = key or _shapes_key((params, x))
+        impl, block, chunk = self._estimated_plan(params, m, out_shape, act, x, key)
         if impl == "ntvp":
             return impl, block, chunk
         if block < m and mask is not None and self.block_size is None:
             # The estimate is an upper bound (every intermediate of the forward pass counted once
             # per output): where it splits the points, ask XLA what the blocks really take.
-            key = impl, m, full, _shapes_key((params, x))
-            if key not in self._plans:
-                self._plans[key] = self._measured_plan(impl, params, x, mask, m, full)
-            return (impl,) + self._plans[key]
+            measured = impl, m, full, key
+            if measured not in self._plans:
+                self._plans[measured] = self._measured_plan(impl, params, x, mask, m, full)
+            return (impl,) + self._plans[measured]
         # Two blocks' factors at a time is what the estimate bounds; one block holds everything.
         return impl, block, KEEP if block >= m else None
 
@@ -429,8 +453,8 @@ class NTK:
             block = min(-(-m // k), block - 1)  # strictly smaller: the loop ends at block 1
             k = -(-m // block)
 
-    def _estimated_plan(self, params, m, out_shape, act=0, x=None):
-        key = "estimate", m, tuple(out_shape), act, _shapes_key((params, x))
+    def _estimated_plan(self, params, m, out_shape, act=0, x=None, key=None):
+        key = "estimate", m, tuple(out_shape), act, key or _shapes_key((params, x))
         if key not in self._plans:  # it depends on shapes only, and costs a Pong kernel's time
             self._plans[key] = self._estimate(params, m, out_shape, act, x)
         return self._plans[key]
@@ -522,6 +546,22 @@ class NTK:
         return jax.vmap(
             lambda xi, mi: structured.point_factors(self.apply_fn, params, xi, mi, calls, block, inert)
         )(x, mask)
+
+    def _jacobian_tile(self, params, x, mask, full: bool = False):
+        jac = self._block_jacobian(params, x, mask, 0, block=num_points(x), full=full)
+        return _contract(jac, jac)
+
+    def _structured_one_block(self, params, x, mask, full: bool = False, calls=(), inert=()):
+        m = num_points(x)
+        # The per-point Jacobians come out with the point axis last: XLA:CPU's Gram of a
+        # (points, N) matrix is several times slower than of its (N, points) transpose.
+        rest, dense = jax.vmap(
+            lambda xi, mi: structured.point_factors(self.apply_fn, params, xi, mi, calls, m, inert),
+            out_axes=(-1, 0))(x, mask)
+        if not dense:
+            return structured.contract_points_last(rest, full)
+        kernel = structured.contract(([], dense), ([], dense), full)
+        return kernel + structured.contract_points_last(rest, full) if rest else kernel
 
     def _ntvp_tile(self, params, x, mask, start_a, start_b, block: int, full: bool = False,
                    chunk: int = 1):

@@ -415,6 +415,19 @@ def _sum_positions(p, na: int, t: int, nb: int, s: int):
     return jnp.matmul(jnp.matmul(rows.T, p, precision=_HIGHEST), cols, precision=_HIGHEST)
 
 
+def contract_points_last(rest, full: bool):
+    """Θ of one block from its per-point Jacobians laid out (outputs, parameters, points)."""
+    o, m = rest[0].shape[0], rest[0].shape[-1]
+    k = jnp.zeros((m * o, m * o) if full else (m, m), rest[0].dtype)
+    for j in rest:
+        if full:
+            k += jnp.einsum("odi,pdj->iojp", j, j, precision=_HIGHEST).reshape(m * o, m * o)
+        else:
+            flat = j.reshape(-1, m)
+            k += jax.lax.dot_general(flat, flat, (((0,), (0,)), ((), ())), precision=_HIGHEST)
+    return k
+
+
 def contract(fa, fb, full: bool):
     """Θ[a, b] from two blocks' factors (leading axis = points).
 

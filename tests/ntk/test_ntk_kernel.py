@@ -451,6 +451,26 @@ def test_measured_plan_computes_each_block_once(impl):
     assert ntk._plans == plans  # the measured plan was reused, not measured again
 
 
+@pytest.mark.parametrize("full", [False, True])
+@pytest.mark.parametrize("model", ["cnn", "tagger"])
+@pytest.mark.parametrize("impl", ["jacobian", "structured"])
+def test_one_block_is_one_call(x64, impl, model, full):
+    """Where one block holds every point, its factors and their contraction run as one compiled
+    call (per-point Jacobians laid out points last): the same kernel as two blocks and as the
+    brute-force Jacobian, and no separate factor or contraction call."""
+    apply_fn, params, x, mask = BUILDERS[model](jnp.float64)
+    ntk = NTK(apply_fn, impl)
+    separate = []
+    for name in ("_jac", "_factors", "_contract", "_contract_factors"):
+        compiled = getattr(ntk, name)
+        setattr(ntk, name, lambda *a, _c=compiled, _n=name, **kw: separate.append(_n) or _c(*a, **kw))
+    kernel = ntk(params, x, output_mask=mask, full=full)
+    assert separate == []
+    blocked = NTK(apply_fn, impl, block_size=2)(params, x, output_mask=mask, full=full)
+    assert rel_err(kernel, blocked) <= 1e-10
+    assert rel_err(kernel, contract(reference_jacobian(model), full=full)) <= 1e-8
+
+
 @pytest.mark.parametrize("impl", IMPLS)
 def test_small_budget_kernel_is_exact(impl):
     """The blocks and chunks a 4 MiB budget forces on the wide model give the same kernel."""
