@@ -424,7 +424,8 @@ def part_times(ntk, params, x, mask_in) -> dict:
     import jax
 
     log: dict = {}
-    attrs = ["_factors", "_contract_factors", "_jac", "_contract", "_assemble", "_prepare", "_plan"]
+    attrs = ["_factors", "_contract_factors", "_jac", "_contract", "_structured_tile", "_jac_tile", "_assemble",
+             "_prepare", "_plan"]
     own = {a: ntk.__dict__[a] for a in attrs if a in ntk.__dict__}  # jitted attributes; the rest are methods
     for a in attrs:
         _wrap(ntk, a, log, sync=a not in ("_prepare", "_plan"))
@@ -552,6 +553,16 @@ def parts(name, ctx, repeats) -> dict:
         res["default_budget"]["xla_factor_mib"] = (mem.temp_size_in_bytes + mem.output_size_in_bytes
                                                    + mem.argument_size_in_bytes) / 2**20
     p = res["default_budget"]["parts"]
+    if "structured_tile" in p:  # one block: factors and contraction ran as one call; the factors alone
+        calls, inert = ntk._structure(params, xj)
+        fn = functools.partial(ntk._factors, block=block, full=False, calls=calls, inert=inert)
+        jax.block_until_ready(fn(params, xj, mask, 0))
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            jax.block_until_ready(fn(params, xj, mask, 0))
+            times.append(time.perf_counter() - t0)
+        res["default_budget"]["factors_alone_s"] = statistics.median(times)  # points first, as a separate call
     for key, fl in (("factors", fac_flops), ("contract_factors", con_flops)):
         if key in p and fl:
             p[key]["gflops_per_s"] = p[key]["calls"] * fl / p[key]["s"] / 1e9
@@ -570,7 +581,8 @@ def _parts_line(r) -> str:
     p = r["parts"]
     text = " + ".join(f"{k} {v['calls']}× {v['s']:.3f} s" + (f" ({v['gflops_per_s']:.1f} GFLOP/s)" if "gflops_per_s" in v
                                                               else "") for k, v in p.items())
-    return f"total {r['total_s']:.3f} s = {text}"
+    alone = f"; the factor function alone, as a separate call: {r['factors_alone_s']:.3f} s" if "factors_alone_s" in r else ""
+    return f"total {r['total_s']:.3f} s = {text}{alone}"
 
 
 def print_parts(name, res):
