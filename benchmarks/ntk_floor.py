@@ -15,7 +15,8 @@ inputs of the real shapes); m = --points (default 20). Per network, all in this 
   HLO are counted and reported; none of the paper networks has one).
 - R = this process's f32 matmul rate: median of 7 jitted `jnp.dot` of two 2048² float32 matrices,
   2·2048³ FLOPs each, measured just before the network's engine timing.
-- engine s = median of --repeats calls of `NTK(apply_fn)(params, x, output_mask)`, each with
+- engine s = median of --repeats calls (more, up to 300, until the timed calls add up to 1 s: a
+  millisecond network's median of 3 moves by ±30 % between runs) of `NTK(apply_fn)(params, x, output_mask)`, each with
   `block_until_ready`, after one compiling call with other parameters of the same shapes.
 - floor s = m·O·F / R (each of the m·O kept outputs needs a backward pass, at least a forward's FLOPs).
 - refined floor s = (m·O·F + C) / R, with C the FLOPs of the Gram contraction as the engine forms
@@ -77,6 +78,7 @@ PAPER_MODELS = ("mlp", "cnn", "resnet18q", "resnet18", "vae_model", "vae_encoder
 MEMORY_CAP = 5.8 * 1024**3  # bytes of resident memory: stop rather than crowd the machine
 COMPILES = {"backend": 0, "backend_s": 0.0, "trace": 0}
 LOOPS: dict = {}  # implementation -> while loops in the factor and contraction HLO (counted once by XLA)
+MIN_TIMED_S, MAX_REPEATS = 1.0, 300  # timed calls of a fast network: until they add up to a second
 PEAK = {"rss": 0}  # resident bytes, the largest the watcher saw since the last reset
 
 
@@ -212,11 +214,17 @@ def _median_seconds(compiled, args, repeats) -> float:
 
     jax.block_until_ready(compiled(*args))
     times = []
-    for _ in range(repeats):
+    while _more(times, repeats):
         t0 = time.perf_counter()
         jax.block_until_ready(compiled(*args))
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
+
+
+def _more(times, repeats) -> bool:
+    """At least `repeats` timed calls, and more while they add up to under MIN_TIMED_S (at most
+    MAX_REPEATS): a median of 3 millisecond calls moves by ±30 % between runs."""
+    return len(times) < repeats or (sum(times) < MIN_TIMED_S and len(times) < MAX_REPEATS)
 
 
 def propagation(apply_fn, params, x, out_shape, o_kept, repeats) -> dict:
@@ -307,7 +315,7 @@ def measure(name: str, m: int, repeats: int) -> dict:
     rate = matmul_rate()
     first, compiles1 = _timed_call(ntk, warm, x, mask_in)
     times, compiles = [], [compiles1]
-    for _ in range(repeats):
+    while _more(times, repeats):
         t, c = _timed_call(ntk, params, x, mask_in)
         times.append(t)
         compiles.append(c)
@@ -353,8 +361,9 @@ def protocol(name, ctx, n_subsets: int, limit_s: float) -> dict:
     (`Measurement.run`, as the analyzer calls it), against K × probe sets × the engine's seconds
     per kernel at the probe pool's shapes (a pool pads to its own largest point: the GCN's
     molecules to 50 nodes where the 20-point sample has 45), the median of 3 calls on the first
-    subset after one call that compiles, as an analysis does once for all its checkpoints. Past
-    `limit_s` of predicted time, K is cut to what fits and the time scaled."""
+    subset after one call that compiles, as an analysis does once for all its checkpoints, and the
+    same number of calls again after the measurement (the median of both sets: a kernel's time
+    drifts over minutes). Past `limit_s` of predicted time, K is cut to what fits and the time scaled."""
     import jax
     import numpy as np
 
@@ -368,12 +377,17 @@ def protocol(name, ctx, n_subsets: int, limit_s: float) -> dict:
     first = jax.tree_util.tree_map(lambda a: np.asarray(a)[subsets[0]], points)
     first_mask = None if pool_mask is None else np.asarray(pool_mask)[subsets[0]]
     jax.block_until_ready(ntk(params, first, first_mask))  # compiles at the pool's shapes
-    times = []
-    for _ in range(3):
-        t0 = time.perf_counter()
-        jax.block_until_ready(ntk(params, first, first_mask))
-        times.append(time.perf_counter() - t0)
-    engine = statistics.median(times)
+
+    def kernel_times():
+        times = []
+        while _more(times, 3):
+            t0 = time.perf_counter()
+            jax.block_until_ready(ntk(params, first, first_mask))
+            times.append(time.perf_counter() - t0)
+        return times
+
+    before = kernel_times()
+    engine = statistics.median(before)
     per_checkpoint = bench.probe_sets * n_subsets * engine
     k = n_subsets if per_checkpoint <= limit_s else max(2, int(limit_s / (bench.probe_sets * engine)))
     subsets = subsets[:k]
@@ -385,10 +399,17 @@ def protocol(name, ctx, n_subsets: int, limit_s: float) -> dict:
     took = time.perf_counter() - t0
     assert np.isfinite(values["entropy"])
     scaled = took * n_subsets / k
+    # The kernel timed again after the measurement: a kernel's time drifts by ±10 % over minutes
+    # here, so the reference is the median of the calls before and after it.
+    after = kernel_times()
+    engine = statistics.median(before + after)
+    kernels = bench.probe_sets * n_subsets * engine
     return {"subsets": n_subsets, "subsets_timed": k, "probe_sets": bench.probe_sets, "pool": pool,
-            "seconds_timed": took, "per_checkpoint_s": scaled, "kernels_s": per_checkpoint,
-            "engine_s_at_pool_shapes": engine, "pool_input": _describe(first, first_mask),
-            "ratio_to_kernels": scaled / per_checkpoint, "peak_growth_mib": (PEAK["rss"] - rss0) / 2**20,
+            "seconds_timed": took, "per_checkpoint_s": scaled, "kernels_s": kernels,
+            "engine_s_at_pool_shapes": engine, "engine_s_before": statistics.median(before),
+            "engine_s_after": statistics.median(after), "pool_input": _describe(first, first_mask),
+            "ratio_to_kernels": scaled / kernels, "ratio_to_kernels_before": scaled / per_checkpoint,
+            "peak_growth_mib": (PEAK["rss"] - rss0) / 2**20,
             "memory_budget_mib": ntk.memory_budget / 2**20}
 
 
