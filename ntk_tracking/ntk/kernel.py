@@ -540,24 +540,23 @@ class NTK:
         return self._discovered[key]
 
     def _structured_block(self, params, x, mask, start, block: int, full: bool = False,
-                          calls=(), inert=()):
-        """Per-point structured factors (see structured.py) of points start:start+block."""
+                          calls=(), inert=(), jacobians_points_last: bool = False):
+        """Per-point structured factors (see structured.py) of points start:start+block; the
+        per-point Jacobians with the point axis last where asked."""
         x, mask = _block(x, start, block), _block(mask, start, block)
         return jax.vmap(
-            lambda xi, mi: structured.point_factors(self.apply_fn, params, xi, mi, calls, block, inert)
-        )(x, mask)
+            lambda xi, mi: structured.point_factors(self.apply_fn, params, xi, mi, calls, block, inert),
+            out_axes=(-1 if jacobians_points_last else 0, 0))(x, mask)
 
     def _jacobian_tile(self, params, x, mask, full: bool = False):
         jac = self._block_jacobian(params, x, mask, 0, block=num_points(x), full=full)
         return _contract(jac, jac)
 
     def _structured_one_block(self, params, x, mask, full: bool = False, calls=(), inert=()):
-        m = num_points(x)
         # The per-point Jacobians come out with the point axis last: XLA:CPU's Gram of a
         # (points, N) matrix is several times slower than of its (N, points) transpose.
-        rest, dense = jax.vmap(
-            lambda xi, mi: structured.point_factors(self.apply_fn, params, xi, mi, calls, m, inert),
-            out_axes=(-1, 0))(x, mask)
+        rest, dense = self._structured_block(params, x, mask, 0, num_points(x), full, calls, inert,
+                                             jacobians_points_last=True)
         if not dense:
             return structured.contract_points_last(rest, full)
         kernel = structured.contract(([], dense), ([], dense), full)
