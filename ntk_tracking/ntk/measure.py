@@ -7,7 +7,7 @@ from typing import Iterator
 import numpy as np
 
 from ntk_tracking.ntk.kernel import NTK, num_points, take
-from ntk_tracking.ntk.stats import collective_variables, spectrum
+from ntk_tracking.ntk.stats import batch_variables
 
 
 def draw_subsets(num_available: int, num_subsets: int, subset_size: int, seed: int) -> np.ndarray:
@@ -71,15 +71,8 @@ class Measurement:
         bad = int(np.sum(~np.isfinite(self.last_kernels).all(axis=(1, 2))))
         if bad:
             raise NonFiniteKernel(f"{bad} of {len(self.last_kernels)} kernels hold NaN or Inf")
-        values: dict[str, list[float]] = {}
-        spectra = []
-        for kernel in self.last_kernels:
-            spectra.append(spectrum(kernel))
-            for name, value in collective_variables(kernel).items():
-                values.setdefault(name, []).append(value)
-        self.last_spectra = np.stack(spectra)
+        self.last_spectra, values = batch_variables(self.last_kernels)
         for name, vals in values.items():
-            vals = np.asarray(vals)
             yield name, float(np.mean(vals))
             if name in ("entropy", "trace"):
                 yield f"{name}_std", float(np.std(vals))

@@ -116,3 +116,44 @@ def collective_variables(kernel) -> dict[str, float]:
         "covariance_entropy": covariance_entropy(kernel),
         "max_eigenvalue": max_eigenvalue(kernel),
     }
+
+
+def batch_variables(kernels) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """(spectra, variables) of K kernels at once: spectra (K, m), largest first, and each of
+    ``collective_variables``' names -> its K values. The same numbers as the per-kernel functions
+    (tests/ntk/test_ntk_stats.py), from two batched eigendecompositions instead of five per
+    kernel: at K = 200 that per-kernel host work was a tenth of the Pong networks' kernel time."""
+    k = np.asarray(kernels, dtype=np.float64)
+    if k.ndim != 3 or k.shape[1] != k.shape[2]:
+        raise ValueError(f"kernels must be a (K, m, m) stack, got shape {k.shape}")
+    n, m = k.shape[:2]
+    if m < 2:
+        raise ValueError(f"these variables need at least 2 points, the kernels have {m}; measure on more points")
+    finite = np.isfinite(k).all(axis=(1, 2))
+    if not finite.all():
+        warnings.warn(f"{int(np.sum(~finite))} of {n} kernels hold NaN or Inf (a diverged run?); "
+                      "their collective variables are NaN", RuntimeWarning, stacklevel=2)
+    k = np.where(finite[:, None, None], k, 0.0)
+    lam = np.linalg.eigvalsh(0.5 * (k + np.swapaxes(k, 1, 2)))  # ascending
+    diag = np.diagonal(k, axis1=1, axis2=2)
+    zero_gradient = finite & np.any(diag <= 0, axis=1)
+    if zero_gradient.any():
+        warnings.warn("a point has a zero NTK diagonal (zero gradient); covariance entropy is NaN",
+                      RuntimeWarning, stacklevel=2)
+    d = np.sqrt(np.clip(diag, 0.0, None))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        c = k / (d[:, :, None] * d[:, None, :])
+    ok = finite & ~zero_gradient
+    c = np.where(ok[:, None, None], c, 0.0)
+    lam_c = np.linalg.eigvalsh(0.5 * (c + np.swapaxes(c, 1, 2)))
+    entropy = np.array([_spectral_entropy(row) if f else math.nan for row, f in zip(lam, finite)])
+    trace = np.where(finite, np.trace(k, axis1=1, axis2=2), np.nan)
+    spectra = np.where(finite[:, None], lam[:, ::-1], np.nan)
+    return spectra, {
+        "entropy": entropy,
+        "entropy_effective": entropy / math.log(m),
+        "trace": trace,
+        "trace_per_point": trace / m,
+        "covariance_entropy": np.array([_spectral_entropy(row) if f else math.nan for row, f in zip(lam_c, ok)]),
+        "max_eigenvalue": spectra[:, 0],
+    }

@@ -11,6 +11,7 @@ import pytest
 from jax.flatten_util import ravel_pytree
 
 from ntk_tracking import NTK, empirical_ntk, ntk_trace
+from ntk_tracking.ntk.kernel import take
 
 M = 5  # measurement points: odd, so block sizes 2 and 3 leave a padded last block
 IMPLS = ("jacobian", "ntvp", "structured")
@@ -508,6 +509,20 @@ def test_subset_kernels_match_brute_force(x64, model, impl, block_size, group):
             assert rel_err(kernel, contract(jac[idx], full=True)) <= 1e-8
     grouped = group is not None and impl != "ntvp" and (block_size or 99) >= 3
     assert bool(ntk._grouped_fns) == grouped, "the one-call path was (not) taken"
+
+
+@pytest.mark.parametrize("model", ["mlp", "tagger", "graph"])
+def test_subset_kernels_one_by_one_equal_calls(model):
+    """The default (one subset at a time) path, with consecutive subsets as the analyzer passes
+    them (views) and scattered ones, with and without the mask: each kernel is the call's."""
+    apply_fn, params, x, mask = BUILDERS[model](jnp.float32)
+    ntk = NTK(apply_fn)
+    subsets = np.array([[0, 1, 2], [2, 3, 4], [4, 0, 1]])
+    for m_ in (mask, None):
+        kernels = np.asarray(ntk.subset_kernels(params, x, subsets, output_mask=m_))
+        for kernel, idx in zip(kernels, subsets):
+            call = ntk(params, take(x, idx), None if m_ is None else take(m_, idx))
+            np.testing.assert_array_equal(kernel, np.asarray(call))
 
 
 class EncoderDecoder(nn.Module):

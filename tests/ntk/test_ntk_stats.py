@@ -16,6 +16,7 @@ from ntk_tracking import (
     trace_per_point,
 )
 from ntk_tracking.ntk import cosine_kernel
+from ntk_tracking.ntk.stats import batch_variables
 
 
 def random_kernel(m, seed=0, rank=None):
@@ -282,3 +283,53 @@ def test_max_eigenvalue_is_the_largest_not_the_first_or_last():
     assert max_eigenvalue(k) == 5.0
     np.testing.assert_array_equal(spectrum(k), [5.0, 2.0, 1.0])
     assert max_eigenvalue(-np.eye(3) + 4 * np.ones((3, 3)) / 3) == pytest.approx(3.0, rel=1e-12)
+
+
+# THE BATCHED VARIABLES (the analyzer's path) EQUAL THE PER-KERNEL FUNCTIONS
+
+
+def _stack_with_degenerate_kernels(m=6):
+    """Full-rank, low-rank, rescaled, zero-gradient-point, zero and non-finite kernels."""
+    kernels = [random_kernel(m, seed=s) for s in range(4)] + [random_kernel(m, seed=5, rank=2),
+                                                               1e-9 * random_kernel(m, seed=6)]
+    zero_point = random_kernel(m, seed=7)
+    zero_point[2, :] = zero_point[:, 2] = 0.0
+    nan, inf = random_kernel(m, seed=8), random_kernel(m, seed=9)
+    nan[1, 3], inf[0, 0] = np.nan, np.inf
+    return np.stack(kernels + [zero_point, np.zeros((m, m)), nan, inf])
+
+
+def test_batch_variables_equal_the_per_kernel_functions():
+    kernels = _stack_with_degenerate_kernels()
+    with pytest.warns(RuntimeWarning):
+        spectra, variables = batch_variables(kernels)
+    for i, k in enumerate(kernels):
+        with np.errstate(all="ignore"), pytest.warns(RuntimeWarning) if i >= 6 else _no_warning():
+            expected, expected_spectrum = collective_variables(k), spectrum(k)
+        np.testing.assert_allclose(spectra[i], expected_spectrum, rtol=1e-13, atol=0, equal_nan=True)
+        for name, value in expected.items():
+            got = variables[name][i]
+            assert (math.isnan(got) and math.isnan(value)) or got == pytest.approx(value, rel=1e-13, abs=0), (i, name)
+    assert sorted(variables) == sorted(expected)
+    # the degenerate ones: NaN exactly where the per-kernel functions give NaN
+    assert math.isnan(variables["covariance_entropy"][6]) and not math.isnan(variables["entropy"][6])
+    assert all(math.isnan(variables["entropy"][i]) for i in (7, 8, 9))
+
+
+def _no_warning():
+    import warnings
+    from contextlib import contextmanager
+
+    @contextmanager
+    def raise_on_warning():
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            yield
+    return raise_on_warning()
+
+
+@pytest.mark.parametrize("shape", [(3, 3), (2, 3, 4), (2, 1, 1)], ids=str)
+def test_batch_variables_bad_shapes(shape):
+    with pytest.raises(ValueError, match="stack|at least 2 points"):
+        batch_variables(np.ones(shape))
+
