@@ -17,7 +17,9 @@ inputs of the real shapes); m = --points (default 20). Per network, all in this 
   2·2048³ FLOPs each, measured just before the network's engine timing.
 - engine s = median of --repeats calls (more, up to 300, until the timed calls add up to 1 s: a
   millisecond network's median of 3 moves by ±30 % between runs) of `NTK(apply_fn)(params, x, output_mask)`, each with
-  `block_until_ready`, after one compiling call with other parameters of the same shapes.
+  `block_until_ready`, after one compiling call with other parameters of the same shapes; each
+  call alternates with one call of the backward passes below (`interleaved`), so the engine and
+  its measured bound are timed in the same minutes.
 - floor s = m·O·F / R (each of the m·O kept outputs needs a backward pass, at least a forward's FLOPs).
 - refined floor s = (m·O·F + C) / R, with C the FLOPs of the Gram contraction as the engine forms
   it: XLA's cost analysis of the engine's own compiled contraction function
@@ -40,7 +42,8 @@ inputs of the real shapes); m = --points (default 20). Per network, all in this 
 - measured bound s = passes s + C/R, where passes s is XLA's own time for the backward passes alone
   (every output's cotangent carried back to the inputs, no weight gradients), the faster of two
   batchings (vmapped over the outputs at all m points at once, or the one-point Jacobian vmapped
-  over the points), scaled from O_total to the O kept (`propagation`). Where XLA runs a
+  over the points; the faster by a median of --repeats calls, then timed alternately with the
+  engine), scaled from O_total to the O kept (`propagation`). Where XLA runs a
   network's small convolutions or attention far below R, this bound holds instead of the FLOP floor:
   the engine needs every layer's cotangent of every kept output.
 
@@ -227,7 +230,7 @@ def _more(times, repeats) -> bool:
     return len(times) < repeats or (sum(times) < MIN_TIMED_S and len(times) < MAX_REPEATS)
 
 
-def propagation(apply_fn, params, x, out_shape, o_kept, repeats) -> dict:
+def propagation(apply_fn, params, x, out_shape, repeats):
     """XLA's seconds for the backward passes alone: every output's cotangent carried back to the
     inputs, with no weight gradients formed. The engine needs every layer's cotangent of every
     kept output, so it does at least this. Two batchings, the faster counts: (a) each output's
@@ -236,7 +239,9 @@ def propagation(apply_fn, params, x, out_shape, o_kept, repeats) -> dict:
     float inputs only). The time is scaled from the O_total outputs run to the O kept. The
     inputs' float leaves are differentiated (uint8 images as float32: the same network); where
     every input is an integer token (the tagger), the parameters named `embed…` instead (a),
-    whose cotangent is a scatter-add."""
+    whose cotangent is a scatter-add. Returns (facts, (compiled, args) of the faster batching),
+    or None where nothing can be differentiated; its seconds are timed with the engine's
+    (`interleaved`)."""
     import jax
     import jax.numpy as jnp
 
@@ -257,7 +262,7 @@ def propagation(apply_fn, params, x, out_shape, o_kept, repeats) -> dict:
         flat, ptree = jax.tree_util.tree_flatten_with_path(params)
         chosen = [i for i, (path, _) in enumerate(flat) if "embed" in jax.tree_util.keystr(path)]
         if not chosen:
-            return {}
+            return None
 
         def forward(v):
             full = [leaf for _, leaf in flat]
@@ -274,7 +279,7 @@ def propagation(apply_fn, params, x, out_shape, o_kept, repeats) -> dict:
         basis = jnp.eye(o_total, dtype=out.dtype).reshape((o_total, 1) + tuple(out_shape))
         return jax.vmap(pullback)(jnp.broadcast_to(basis, (o_total, m) + tuple(out_shape)))
 
-    seconds = {"outputs": _median_seconds(by_outputs.lower(wrt).compile(), (wrt,), repeats)}
+    candidates = {"outputs": (by_outputs.lower(wrt).compile(), (wrt,))}
     if floats:
         def one_point(v, point):
             full = list(point)
@@ -283,10 +288,29 @@ def propagation(apply_fn, params, x, out_shape, o_kept, repeats) -> dict:
             return apply_fn(params, jax.tree_util.tree_unflatten(tree, [a[None] for a in full]))[0]
 
         by_points = jax.jit(jax.vmap(jax.jacrev(one_point)))
-        seconds["points"] = _median_seconds(by_points.lower(wrt, leaves).compile(), (wrt, leaves), repeats)
+        candidates["points"] = (by_points.lower(wrt, leaves).compile(), (wrt, leaves))
+    seconds = {k: _median_seconds(c, a, repeats) for k, (c, a) in candidates.items()}
     batching = min(seconds, key=seconds.get)
-    return {"propagation_wrt": "inputs" if floats else "embedding", "propagation_batching": batching,
-            "propagation_total_s": seconds, "propagation_s": seconds[batching] * o_kept / o_total}
+    return ({"propagation_wrt": "inputs" if floats else "embedding", "propagation_batching": batching,
+             "propagation_total_s": seconds}, candidates[batching])
+
+
+def interleaved(ntk, params, x, mask, passes, repeats) -> tuple[list, list]:
+    """The engine's call and the backward passes' compiled call (if any), alternately, until each has
+    `repeats` calls (more while they add up to under MIN_TIMED_S): both medians then come from
+    the same minutes. A kernel's time drifts by 10-15 % over minutes here, and a millisecond
+    network's median moves by ±30 % between runs; timed apart, the ratio carried that drift."""
+    import jax
+
+    engine, backward = [], []
+    while _more([t for t, _ in engine], repeats):
+        engine.append(_timed_call(ntk, params, x, mask))
+        if passes is not None:
+            compiled, args = passes
+            t0 = time.perf_counter()
+            jax.block_until_ready(compiled(*args))
+            backward.append(time.perf_counter() - t0)
+    return engine, backward
 
 
 def measure(name: str, m: int, repeats: int) -> dict:
@@ -314,11 +338,11 @@ def measure(name: str, m: int, repeats: int) -> dict:
 
     rate = matmul_rate()
     first, compiles1 = _timed_call(ntk, warm, x, mask_in)
-    times, compiles = [], [compiles1]
-    while _more(times, repeats):
-        t, c = _timed_call(ntk, params, x, mask_in)
-        times.append(t)
-        compiles.append(c)
+    found = propagation(bench.apply_fn, params, x, out_shape, repeats)
+    passes, compiled_passes = found if found else ({}, None)
+    calls, backward = interleaved(ntk, params, x, mask_in, compiled_passes, repeats)
+    times = [t for t, _ in calls]
+    compiles = [compiles1] + [c for _, c in calls]
     engine = statistics.median(times)
 
     xj = jax.tree_util.tree_map(jnp.asarray, x)
@@ -349,21 +373,27 @@ def measure(name: str, m: int, repeats: int) -> dict:
             "factor_contract_while_loops": LOOPS.get(impl),
             "factor_temp_mib": mem.temp_size_in_bytes / 2**20, "factor_output_mib": mem.output_size_in_bytes / 2**20,
         })
-        passes = propagation(bench.apply_fn, params, x, out_shape, o_kept, repeats)
-        if passes:
+        if backward:
+            passes["propagation_s"] = statistics.median(backward) * o_kept / o_total
             bound = passes["propagation_s"] + contraction / (rate * 1e9)
-            row.update(passes, measured_bound_s=bound, measured_bound_ratio=engine / bound)
+            row.update(passes, propagation_times=backward, measured_bound_s=bound,
+                       measured_bound_ratio=engine / bound)
     return row, (bench, ntk, x, mask_in, mask, params, out_shape, act, rate, engine)
 
 
-def protocol(name, ctx, n_subsets: int, limit_s: float) -> dict:
+def protocol(name, ctx, n_subsets: int, limit_s: float, chunks: int = 4) -> dict:
     """The analyzer's measurement of one checkpoint at K subsets of m points on each probe set
     (`Measurement.run`, as the analyzer calls it), against K × probe sets × the engine's seconds
     per kernel at the probe pool's shapes (a pool pads to its own largest point: the GCN's
-    molecules to 50 nodes where the 20-point sample has 45), the median of 3 calls on the first
-    subset after one call that compiles, as an analysis does once for all its checkpoints, and the
-    same number of calls again after the measurement (the median of both sets: a kernel's time
-    drifts over minutes). Past `limit_s` of predicted time, K is cut to what fits and the time scaled."""
+    molecules to 50 nodes where the 20-point sample has 45), timed on the first subset after one
+    call that compiles, as an analysis does once for all its checkpoints. Past `limit_s` of
+    predicted time, K is cut to what fits and the time scaled.
+
+    A kernel's time drifts by 10-15 % over minutes here, more than the 10 % this measures, so the
+    subsets are measured in `chunks` parts (each its own `Measurement`, so the per-run work is
+    counted once per part: conservative), with the reference kernel timed before the first part,
+    between parts and after the last; each part is compared with the median of the reference
+    calls on both sides of it."""
     import jax
     import numpy as np
 
@@ -378,39 +408,40 @@ def protocol(name, ctx, n_subsets: int, limit_s: float) -> dict:
     first_mask = None if pool_mask is None else np.asarray(pool_mask)[subsets[0]]
     jax.block_until_ready(ntk(params, first, first_mask))  # compiles at the pool's shapes
 
-    def kernel_times():
+    def kernel_times(repeats):
         times = []
-        while _more(times, 3):
+        while _more(times, repeats):
             t0 = time.perf_counter()
             jax.block_until_ready(ntk(params, first, first_mask))
             times.append(time.perf_counter() - t0)
         return times
 
-    before = kernel_times()
-    engine = statistics.median(before)
-    per_checkpoint = bench.probe_sets * n_subsets * engine
-    k = n_subsets if per_checkpoint <= limit_s else max(2, int(limit_s / (bench.probe_sets * engine)))
-    subsets = subsets[:k]
-    sets = [Measurement(ntk, points, subsets, pool_mask) for _ in range(bench.probe_sets)]
+    references = [kernel_times(3)]
+    engine = statistics.median(references[0])
+    k = n_subsets if bench.probe_sets * n_subsets * engine <= limit_s else \
+        max(2, int(limit_s / (bench.probe_sets * engine)))
+    parts = [p for p in np.array_split(subsets[:k], min(chunks, k)) if len(p)]
+    measurements = [[Measurement(ntk, points, p, pool_mask) for _ in range(bench.probe_sets)] for p in parts]
     rss0 = PEAK["rss"] = _rss()
-    t0 = time.perf_counter()
-    for measurement in sets:
-        values = dict(measurement.run(params))
-    took = time.perf_counter() - t0
-    assert np.isfinite(values["entropy"])
-    scaled = took * n_subsets / k
-    # The kernel timed again after the measurement: a kernel's time drifts by ±10 % over minutes
-    # here, so the reference is the median of the calls before and after it.
-    after = kernel_times()
-    engine = statistics.median(before + after)
-    kernels = bench.probe_sets * n_subsets * engine
-    return {"subsets": n_subsets, "subsets_timed": k, "probe_sets": bench.probe_sets, "pool": pool,
-            "seconds_timed": took, "per_checkpoint_s": scaled, "kernels_s": kernels,
-            "engine_s_at_pool_shapes": engine, "engine_s_before": statistics.median(before),
-            "engine_s_after": statistics.median(after), "pool_input": _describe(first, first_mask),
-            "ratio_to_kernels": scaled / kernels, "ratio_to_kernels_before": scaled / per_checkpoint,
-            "peak_growth_mib": (PEAK["rss"] - rss0) / 2**20,
-            "memory_budget_mib": ntk.memory_budget / 2**20}
+    took, kernels = [], []
+    for i, sets in enumerate(measurements):
+        t0 = time.perf_counter()
+        for measurement in sets:
+            values = dict(measurement.run(params))
+        took.append(time.perf_counter() - t0)
+        assert np.isfinite(values["entropy"])
+        references.append(kernel_times(1))
+        reference = statistics.median(references[i] + references[i + 1])
+        kernels.append(bench.probe_sets * len(parts[i]) * reference)
+    scale = n_subsets / k
+    everything = [t for r in references for t in r]
+    return {"subsets": n_subsets, "subsets_timed": k, "parts": len(parts), "probe_sets": bench.probe_sets,
+            "pool": pool, "seconds_timed": sum(took), "per_checkpoint_s": sum(took) * scale,
+            "kernels_s": sum(kernels) * scale, "engine_s_at_pool_shapes": statistics.median(everything),
+            "reference_medians_s": [statistics.median(r) for r in references],
+            "ratio_by_part": [t / c for t, c in zip(took, kernels)],
+            "pool_input": _describe(first, first_mask), "ratio_to_kernels": sum(took) / sum(kernels),
+            "peak_growth_mib": (PEAK["rss"] - rss0) / 2**20, "memory_budget_mib": ntk.memory_budget / 2**20}
 
 
 def _describe(x, mask) -> str:
@@ -687,7 +718,8 @@ def main(argv=None):
                       f"{r['measured_bound_ratio']:.2f}", flush=True)
         if ctx is not None and args.protocol:
             row["protocol"] = p = protocol(name, ctx, args.protocol, args.protocol_seconds)
-            print(f"{'':11} K = {p['subsets']} × {p['probe_sets']} sets ({p['subsets_timed']} timed; "
+            print(f"{'':11} K = {p['subsets']} × {p['probe_sets']} sets ({p['subsets_timed']} timed in "
+                  f"{p['parts']} parts, ratio by part {min(p['ratio_by_part']):.3f}–{max(p['ratio_by_part']):.3f}; "
                   f"{p['engine_s_at_pool_shapes']:.3f} s per kernel at the pool's shapes): "
                   f"{p['per_checkpoint_s']:.2f} s per checkpoint, {p['kernels_s']:.2f} s of kernels, "
                   f"ratio {p['ratio_to_kernels']:.3f}; peak +{p['peak_growth_mib']:.0f} MiB "
