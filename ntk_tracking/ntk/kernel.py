@@ -146,13 +146,15 @@ class NTK:
 
     def _kernel(self, params, x, mask, m, out_shape, act, full, key):
         """The kernel of ``x`` with its full-shape ``mask`` (already checked by ``_prepare``)."""
-        x = jax.tree_util.tree_map(jnp.asarray, x)
         impl, block, chunk = self._plan(params, m, out_shape, act, x, mask, full, key)
         k = -(-m // block)
         if k == 1 and chunk == KEEP and impl in ("jacobian", "structured"):
             # One block: its factors and their contraction in one compiled call (one dispatch,
-            # and XLA lays the factors out for the contraction).
+            # and XLA lays the factors out for the contraction). x goes as given: the compiled
+            # call's own transfer of host arrays costs less than an eager one first (on the
+            # Pong kernels, 0.1-0.25 ms of their 2-3 ms).
             return self._one_tile(impl, params, x, mask, full, key)
+        x = jax.tree_util.tree_map(jnp.asarray, x)  # on the device once for the blocks' calls
         # The kernel is symmetric: compute the tiles (a, b ≥ a) only.
         upper = [[None] * k for _ in range(k)]
         if impl in ("jacobian", "structured"):
