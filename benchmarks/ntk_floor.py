@@ -549,8 +549,9 @@ def transfers(ntk, params, x, mask_in) -> dict:
 
     leaves = jax.tree_util.tree_leaves(x)
     _, out_shape, mask, _ = ntk._prepare(params, x, mask_in)
-    # NTK.__call__ converts every leaf of x (jnp.asarray) and _prepare the full-shape mask it builds
-    # on the host: one host-to-device copy each per call; the kernel stays on the device.
+    # Every leaf of x and the full-shape mask _prepare builds on the host go to the device once
+    # per call (the compiled call's own transfer where one block holds every point); the kernel
+    # stays on the device.
     out = {"host_to_device_arrays_per_call": len(leaves) + 1,
            "x_bytes_per_call": int(sum(np.asarray(a).nbytes for a in leaves)),
            "mask_bytes_per_call": int(np.asarray(mask).nbytes)}

@@ -246,7 +246,7 @@ class NTK:
         for idx in subsets:
             if idx[-1] - idx[0] == m - 1 and np.all(np.diff(idx) == 1):
                 idx = slice(int(idx[0]), int(idx[-1]) + 1)
-            mask = ones if output_mask is None else jnp.asarray(masks[idx])
+            mask = ones if output_mask is None else masks[idx]
             kernels.append(self._kernel(params, take(x, idx), mask, m, out_shape, act, full, key))
         return kernels
 
@@ -381,7 +381,7 @@ class NTK:
             mask = np.broadcast_to(
                 mask.reshape(mask.shape + (1,) * (out.ndim - mask.ndim)), out.shape
             ).astype(out.dtype)
-        return m, out_shape, jnp.asarray(mask), act
+        return m, out_shape, mask, act  # on the host: the compiled calls take it over
 
     def _per_point_bytes(self, params, out_shape) -> int:
         leaves = jax.tree_util.tree_leaves(params)
