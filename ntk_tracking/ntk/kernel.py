@@ -234,19 +234,16 @@ class NTK:
         copy. The Pong networks' kernels take milliseconds, and this work was a tenth of them."""
         first = take(x, subsets[0])
         key = _shapes_key((params, first))
-        m, out_shape, _, act = self._prepare(params, first, take(output_mask, subsets[0]), key)
-        dtype = self._traced[key][0].dtype
-        if output_mask is None:
-            ones = jnp.asarray(np.ones((m,) + out_shape, dtype))
-        else:
+        m, out_shape, mask, act = self._prepare(params, first, take(output_mask, subsets[0]), key)
+        if output_mask is not None:  # every point's mask at once; checked above on the first subset
             masks = np.asarray(output_mask)
-            masks = np.broadcast_to(masks.reshape(masks.shape + (1,) * (1 + len(out_shape) - masks.ndim)),
-                                    (masks.shape[0],) + out_shape).astype(dtype)
+            masks = _broadcast_mask(masks, (masks.shape[0],) + out_shape, mask.dtype)
         kernels = []
         for idx in subsets:
             if idx[-1] - idx[0] == m - 1 and np.all(np.diff(idx) == 1):
                 idx = slice(int(idx[0]), int(idx[-1]) + 1)
-            mask = ones if output_mask is None else masks[idx]
+            if output_mask is not None:
+                mask = masks[idx]
             kernels.append(self._kernel(params, take(x, idx), mask, m, out_shape, act, full, key))
         return kernels
 
@@ -378,9 +375,7 @@ class NTK:
                     f"output_mask has shape {mask.shape}; it must equal the output shape "
                     f"{out.shape} or a leading part of it (e.g. (points, positions))"
                 )
-            mask = np.broadcast_to(
-                mask.reshape(mask.shape + (1,) * (out.ndim - mask.ndim)), out.shape
-            ).astype(out.dtype)
+            mask = _broadcast_mask(mask, out.shape, out.dtype)
         return m, out_shape, mask, act  # on the host: the compiled calls take it over
 
     def _per_point_bytes(self, params, out_shape) -> int:
@@ -641,6 +636,11 @@ def _shapes_key(trees, points: bool = True) -> tuple:
         key.append(tuple((np.shape(a)[1:] if i and not points else np.shape(a),
                           a.dtype if hasattr(a, "dtype") else np.result_type(a)) for a in leaves))
     return tuple(key)
+
+
+def _broadcast_mask(mask: np.ndarray, shape: tuple, dtype) -> np.ndarray:
+    """A mask over a leading part of ``shape`` (e.g. (points, positions)) broadcast to all of it."""
+    return np.broadcast_to(mask.reshape(mask.shape + (1,) * (len(shape) - mask.ndim)), shape).astype(dtype)
 
 
 def _num_params(params) -> int:
