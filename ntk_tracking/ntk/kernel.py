@@ -24,8 +24,6 @@ DEFAULT_MEMORY_BUDGET = 4 * 1024**3  # bytes: unblocked m = 20 on the reference 
 # A block's Jacobian is held twice (row and column block) plus autodiff temporaries.
 _JACOBIAN_COPIES = 3
 
-_HIGHEST = jax.lax.Precision.HIGHEST  # keep TF32/bf16 out of the kernel on accelerators
-
 
 def num_points(x) -> int:
     """The number of measurement points: the shared leading axis of every leaf of ``x``."""
@@ -566,27 +564,20 @@ class NTK:
         return self._discovered[key]
 
     def _structured_block(self, params, x, mask, start, block: int, full: bool = False,
-                          calls=(), inert=(), jacobians_points_last: bool = False):
-        """Per-point structured factors (see structured.py) of points start:start+block; the
-        per-point Jacobians with the point axis last where asked."""
+                          calls=(), inert=()):
+        """Per-point structured factors (see structured.py) of points start:start+block."""
         x, mask = _block(x, start, block), _block(mask, start, block)
         return jax.vmap(
-            lambda xi, mi: structured.point_factors(self.apply_fn, params, xi, mi, calls, block, inert),
-            out_axes=(-1 if jacobians_points_last else 0, 0))(x, mask)
+            lambda xi, mi: structured.point_factors(self.apply_fn, params, xi, mi, calls, block, inert)
+        )(x, mask)
 
     def _jacobian_tile(self, params, x, mask, full: bool = False):
         jac = self._block_jacobian(params, x, mask, 0, block=num_points(x), full=full)
         return _contract(jac, jac)
 
     def _structured_one_block(self, params, x, mask, full: bool = False, calls=(), inert=()):
-        # The per-point Jacobians come out with the point axis last: XLA:CPU's Gram of a
-        # (points, N) matrix is several times slower than of its (N, points) transpose.
-        rest, dense = self._structured_block(params, x, mask, 0, num_points(x), full, calls, inert,
-                                             jacobians_points_last=True)
-        if not dense:
-            return structured.contract_points_last(rest, full)
-        kernel = structured.contract(([], dense), ([], dense), full)
-        return kernel + structured.contract_points_last(rest, full) if rest else kernel
+        factors = self._structured_block(params, x, mask, 0, num_points(x), full, calls, inert)
+        return structured.contract(factors, factors, full)
 
     def _ntvp_tile(self, params, x, mask, start_a, start_b, block: int, full: bool = False,
                    chunk: int = 1):
@@ -655,9 +646,7 @@ def _balanced(m: int, largest: int) -> int:
 
 def _contract(ja, jb):
     """Σ over parameter leaves of J_a J_bᵀ."""
-    return functools.reduce(
-        jnp.add, (jnp.matmul(a, b.T, precision=_HIGHEST) for a, b in zip(ja, jb))
-    )
+    return functools.reduce(jnp.add, (structured.gram(a, b) for a, b in zip(ja, jb)))
 
 
 def _squared_norms(ja):

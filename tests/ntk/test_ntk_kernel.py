@@ -11,6 +11,7 @@ import pytest
 from jax.flatten_util import ravel_pytree
 
 from ntk_tracking import NTK, empirical_ntk, ntk_trace
+from ntk_tracking.ntk import structured
 from ntk_tracking.ntk.kernel import take
 
 M = 5  # measurement points: odd, so block sizes 2 and 3 leave a padded last block
@@ -457,8 +458,8 @@ def test_measured_plan_computes_each_block_once(impl):
 @pytest.mark.parametrize("impl", ["jacobian", "structured"])
 def test_one_block_is_one_call(x64, impl, model, full):
     """Where one block holds every point, its factors and their contraction run as one compiled
-    call (per-point Jacobians laid out points last): the same kernel as two blocks and as the
-    brute-force Jacobian, and no separate factor or contraction call."""
+    call: the same kernel as two blocks and as the brute-force Jacobian, and no separate factor
+    or contraction call."""
     apply_fn, params, x, mask = BUILDERS[model](jnp.float64)
     ntk = NTK(apply_fn, impl)
     separate = []
@@ -470,6 +471,42 @@ def test_one_block_is_one_call(x64, impl, model, full):
     blocked = NTK(apply_fn, impl, block_size=2)(params, x, output_mask=mask, full=full)
     assert rel_err(kernel, blocked) <= 1e-10
     assert rel_err(kernel, contract(reference_jacobian(model), full=full)) <= 1e-8
+
+
+@pytest.mark.parametrize("columns, chunks, n_parts", [(7, 64, 8), (7, 3, 3), (64, 64, 1)])
+def test_gram_in_column_chunks(x64, monkeypatch, columns, chunks, n_parts):
+    """structured.gram = a bᵀ, over column chunks of ≥ _GRAM_COLUMNS columns, at most
+    _GRAM_CHUNKS of them, the last one ragged."""
+    monkeypatch.setattr(structured, "_GRAM_COLUMNS", columns)
+    monkeypatch.setattr(structured, "_GRAM_CHUNKS", chunks)
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(size=(3, 50)), rng.normal(size=(4, 50))
+    assert np.allclose(structured.gram(jnp.asarray(a), jnp.asarray(b)), a @ b.T, rtol=1e-13, atol=1e-13)
+    hlo = jax.jit(lambda a, b: structured.gram(a, b)).lower(a, b).as_text()  # a new trace
+    assert hlo.count("stablehlo.dot_general") == n_parts
+
+
+@pytest.mark.parametrize("full", [False, True])
+@pytest.mark.parametrize("model", ["cnn", "tagger", "batchnorm"])
+@pytest.mark.parametrize("impl", ["jacobian", "structured"])
+def test_chunked_gram_kernel_is_exact(x64, monkeypatch, impl, model, full):
+    """With the Jacobians' Gram in chunks of a few columns (ragged at the end), one block and
+    two blocks still give the brute-force kernel."""
+    monkeypatch.setattr(structured, "_GRAM_COLUMNS", 7)
+    widths = []
+    gram = structured.gram
+    monkeypatch.setattr(structured, "gram", lambda a, b: widths.append(a.shape[1]) or gram(a, b))
+    jax.clear_caches()  # jitted contractions traced with the default chunks must not be reused
+    try:
+        apply_fn, params, x, mask = BUILDERS[model](jnp.float64)
+        ref = contract(reference_jacobian(model), full=full)
+        for block_size in (None, 2):
+            ntk = NTK(apply_fn, impl, block_size=block_size)
+            assert rel_err(ntk(params, x, output_mask=mask, full=full), ref) <= 1e-8
+        assert max(widths) > 7  # some Gram did run in several chunks
+    finally:
+        monkeypatch.undo()
+        jax.clear_caches()  # nor these by later tests
 
 
 @pytest.mark.parametrize("impl", IMPLS)
