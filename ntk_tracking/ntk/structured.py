@@ -420,8 +420,8 @@ def _sum_positions(p, na: int, t: int, nb: int, s: int):
 # chunks of at least _GRAM_COLUMNS columns, at most _GRAM_CHUNKS of them (more only add compile
 # time). Whole, XLA:CPU ran it several times slower; chunks of 20 rows × a few thousand columns
 # stay in cache. Its other way, the Jacobians laid out points last and their (N, rows) product,
-# pays for transposing them: on ResNet18 ×¼ at m = 20 the one-block kernel took 0.85 × the time
-# of that way (benchmarks/ntk_floor.py), and within ±5 % on the other paper networks.
+# pays for transposing them: ResNet18 ×¼'s kernel at m = 20 took 0.85–0.92 × the time of that
+# way, the other paper networks 0.89–1.04 × (docs/benchmarks.md, "Gram products in column chunks").
 _GRAM_COLUMNS = 8192
 _GRAM_CHUNKS = 64
 
