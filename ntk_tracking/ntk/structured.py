@@ -431,7 +431,7 @@ def gram(a, b):
     n = a.shape[1]
     width = max(_GRAM_COLUMNS, -(-n // _GRAM_CHUNKS))
     parts = [jnp.matmul(a[:, j:j + width], b[:, j:j + width].T, precision=_HIGHEST)
-             for j in range(0, n, width)]
+             for j in range(0, max(n, 1), width)]  # N = 0 (an empty leaf): one product, of zeros
     return functools.reduce(jnp.add, parts)
 
 

@@ -484,6 +484,8 @@ def test_gram_in_column_chunks(x64, monkeypatch, columns, chunks, n_parts):
     assert np.allclose(structured.gram(jnp.asarray(a), jnp.asarray(b)), a @ b.T, rtol=1e-13, atol=1e-13)
     hlo = jax.jit(lambda a, b: structured.gram(a, b)).lower(a, b).as_text()  # a new trace
     assert hlo.count("stablehlo.dot_general") == n_parts
+    empty = structured.gram(jnp.zeros((3, 0)), jnp.zeros((4, 0)))  # an empty parameter leaf
+    assert empty.shape == (3, 4) and not np.any(empty)
 
 
 @pytest.mark.parametrize("full", [False, True])
